@@ -1,0 +1,26 @@
+# Two commands for a fresh machine:
+#   make demo   set up the environment, then train DeepCNN on the embedded sample data with Ray Train
+#   make test   set up the environment, then run the test suite
+VENV ?= $(HOME)/.cache/places365-ray/venv
+PY := $(VENV)/bin/python
+export VENV
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: setup demo test test-fast help
+
+help:
+	@echo "make demo   - set up and train on the embedded sample data (ARGS='...' adds flags)"
+	@echo "make test   - set up and run the tests (PYTEST_ARGS='...' adds pytest flags)"
+	@echo "make setup  - only create/update the virtual environment in $(VENV)"
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	$(PY) rayjobs/train.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

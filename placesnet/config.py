@@ -1,0 +1,123 @@
+"""One typed training config, and the metric names everything else refers to.
+
+A frozen :class:`TrainConfig` flows CLI -> ``train_loop_config`` (as a dict) -> every worker
+(rebuilt with :meth:`TrainConfig.from_dict`) -> each checkpoint (``config.json``) -> evaluation,
+prediction and serving, which rebuild the model from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Metric names are defined once: used by report(), CheckpointConfig, plots and summaries.
+METRIC = "val_top1"
+METRIC_MODE = "max"
+
+DATASETS = ("sample", "places365")
+MODELS = ("deepcnn", "workshop", "resnet18")
+SCHEDULES = ("cosine", "step", "none")
+
+# Where generated data and run outputs go by default. Absolute on purpose: under
+# `ray job submit --working-dir` the driver runs in a temporary copy of the tree.
+CACHE_DIR = Path(os.environ.get("PLACESNET_CACHE", Path.home() / ".cache" / "placesnet"))
+DEFAULT_STORAGE = str(Path.home() / "ray_results")
+
+# Per-dataset defaults: the sample data is tiny so the default run fits 2 CPU cores in minutes;
+# Places365 uses the workshop's 256 px.
+DATASET_DEFAULTS = {
+    "sample": dict(image_size=64, epochs=8, batch_size=64, lr=0.05),
+    "places365": dict(image_size=256, epochs=30, batch_size=256, lr=0.1),
+}
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: shown as one line, never as a traceback."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- data ---
+    dataset: str = "sample"
+    data_root: str | None = None  # None: the sample cache dir, or required for places365
+    skip_verify: bool = False  # accept list files whose md5 differs from the official ones
+    download: bool = False
+    image_size: int = 64
+    augment: bool = False  # random resized crop + horizontal flip on the training split
+    # sample-dataset shape (ignored for places365)
+    sample_classes: int = 8
+    sample_train_per_class: int = 150
+    sample_val_per_class: int = 40
+    # --- model ---
+    model: str = "deepcnn"
+    widths: tuple[int, ...] = (32, 64, 128, 256)  # one conv stage per width (deepcnn)
+    fc_hidden: int = 1024  # fc1 units, as in the workshop
+    dropout: float = 0.3
+    # --- optimisation ---
+    epochs: int = 8
+    batch_size: int = 64  # GLOBAL batch, split evenly across workers
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    # --- speed ---
+    amp: bool = True  # mixed precision on GPU (bf16 where supported, else fp16 + GradScaler)
+    channels_last: bool = True  # on GPU only
+    loader_workers: int | None = None  # DataLoader processes per worker; None: from CPUs given
+    log_every: int = 0  # progress line every N steps from rank 0; 0: about 10 per epoch
+    # --- where / how ---
+    seed: int = 0
+    extra: dict = field(default_factory=dict, compare=False)  # free-form notes kept in checkpoints
+
+    def __post_init__(self) -> None:
+        # JSON round trips turn tuples into lists; keep the dataclass hashable and comparable.
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Rebuild a config; unknown keys (from a newer version) are ignored, missing ones default."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> "TrainConfig":
+        """Raise UserError for values that cannot work; return self so calls chain."""
+        if self.dataset not in DATASETS:
+            raise UserError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if self.model not in MODELS:
+            raise UserError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        checks = [
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.image_size >= 8, f"--image-size must be >= 8 pixels, got {self.image_size}"),
+            (self.momentum >= 0, f"--momentum must be >= 0, got {self.momentum}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
+            (0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
+             f"--warmup-epochs must be smaller than --epochs, got {self.warmup_epochs}"),
+            (self.loader_workers is None or self.loader_workers >= 0,
+             f"--loader-workers must be >= 0, got {self.loader_workers}"),
+            (len(self.widths) >= 1 and all(w >= 1 for w in self.widths),
+             f"--widths must be positive integers, got {list(self.widths)}"),
+            (self.sample_classes >= 2, f"sample_classes must be >= 2, got {self.sample_classes}"),
+            (self.sample_train_per_class >= 1 and self.sample_val_per_class >= 1,
+             "sample_train_per_class and sample_val_per_class must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        return self

@@ -1,0 +1,318 @@
+"""Everything that ties the Ray-free pieces to Ray Train: the per-worker loop, the trainer,
+the callback that keeps metrics.csv/curves.png, and cluster resource checks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from . import engine
+from .checkpoint import load_checkpoint, load_train_state, read_meta, save_checkpoint
+from .config import METRIC, METRIC_MODE, TrainConfig, UserError
+from .data import ShardSampler, class_names, loader_kwargs, open_split
+from .evaluation import evaluate_checkpoint
+from .model import build_model
+from .plots import curves_png
+
+METRICS_FILE, CURVES_FILE = "metrics.csv", "curves.png"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """How the job is laid out on the cluster."""
+
+    num_workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+
+    @property
+    def loader_workers(self) -> int:
+        # The worker's own process needs a core; the rest go to DataLoader processes.
+        return max(int(self.cpus_per_worker) - 1, 0)
+
+    def scaling_config(self) -> ray.train.ScalingConfig:
+        return ray.train.ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
+                                       resources_per_worker={"CPU": self.cpus_per_worker,
+                                                             **({"GPU": 1} if self.use_gpu else {})})
+
+
+def plan_resources(num_workers: int, gpu: bool | None, cpus_per_worker: float | None) -> Resources:
+    """Pick GPU/CPU and CPUs per worker from what the connected cluster has, and refuse (with a
+    UserError) a layout it can never place, instead of letting Ray wait for it forever."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total_gpus = sum(n.get("GPU", 0) for n in nodes)
+    total_cpus = sum(n.get("CPU", 0) for n in nodes)
+    use_gpu = total_gpus > 0 if gpu is None else gpu
+    if use_gpu and total_gpus == 0:
+        raise UserError("--gpu asked for GPUs but the cluster has none; drop --gpu or use --cpu")
+    if cpus_per_worker is None:
+        if use_gpu:  # a share of the CPUs next to each GPU, for data loading
+            cpus_per_worker = float(max(1, min(8, int(total_cpus // max(total_gpus, 1)))))
+        else:  # spread the cluster's CPUs over the workers
+            cpus_per_worker = float(max(1, int(total_cpus // num_workers)))
+    if cpus_per_worker <= 0:
+        raise UserError(f"--cpus-per-worker must be > 0, got {cpus_per_worker}")
+    need_gpu = 1 if use_gpu else 0
+    placeable = 0
+    for n in nodes:
+        fits = int(n.get("CPU", 0) // cpus_per_worker + 1e-9)
+        if need_gpu:
+            fits = min(fits, int(n.get("GPU", 0)))
+        placeable += fits
+    if placeable < num_workers:
+        what = f"{cpus_per_worker:g} CPU" + (" + 1 GPU" if use_gpu else "")
+        raise UserError(
+            f"cannot place {num_workers} workers of {what} each: the cluster ({len(nodes)} node(s), "
+            f"{total_cpus:g} CPUs, {total_gpus:g} GPUs) fits only {placeable}; lower --num-workers"
+            + ("" if use_gpu else " or --cpus-per-worker"))
+    return Resources(num_workers, use_gpu, cpus_per_worker)
+
+
+class RunOutputs(ray.train.UserCallback):
+    """Keeps ``metrics.csv`` and ``curves.png`` in the run dir up to date after every epoch.
+
+    Runs on the Train controller. The rows come from the history saved inside each checkpoint,
+    so a restarted or resumed run rewrites a consistent file. Writes through the checkpoint's
+    own filesystem, so it works for local, NFS and s3:// storage alike.
+    """
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if checkpoint is None:
+            return
+        fs, run_dir = checkpoint.filesystem, posixpath.dirname(checkpoint.path)
+        with fs.open_input_stream(posixpath.join(checkpoint.path, "meta.json")) as f:
+            meta = json.loads(f.read())
+        history = meta["history"]
+        write_run_outputs(fs, run_dir, history, title=posixpath.basename(run_dir))
+
+
+def write_run_outputs(fs, run_dir: str, history: list[dict], title: str = "") -> None:
+    csv = pd.DataFrame(history).to_csv(index=False).encode()
+    for name, payload in ((METRICS_FILE, csv), (CURVES_FILE, curves_png(history, title))):
+        with fs.open_output_stream(posixpath.join(run_dir, name)) as f:
+            f.write(payload)
+
+
+def _log(message: str) -> None:
+    # Ray Train patches print() to also feed its logger, which prints every line twice;
+    # writing to the process's real stdout shows it once on the driver.
+    print(message, file=sys.__stdout__, flush=True)
+
+
+def _quiet_ray_train() -> None:
+    # Ray Train logs every report() at INFO ("Reporting training result ..."), a screenful per
+    # epoch; LoggingConfig(log_level) does not reach that logger in 2.60, so lower it here.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+
+
+def _maybe_crash(loop_config: dict, epoch: int) -> None:
+    """Fault-injection for --fail-after-epoch: kill this worker process once, after ``epoch``."""
+    marker = loop_config.get("fail_marker")
+    if loop_config.get("fail_after_epoch") == epoch and marker and not os.path.exists(marker):
+        Path(marker).write_text(f"crashed after epoch {epoch}\n")
+        _log(f"[fault injection] worker exits after epoch {epoch}")
+        os._exit(1)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train's per-worker function: DDP-train ``loop_config["config"]``, report every epoch.
+
+    ``loop_config`` holds the TrainConfig as a dict, the absolute ``data_root`` resolved by the
+    driver and ``loader_workers``; all else comes from the config.
+    """
+    cfg = TrainConfig.from_dict(loop_config["config"])
+    _quiet_ray_train()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(loop_config.get("cpus_per_worker", 1))))
+    log = _log if rank == 0 else None
+
+    # --- data: each worker reads its shard; val is sharded without padding for exact metrics ---
+    root = Path(loop_config["data_root"])
+    train_ds, val_ds = open_split(cfg, "train", root), open_split(cfg, "val", root)
+    classes = class_names(train_ds)
+    per_worker = max(cfg.batch_size // world, 1)
+    kw = loader_kwargs(loop_config["loader_workers"], pin_memory=device.type == "cuda")
+    sampler = (DistributedSampler(train_ds, world, rank, shuffle=True, seed=cfg.seed)
+               if world > 1 else None)
+    train_loader = DataLoader(train_ds, batch_size=per_worker, sampler=sampler,
+                              shuffle=sampler is None, drop_last=len(train_ds) >= cfg.batch_size,
+                              generator=torch.Generator().manual_seed(cfg.seed), **kw)
+    val_loader = DataLoader(val_ds, batch_size=per_worker * 2,
+                            sampler=ShardSampler(val_ds, rank, world), **kw)
+    train_loader = ray.train.torch.prepare_data_loader(train_loader)  # sampler already set
+    val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=False)
+
+    # --- model, optimiser, precision ---
+    channels_last = cfg.channels_last and device.type == "cuda"
+    model = build_model(cfg, len(classes))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = engine.build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, device)
+    scheduler = engine.build_scheduler(optimizer, cfg.schedule, cfg.epochs, cfg.warmup_epochs)
+    amp_dtype = engine.amp_dtype_for(device, cfg.amp)
+    scaler = engine.make_scaler(device, amp_dtype)
+
+    # --- resume: after a worker failure, or when the same run is started again ---
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            loaded = load_checkpoint(ckpt_dir, device)
+            getattr(model, "module", model).load_state_dict(loaded.model.state_dict())
+            state = load_train_state(ckpt_dir, device)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if scaler and state["scaler"]:
+                scaler.load_state_dict(state["scaler"])
+            start_epoch, history = loaded.epoch + 1, read_meta(ckpt_dir)["history"]
+        if log:
+            log(f"resuming from {checkpoint.path} at epoch {start_epoch + 1}/{cfg.epochs}")
+
+    steps = len(train_loader)
+    # Progress inside long epochs (a Places365 epoch is 1.8 M images); short ones need none.
+    log_every = cfg.log_every or (steps // 10 if steps >= 100 else 0)
+    for epoch in range(start_epoch, cfg.epochs):
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        train = engine.train_one_epoch(model, train_loader, optimizer, device, amp_dtype=amp_dtype,
+                                       scaler=scaler, channels_last=channels_last,
+                                       label_smoothing=cfg.label_smoothing, log_every=log_every,
+                                       log=log, epoch=epoch + 1)
+        scheduler.step()
+        val = engine.evaluate(model, val_loader, device, num_classes=len(classes),
+                              amp_dtype=amp_dtype, channels_last=channels_last)
+        metrics = {"epoch": epoch + 1, **train, **val, "lr": lr,
+                   "epoch_time_s": time.perf_counter() - t0, "num_workers": world}
+        history = [*history, metrics]
+        if log:
+            log(f"epoch {epoch + 1}/{cfg.epochs} train_loss {train['train_loss']:.4f} "
+                f"train_top1 {train['train_top1']:.4f} val_loss {val['val_loss']:.4f} "
+                f"val_top1 {val['val_top1']:.4f} val_top5 {val['val_top5']:.4f} "
+                f"{train['images_per_s']:.0f} img/s {metrics['epoch_time_s']:.1f}s")
+        # Every rank must call report (it is a barrier); only rank 0 writes a checkpoint.
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint(tmp, model=model, config=cfg, classes=classes, epoch=epoch,
+                                metrics=metrics, history=history, optimizer=optimizer,
+                                scheduler=scheduler, scaler=scaler)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+        _maybe_crash(loop_config, epoch + 1)
+
+
+def eval_loop_per_worker(loop_config: dict) -> dict | None:
+    """Evaluate a checkpoint on this worker's shard; rank 0 returns the exact totals."""
+    _quiet_ray_train()
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(loop_config.get("cpus_per_worker", 1))))
+    loaded = load_checkpoint(loop_config["checkpoint"], device)
+    loaded.config = loaded.config.replace(skip_verify=loop_config["skip_verify"])
+    result = evaluate_checkpoint(loaded, Path(loop_config["data_root"]), device,
+                                 split=loop_config["split"], batch_size=loop_config["batch_size"],
+                                 loader_workers=loop_config["loader_workers"],
+                                 rank=ctx.get_world_rank(), world_size=ctx.get_world_size())
+    return result if ctx.get_world_rank() == 0 else None
+
+
+def distributed_evaluate(checkpoint: Path, data_root: Path, resources: Resources, *, split: str,
+                         batch_size: int, skip_verify: bool, storage_path: str) -> dict:
+    """Run :func:`eval_loop_per_worker` on ``resources.num_workers`` Ray Train workers."""
+    trainer = ray.train.torch.TorchTrainer(
+        eval_loop_per_worker,
+        train_loop_config={"checkpoint": str(checkpoint), "data_root": str(data_root),
+                           "split": split, "batch_size": batch_size, "skip_verify": skip_verify,
+                           "cpus_per_worker": resources.cpus_per_worker,
+                           "loader_workers": resources.loader_workers},
+        scaling_config=resources.scaling_config(),
+        run_config=ray.train.RunConfig(name=f"eval-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                                       storage_path=storage_path,
+                                       logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+    )
+    return trainer.fit().return_value
+
+
+def make_trainer(cfg: TrainConfig, data_root: Path, resources: Resources, *, storage_path: str,
+                 name: str, max_failures: int, keep: int, fail_after_epoch: int | None = None,
+                 ) -> "ray.train.torch.TorchTrainer":
+    """A TorchTrainer for ``cfg``; the same storage_path/name resumes an earlier run."""
+    loop_config = {
+        "config": cfg.to_dict(),
+        "data_root": str(data_root),
+        "cpus_per_worker": resources.cpus_per_worker,
+        "loader_workers": (cfg.loader_workers if cfg.loader_workers is not None
+                           else resources.loader_workers),
+    }
+    if fail_after_epoch:
+        loop_config.update(fail_after_epoch=fail_after_epoch,
+                           fail_marker=str(Path(storage_path) / name / ".fault_injected"))
+    return ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=resources.scaling_config(),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=keep, checkpoint_score_attribute=METRIC,
+                checkpoint_score_order=METRIC_MODE),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            callbacks=[RunOutputs()],
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+def summarize(result: "ray.train.Result", run_dir: Path) -> dict:
+    """summary.json content for a finished fit."""
+    best = result.get_best_checkpoint(METRIC, METRIC_MODE)
+    if best is None:
+        raise UserError(f"the run in {run_dir} produced no checkpoint")
+    best_meta = read_meta(best.path)
+    latest_meta = read_meta(result.checkpoint.path)
+    return {
+        "run_dir": str(run_dir),
+        "best_checkpoint": str(Path(best.path).resolve()),
+        "best_epoch": best_meta["metrics"]["epoch"],
+        "val_top1": best_meta["metrics"]["val_top1"],
+        "val_top5": best_meta["metrics"]["val_top5"],
+        "val_loss": best_meta["metrics"]["val_loss"],
+        "latest_checkpoint": str(Path(result.checkpoint.path).resolve()),
+        "epochs_completed": latest_meta["metrics"]["epoch"],
+        "classes": best_meta["classes"],
+        "metrics_csv": str(run_dir / METRICS_FILE),
+        "curves_png": str(run_dir / CURVES_FILE),
+    }
+
+
+def latest_checkpoint_config(run_dir: Path) -> dict | None:
+    """The config.json of the newest checkpoint in an existing run dir, if any."""
+    ckpts = sorted(run_dir.glob("checkpoint_*/config.json"))
+    if not ckpts:
+        return None
+    newest = max(ckpts, key=lambda p: p.stat().st_mtime)
+    return json.loads(newest.read_text())
+

@@ -1,0 +1,117 @@
+"""Evaluate a DeepCNN checkpoint: exact top-1/top-5 on the val split, per-class accuracy, and a
+picture of the most confused class pairs.
+
+    python rayjobs/evaluate.py --checkpoint ~/ray_results/deepcnn-sample-20261127-120000
+    python rayjobs/evaluate.py --checkpoint RUN_DIR/checkpoint_... --num-workers 4 --gpu
+    RAY_AUTH_MODE=token ray job submit --working-dir . -- python rayjobs/evaluate.py \
+        --checkpoint /shared/ray_results/places-deepcnn --num-workers 4
+
+--checkpoint takes a checkpoint directory, a training run directory (its best checkpoint) or a
+summary.json/best.json. The dataset comes from the checkpoint's config (--data-root overrides).
+With --num-workers 1 (default) it runs in this process without Ray; more workers shard the split
+over Ray Train workers, with identical results.
+
+Writes to --out (default: RUN_DIR/eval_<checkpoint name>/): per_class.csv, confused_pairs.png,
+evaluation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for placesnet
+
+from placesnet.cli import positive_int, ray_init, run_cli  # noqa: E402
+from placesnet.config import DEFAULT_STORAGE  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint dir, training run dir, or summary.json / best.json")
+    p.add_argument("--split", default="val", help="val (default) or train")
+    p.add_argument("--data-root", help="dataset directory (default: the one the checkpoint was "
+                   "trained on)")
+    p.add_argument("--skip-verify", action="store_true",
+                   help="accept Places365 list files that differ from the official ones")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="per worker (default: %(default)s)")
+    p.add_argument("--num-workers", type=positive_int, default=1,
+                   help="1: evaluate in this process; N > 1: on N Ray Train workers (default: %(default)s)")
+    dev = p.add_mutually_exclusive_group()
+    dev.add_argument("--gpu", dest="gpu", action="store_true", default=None,
+                     help="use GPUs (default: when available)")
+    dev.add_argument("--cpu", dest="gpu", action="store_false", help="CPU only")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/eval_<checkpoint name>)")
+    p.add_argument("--top-pairs", type=positive_int, default=15,
+                   help="confused class pairs to draw (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--address", help="Ray cluster for --num-workers > 1 (default: RAY_ADDRESS or local)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from placesnet.checkpoint import load_checkpoint
+    from placesnet.config import UserError
+    from placesnet.data import SPLITS, resolve_data_root
+    from placesnet.evaluation import evaluate_checkpoint, per_class_table
+    from placesnet.plots import confused_pairs, confusion_png
+
+    if args.split not in SPLITS:
+        raise UserError(f"unknown split {args.split!r}; choose one of {', '.join(SPLITS)}")
+    loaded = load_checkpoint(args.checkpoint)  # validates before any work
+    cfg = loaded.config.replace(download=False, skip_verify=args.skip_verify or loaded.config.skip_verify)
+    if args.data_root:
+        cfg = cfg.replace(data_root=args.data_root)
+    root = resolve_data_root(cfg)
+    loaded.config = cfg
+
+    if args.num_workers == 1:
+        use_gpu = torch.cuda.is_available() if args.gpu is None else args.gpu
+        if use_gpu and not torch.cuda.is_available():
+            raise UserError("--gpu asked for a GPU but torch sees none")
+        device = torch.device("cuda" if use_gpu else "cpu")
+        result = evaluate_checkpoint(loaded, root, device, split=args.split, batch_size=args.batch_size)
+    else:
+        ray_init(args.address)
+        from placesnet.ray_train import distributed_evaluate, plan_resources
+
+        res = plan_resources(args.num_workers, args.gpu, None)
+        result = distributed_evaluate(loaded.path, root, res, split=args.split,
+                                      batch_size=args.batch_size, skip_verify=cfg.skip_verify,
+                                      storage_path=str(Path(DEFAULT_STORAGE).expanduser()))
+
+    confusion = result.pop("confusion")
+    out = Path(args.out).expanduser() if args.out else loaded.path.parent / f"eval_{loaded.path.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    table = per_class_table(confusion, loaded.classes)
+    table.to_csv(out / "per_class.csv", index=False)
+    (out / "confused_pairs.png").write_bytes(confusion_png(confusion, loaded.classes, args.top_pairs))
+    report = {"checkpoint": str(loaded.path), "split": args.split, "data_root": str(root),
+              "num_workers": args.num_workers, **result,
+              "confused_pairs": confused_pairs(confusion, loaded.classes, args.top_pairs),
+              "per_class_csv": str(out / "per_class.csv"),
+              "confused_pairs_png": str(out / "confused_pairs.png")}
+    (out / "evaluation.json").write_text(json.dumps(report, indent=2))
+
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.split}: {result['val_images']} images, top-1 {result['val_top1']:.4f}, "
+          f"top-5 {result['val_top5']:.4f}, loss {result['val_loss']:.4f}")
+    worst = table.sort_values("accuracy").head(10)
+    print("\nlowest per-class accuracy:\n" + worst[["class", "images", "accuracy", "most_confused_with"]]
+          .to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"\nper-class accuracy: {out / 'per_class.csv'}")
+    print(f"confused pairs:     {out / 'confused_pairs.png'}")
+    print(f"report:             {out / 'evaluation.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

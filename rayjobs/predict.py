@@ -1,0 +1,76 @@
+"""Top-k scene predictions for image files from a DeepCNN checkpoint (no Ray needed).
+
+    python rayjobs/predict.py --checkpoint ~/ray_results/deepcnn-sample-20261127-120000 photo.jpg
+    python rayjobs/predict.py --checkpoint RUN_DIR/summary.json --json --top-k 3 a.png b.jpg
+
+Any JPEG/PNG/WebP/BMP/TIFF of any size and mode (grayscale, RGBA, palette, 16-bit, CMYK) is
+converted to RGB and put through the same eval transform as training. An unreadable image gets an
+error line (an "error" entry with --json); the others are still predicted, and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for placesnet
+
+from placesnet.cli import positive_int, run_cli  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint dir, training run dir, or summary.json / best.json")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--top-k", type=positive_int, default=5, help="classes per image (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON document for machines")
+    p.add_argument("--gpu", action="store_true", help="run the model on the GPU")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from placesnet.checkpoint import load_checkpoint
+    from placesnet.config import UserError
+    from placesnet.evaluation import predict_images
+    from placesnet.images import BadImage, load_image_file
+
+    if args.gpu and not torch.cuda.is_available():
+        raise UserError("--gpu asked for a GPU but torch sees none")
+    device = torch.device("cuda" if args.gpu else "cpu")
+    loaded = load_checkpoint(args.checkpoint, device)
+    if args.top_k > len(loaded.classes):
+        raise UserError(f"--top-k {args.top_k} is more than the model's {len(loaded.classes)} classes")
+
+    images, errors = {}, {}
+    for path in args.images:
+        try:
+            images[path] = load_image_file(path)
+        except BadImage as e:
+            errors[path] = str(e)
+    predictions = dict(zip(images, predict_images(loaded, list(images.values()), args.top_k, device)))
+
+    if args.json:
+        doc = {"checkpoint": str(loaded.path), "results": [
+            {"image": p, "predictions": predictions[p]} if p in predictions else {"image": p, "error": errors[p]}
+            for p in args.images]}
+        print(json.dumps(doc, indent=2))
+    else:
+        for path in args.images:
+            if path in predictions:
+                print(path)
+                for rank, pred in enumerate(predictions[path], start=1):
+                    print(f"  {rank}. {pred['label']:<28} {pred['probability']:7.2%}")
+    for path in args.images:
+        if path in errors:
+            print(f"predict.py: error: {errors[path]}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

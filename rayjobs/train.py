@@ -1,0 +1,147 @@
+"""Train DeepCNN for scene classification with Ray Train (PyTorch DDP on every worker).
+
+    # embedded sample scenes, a local Ray started for you (2 CPU workers, a few minutes):
+    python rayjobs/train.py
+    # the real Places365 (256x256 'small' images) on 4 GPUs of a running cluster:
+    python rayjobs/train.py --dataset places365 --data-root /scratch/datasets/places365 \
+        --num-workers 4 --gpu --storage-path /shared/ray_results --name places-deepcnn
+    # as a Ray job (token auth on: the CLI needs RAY_AUTH_MODE=token, see README):
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python rayjobs/train.py --num-workers 2
+
+Writes <storage-path>/<name>/: Ray's checkpoints (best --keep-checkpoints by val top-1, plus the
+latest), metrics.csv, curves.png and summary.json. Running again with the same --storage-path and
+--name resumes from the latest checkpoint (and can extend --epochs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for placesnet
+
+from placesnet.cli import add_data_args, add_model_args, config_from_args, positive_int, ray_init, run_cli  # noqa: E402
+from placesnet.config import DEFAULT_STORAGE, UserError  # noqa: E402
+
+# Fields that decide the shape of the weights: a resumed run must not change them.
+ARCHITECTURE = ("dataset", "model", "widths", "fc_hidden", "sample_classes")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(p)
+    add_model_args(p)
+    g = p.add_argument_group("cluster and outputs")
+    g.add_argument("--num-workers", type=positive_int, default=2,
+                   help="Ray Train workers (DDP ranks), one GPU each with --gpu (default: %(default)s)")
+    dev = g.add_mutually_exclusive_group()
+    dev.add_argument("--gpu", dest="gpu", action="store_true", default=None,
+                     help="train on GPUs (default: when the cluster has any)")
+    dev.add_argument("--cpu", dest="gpu", action="store_false", help="train on CPUs only")
+    g.add_argument("--cpus-per-worker", type=float,
+                   help="CPUs reserved per worker, fractions allowed (default: the cluster's CPUs "
+                        "split over the workers; with GPUs, its CPUs per GPU up to 8)")
+    g.add_argument("--storage-path", default=DEFAULT_STORAGE,
+                   help="where runs are kept; shared (NFS or s3://) on a multi-node cluster "
+                        "(default: %(default)s)")
+    g.add_argument("--name", help="run name; the same name resumes that run "
+                   "(default: <model>-<dataset>-<date>-<time>)")
+    g.add_argument("--max-failures", type=int, default=2,
+                   help="worker-group restarts from the latest checkpoint after a crash; -1: "
+                        "unlimited (default: %(default)s)")
+    g.add_argument("--keep-checkpoints", type=positive_int, default=2,
+                   help="checkpoints kept, the best by val top-1 (the latest is always kept too) "
+                        "(default: %(default)s)")
+    g.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a "
+                   "local Ray)")
+    g.add_argument("--fail-after-epoch", type=positive_int,
+                   help="fault-injection test: one worker process exits once after this epoch; "
+                        "the run must recover from its latest checkpoint")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = config_from_args(args)
+    if cfg.batch_size < args.num_workers:
+        raise UserError(f"--batch-size {cfg.batch_size} is smaller than --num-workers "
+                        f"{args.num_workers}: every worker needs at least one sample per step")
+    if cfg.batch_size % args.num_workers:
+        print(f"note: global batch {cfg.batch_size} is not divisible by {args.num_workers} workers; "
+              f"using {cfg.batch_size // args.num_workers} per worker")
+
+    # Imports that pull in Ray and torch come after argument checks, so --help and typos are fast.
+    from placesnet.data import class_names, describe, open_split, resolve_data_root
+    from placesnet.ray_train import latest_checkpoint_config, make_trainer, plan_resources, summarize
+
+    storage = args.storage_path
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    name = args.name or f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if "/" in name or name in ("", ".", ".."):
+        raise UserError(f"--name must be a plain directory name, got {name!r}")
+    run_dir = Path(storage) / name
+
+    # Resolve the data on the driver: layout errors surface here, before any worker starts.
+    root = resolve_data_root(cfg)
+    if cfg.dataset == "places365":
+        cfg = cfg.replace(data_root=str(root))
+    train_ds, val_ds = open_split(cfg, "train", root), open_split(cfg, "val", root)
+    classes = class_names(train_ds)
+    cfg = cfg.replace(download=False)  # downloaded now if asked; workers only read
+    print(f"data: train {describe(train_ds)}; val {len(val_ds)} images")
+
+    previous = latest_checkpoint_config(run_dir) if "://" not in storage else None
+    if previous:
+        changed = [k for k in ARCHITECTURE if previous.get(k) != cfg.to_dict().get(k)]
+        if changed:
+            raise UserError(f"{run_dir} holds a run with a different {', '.join(changed)}; "
+                            "resume it with the same settings or pick a new --name")
+        print(f"resuming run {run_dir}")
+
+    ray_init(args.address)
+    import ray.train
+
+    res = plan_resources(args.num_workers, args.gpu, args.cpus_per_worker)
+    print(f"training {cfg.model} on {len(classes)} classes: {res.num_workers} worker(s) x "
+          f"({res.cpus_per_worker:g} CPU{' + 1 GPU' if res.use_gpu else ''}), global batch "
+          f"{cfg.batch_size}, lr {cfg.lr}, {cfg.epochs} epochs, {cfg.image_size}px")
+    trainer = make_trainer(cfg, root, res, storage_path=storage, name=name,
+                           max_failures=args.max_failures, keep=args.keep_checkpoints,
+                           fail_after_epoch=args.fail_after_epoch)
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        cause = [line for line in str(e).splitlines() if line.strip()]
+        raise UserError(f"training failed after {args.max_failures} restart(s): "
+                        f"{cause[-1] if cause else type(e).__name__} (run dir: {run_dir})") from None
+
+    summary = summarize(result, run_dir)
+    summary_path = run_dir / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2))
+    _print_results(summary, summary_path)
+    return 0
+
+
+def _print_results(summary: dict, summary_path: Path) -> None:
+    import pandas as pd
+
+    table = pd.read_csv(summary["metrics_csv"])
+    cols = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
+            "images_per_s", "epoch_time_s", "lr"]
+    print("\n" + table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"\nbest val top-1 {summary['val_top1']:.4f} (top-5 {summary['val_top5']:.4f}) at epoch "
+          f"{summary['best_epoch']} of {summary['epochs_completed']}; "
+          f"chance is {1 / len(summary['classes']):.4f}")
+    print(f"best checkpoint: {summary['best_checkpoint']}")
+    print(f"metrics:         {summary['metrics_csv']}")
+    print(f"curves:          {summary['curves_png']}")
+    print(f"summary:         {summary_path}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
