@@ -115,17 +115,29 @@ def _log(message: str) -> None:
 
 def _quiet_ray_train() -> None:
     # Ray Train logs every report() at INFO ("Reporting training result ..."), a screenful per
-    # epoch; LoggingConfig(log_level) does not reach that logger in 2.60, so lower it here.
+    # epoch; LoggingConfig(log_level) does not reach that logger in 2.60, so quiet it here.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # that message's logger is named after its file path, not its module
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
 
 
-def _maybe_crash(loop_config: dict, epoch: int) -> None:
-    """Fault-injection for --fail-after-epoch: kill this worker process once, after ``epoch``."""
+def _maybe_crash(loop_config: dict, epoch: int, rank: int) -> None:
+    """Fault injection for --fail-after-epoch: rank 0's process dies once, after ``epoch``.
+
+    It first waits until Ray has committed the epoch's checkpoint; a real crash right after
+    report() may instead resume from the epoch before, which is Ray's contract.
+    """
     marker = loop_config.get("fail_marker")
-    if loop_config.get("fail_after_epoch") == epoch and marker and not os.path.exists(marker):
-        Path(marker).write_text(f"crashed after epoch {epoch}\n")
-        _log(f"[fault injection] worker exits after epoch {epoch}")
-        os._exit(1)
+    if rank != 0 or loop_config.get("fail_after_epoch") != epoch or not marker or os.path.exists(marker):
+        return
+    ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED)
+    Path(marker).write_text(f"crashed after epoch {epoch}\n")
+    _log(f"[fault injection] worker exits after epoch {epoch}")
+    os._exit(1)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -219,7 +231,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                 scheduler=scheduler, scaler=scaler)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
-        _maybe_crash(loop_config, epoch + 1)
+        _maybe_crash(loop_config, epoch + 1, rank)
 
 
 def eval_loop_per_worker(loop_config: dict) -> dict | None:
@@ -235,7 +247,10 @@ def eval_loop_per_worker(loop_config: dict) -> dict | None:
                                  split=loop_config["split"], batch_size=loop_config["batch_size"],
                                  loader_workers=loop_config["loader_workers"],
                                  rank=ctx.get_world_rank(), world_size=ctx.get_world_size())
-    return result if ctx.get_world_rank() == 0 else None
+    if ctx.get_world_rank() != 0:
+        return None
+    result["confusion"] = result["confusion"].tolist()  # Ray refuses to return tensors
+    return result
 
 
 def distributed_evaluate(checkpoint: Path, data_root: Path, resources: Resources, *, split: str,
@@ -252,7 +267,18 @@ def distributed_evaluate(checkpoint: Path, data_root: Path, resources: Resources
                                        storage_path=storage_path,
                                        logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
-    return trainer.fit().return_value
+    try:
+        result = trainer.fit().return_value
+    except ray.train.TrainingFailedError as e:
+        raise UserError(f"evaluation failed: {last_line(e)}") from None
+    result["confusion"] = torch.tensor(result["confusion"], dtype=torch.int64)
+    return result
+
+
+def last_line(error: BaseException) -> str:
+    """The most telling line of a (worker) error: its last non-empty one."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def make_trainer(cfg: TrainConfig, data_root: Path, resources: Resources, *, storage_path: str,

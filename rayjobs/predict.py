@@ -25,7 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint dir, training run dir, or summary.json / best.json")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument("--top-k", type=positive_int, default=5, help="classes per image (default: %(default)s)")
+    p.add_argument("--top-k", type=positive_int,
+                   help="classes per image (default: 5, or all classes if the model has fewer)")
     p.add_argument("--json", action="store_true", help="print one JSON document for machines")
     p.add_argument("--gpu", action="store_true", help="run the model on the GPU")
     return p.parse_args(argv)
@@ -44,7 +45,9 @@ def main(argv=None) -> int:
         raise UserError("--gpu asked for a GPU but torch sees none")
     device = torch.device("cuda" if args.gpu else "cpu")
     loaded = load_checkpoint(args.checkpoint, device)
-    if args.top_k > len(loaded.classes):
+    if args.top_k is None:
+        args.top_k = min(5, len(loaded.classes))
+    elif args.top_k > len(loaded.classes):
         raise UserError(f"--top-k {args.top_k} is more than the model's {len(loaded.classes)} classes")
 
     images, errors = {}, {}

@@ -76,7 +76,8 @@ def main(argv=None) -> int:
 
     # Imports that pull in Ray and torch come after argument checks, so --help and typos are fast.
     from placesnet.data import class_names, describe, open_split, resolve_data_root
-    from placesnet.ray_train import latest_checkpoint_config, make_trainer, plan_resources, summarize
+    from placesnet.ray_train import (last_line, latest_checkpoint_config, make_trainer, plan_resources,
+                                     summarize)
 
     storage = args.storage_path
     if "://" not in storage:
@@ -116,9 +117,8 @@ def main(argv=None) -> int:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        cause = [line for line in str(e).splitlines() if line.strip()]
-        raise UserError(f"training failed after {args.max_failures} restart(s): "
-                        f"{cause[-1] if cause else type(e).__name__} (run dir: {run_dir})") from None
+        raise UserError(f"training failed after {args.max_failures} restart(s): {last_line(e)} "
+                        f"(run dir: {run_dir}; re-run with the same --name to resume)") from None
 
     summary = summarize(result, run_dir)
     summary_path = run_dir / "summary.json"

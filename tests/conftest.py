@@ -1,0 +1,132 @@
+"""Shared fixtures: a tiny sample-data preset, and ONE real local Ray head per test session.
+
+The head is started with ``ray start --head --block`` in its own process group (token auth on,
+with a token of its own) and that group is ended at the end of the session: never ``ray stop``,
+which would end every Ray process of the user on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin, where the `ray` CLI lives
+
+# Generated sample data goes to a per-session directory, set before placesnet is imported.
+_CACHE = Path(tempfile.mkdtemp(prefix="placesnet-test-cache-"))
+os.environ["PLACESNET_CACHE"] = str(_CACHE)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+sys.path.insert(0, str(REPO))
+
+# Small images, few classes, a narrow model: every Ray test trains in seconds per epoch.
+TINY = dict(sample_classes=4, sample_train_per_class=40, sample_val_per_class=12, image_size=32,
+            widths=(8, 16, 32), batch_size=32, lr=0.05, epochs=3)
+TINY_ARGS = ["--sample-classes", "4", "--sample-train-per-class", "40", "--sample-val-per-class", "12",
+             "--image-size", "32", "--widths", "8,16,32", "--batch-size", "32", "--lr", "0.05"]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from placesnet.config import TrainConfig
+
+    return TrainConfig(**TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tiny_config):
+    from placesnet.data import resolve_data_root
+
+    return resolve_data_root(tiny_config)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayHead:
+    def __init__(self, temp_dir: Path):
+        self.port, self.dashboard_port = _free_port(), _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.token = secrets.token_hex(32)
+        self.temp_dir = temp_dir
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
+                    "RAY_ADDRESS": self.address, "PATH": f"{BIN}:{os.environ['PATH']}"}
+        self.log = open(temp_dir / "head.log", "w")
+        self.proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "4", "--num-gpus", "0",
+             "--port", str(self.port), "--dashboard-port", str(self.dashboard_port),
+             "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
+             "--temp-dir", str(temp_dir / "ray"), "--disable-usage-stats"],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        import urllib.request
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray head exited: {(self.temp_dir / 'head.log').read_text()[-2000:]}")
+            try:
+                req = urllib.request.Request(f"{self.dashboard}/api/version",
+                                             headers={"Authorization": f"Bearer {self.token}"})
+                urllib.request.urlopen(req, timeout=2)
+                return
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError("ray head did not become ready")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A real local Ray cluster (4 logical CPUs, dashboard + jobs API, token auth) for the session."""
+    head = RayHead(tmp_path_factory.mktemp("rayhead"))
+    try:
+        head.wait_ready()
+        yield head
+    finally:
+        head.stop()
+
+
+def run_script(script: str, *args, env=None, timeout: float = 600, cwd=REPO) -> subprocess.CompletedProcess:
+    """Run one of the repo's entry scripts with this interpreter; output captured as text."""
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], env=env or os.environ,
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A non-zero exit with one clear error line on stderr, and no traceback."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, (fragment, proc.stderr)

@@ -1,0 +1,75 @@
+"""Bad input to the CLIs: one clear error line, a non-zero exit, no traceback, nothing written.
+
+All of these fail before Ray starts, so they need no cluster.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY_ARGS, assert_user_error, run_script
+
+
+def train(*args, tmp_path):
+    return run_script("rayjobs/train.py", *args, "--storage-path", tmp_path / "runs", "--name", "bad")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--lr", "-0.1"], "--lr must be > 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--batch-size", "2", "--num-workers", "4"], "smaller than --num-workers"),
+    (["--dataset", "imagenet"], "invalid choice"),
+    (["--epochs", "0"], "must be >= 1"),
+    (["--num-workers", "two"], "invalid"),
+    (["--widths", "8,-1"], "positive integers"),
+])
+def test_bad_flags(args, fragment, tmp_path):
+    proc = train(*TINY_ARGS, *args, tmp_path=tmp_path)
+    assert_user_error(proc, fragment)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_data_root(tmp_path):
+    proc = train("--dataset", "places365", "--data-root", tmp_path / "nowhere", tmp_path=tmp_path)
+    assert_user_error(proc, "does not exist", "--download")
+
+
+def test_missing_list_file(tiny_root, tmp_path):
+    root = tmp_path / "p365"
+    shutil.copytree(tiny_root, root)
+    os.remove(root / "places365_train_standard.txt")
+    proc = train("--dataset", "places365", "--data-root", root, "--skip-verify", tmp_path=tmp_path)
+    assert_user_error(proc, "places365_train_standard.txt")
+
+
+def test_derived_copy_needs_skip_verify(tiny_root, tmp_path):
+    root = tmp_path / "p365"
+    shutil.copytree(tiny_root, root)
+    proc = train("--dataset", "places365", "--data-root", root, tmp_path=tmp_path)
+    assert_user_error(proc, "--skip-verify")
+
+
+@pytest.mark.parametrize("script,extra", [("rayjobs/evaluate.py", []), ("rayjobs/predict.py", ["x.jpg"])])
+def test_missing_and_corrupt_checkpoints(script, extra, tmp_path):
+    assert_user_error(run_script(script, "--checkpoint", tmp_path / "nope", *extra), "not found")
+    ckpt = tmp_path / "checkpoint_0"
+    ckpt.mkdir()
+    (ckpt / "meta.json").write_text('{"format": "placesnet-checkpoint/1", "classes": ["a"]}')
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.pt").write_bytes(b"\x00" * 64)
+    assert_user_error(run_script(script, "--checkpoint", ckpt, *extra), "corrupt checkpoint")
+
+
+def test_help_documents_the_flags():
+    proc = subprocess.run([sys.executable, str(REPO / "rayjobs/train.py"), "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for flag in ["--dataset", "--data-root", "--skip-verify", "--download", "--image-size", "--model",
+                 "--epochs", "--batch-size", "--lr", "--num-workers", "--gpu", "--cpu",
+                 "--loader-workers", "--storage-path", "--name", "--max-failures", "--seed",
+                 "ray job submit"]:
+        assert flag in proc.stdout, flag

@@ -1,0 +1,105 @@
+"""Ray-free epoch functions and the checkpoint format."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from placesnet import engine
+from placesnet.checkpoint import load_checkpoint, load_train_state, resolve_checkpoint, save_checkpoint
+from placesnet.config import UserError
+from placesnet.data import class_names, open_split
+from placesnet.model import build_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_config, tiny_root):
+    """A tiny model trained for a few epochs with the plain-torch loop (no Ray)."""
+    torch.manual_seed(0)
+    train, val = open_split(tiny_config, "train", tiny_root), open_split(tiny_config, "val", tiny_root)
+    classes = class_names(train)
+    model = build_model(tiny_config, len(classes))
+    opt = engine.build_optimizer(model, tiny_config.lr, 0.9, 5e-4, CPU)
+    sched = engine.build_scheduler(opt, "cosine", 5)
+    history = []
+    for epoch in range(5):
+        row = engine.train_one_epoch(model, DataLoader(train, 32, shuffle=True), opt, CPU)
+        sched.step()
+        row.update(engine.evaluate(model, DataLoader(val, 64), CPU, num_classes=len(classes)))
+        history.append({"epoch": epoch + 1, **row})
+    return model, opt, sched, classes, history
+
+
+def test_plain_torch_loop_learns(trained):
+    *_, classes, history = trained
+    assert history[-1]["val_top1"] >= 0.6  # chance is 0.25
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_images"] == 48 and history[-1]["train_images"] >= 128
+
+
+def test_evaluate_counts_and_confusion(trained, tiny_config, tiny_root):
+    model, *_ = trained
+    val = open_split(tiny_config, "val", tiny_root)
+    full = engine.evaluate(model, DataLoader(val, 7), CPU, num_classes=4, confusion=True)
+    assert full["confusion"].sum() == 48
+    assert full["confusion"].diagonal().sum() / 48 == pytest.approx(full["val_top1"])
+    assert full["val_top5"] == 1.0  # top-5 of 4 classes
+
+
+def test_scheduler_shapes():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = engine.build_scheduler(opt, "cosine", epochs=4, warmup_epochs=1)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+    assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[1] > lrs[2] > lrs[3]
+
+
+def test_checkpoint_round_trip(trained, tiny_config, tmp_path):
+    model, opt, sched, classes, history = trained
+    d = save_checkpoint(tmp_path / "checkpoint_000", model=model, config=tiny_config, classes=classes, epoch=4,
+                        metrics=history[-1], history=history, optimizer=opt, scheduler=sched)
+    loaded = load_checkpoint(d)
+    assert loaded.config == tiny_config and loaded.classes == classes and loaded.epoch == 4
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), model(x))
+    assert load_train_state(d)["optimizer"]["state"]  # momentum buffers travel too
+    assert resolve_checkpoint(tmp_path) == d  # a run dir means its best checkpoint
+    (tmp_path / "summary.json").write_text(json.dumps({"best_checkpoint": str(d)}))
+    assert resolve_checkpoint(tmp_path / "summary.json") == d
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "model.pt").write_bytes((d / "model.pt").read_bytes()[:100]), "corrupt"),
+    (lambda d: (d / "model.pt").write_bytes(b"garbage"), "corrupt"),
+    (lambda d: (d / "model.pt").write_bytes(pickle.dumps(Evil())), "corrupt"),  # weights_only
+    (lambda d: torch.save({"fc9.weight": torch.zeros(1)}, d / "model.pt"), "do not fit"),
+    (lambda d: (d / "meta.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: (d / "model.pt").unlink(), "no model.pt"),
+])
+def test_corrupt_checkpoints_are_refused(trained, tiny_config, tmp_path, damage, message):
+    model, opt, sched, classes, history = trained
+    d = save_checkpoint(tmp_path / "ckpt", model=model, config=tiny_config, classes=classes, epoch=0,
+                        metrics=history[0], history=history[:1])
+    damage(d)
+    with pytest.raises(UserError, match=message):
+        load_checkpoint(d)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "nope")
+    with pytest.raises(UserError, match="no checkpoint"):
+        load_checkpoint(tmp_path)

@@ -1,0 +1,147 @@
+"""End-to-end training under a real local Ray: DDP on 2 workers, outputs, exact val metrics,
+fault tolerance and resume, evaluate/predict CLIs, and `ray job submit` with token auth."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import BIN, REPO, TINY_ARGS, assert_user_error, run_script
+
+pytestmark = pytest.mark.slow
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def train(ray_head, storage, name, *extra, epochs=3):
+    return run_script("rayjobs/train.py", *TINY_ARGS, "--epochs", epochs, "--num-workers", 2,
+                      "--cpus-per-worker", 1, "--storage-path", storage, "--name", name, *extra,
+                      env=ray_head.env)
+
+
+@pytest.fixture(scope="module")
+def run(ray_head, tmp_path_factory):
+    """One 2-worker DDP training run on the tiny sample data, shared by this module's tests."""
+    storage = tmp_path_factory.mktemp("runs")
+    proc = train(ray_head, storage, "ddp", epochs=4)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return storage / "ddp", proc
+
+
+def test_two_worker_ddp_learns_and_writes_outputs(run):
+    run_dir, proc = run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs_completed"] == 4
+    assert summary["val_top1"] >= 0.6, summary  # chance is 0.25
+    assert 0 <= summary["val_top1"] <= summary["val_top5"] <= 1
+    best = Path(summary["best_checkpoint"])
+    assert best.is_absolute() and (best / "model.pt").is_file()
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2, 3, 4]
+    for col in ["train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_s",
+                "epoch_time_s", "lr", "num_workers"]:
+        assert col in metrics.columns, col
+    assert (metrics["num_workers"] == 2).all() and (metrics["val_images"] == 48).all()
+    assert metrics["val_top1"].max() == pytest.approx(summary["val_top1"])
+    assert (run_dir / "curves.png").read_bytes().startswith(PNG)
+    assert str(run_dir / "summary.json") in proc.stdout  # the job says where its outputs are
+    # best k (2) by val top-1 plus the latest are kept
+    assert 1 <= len(list(run_dir.glob("checkpoint_*"))) <= 3
+
+
+def test_val_metrics_identical_for_one_and_two_workers(run, ray_head, tmp_path):
+    run_dir, _ = run
+    one = run_script("rayjobs/evaluate.py", "--checkpoint", run_dir, "--num-workers", 1, "--json",
+                     "--out", tmp_path / "one", env=ray_head.env)
+    two = run_script("rayjobs/evaluate.py", "--checkpoint", run_dir, "--num-workers", 2, "--json",
+                     "--out", tmp_path / "two", env=ray_head.env)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert a["val_images"] == b["val_images"] == 48  # no DistributedSampler padding counted
+    assert a["val_top1"] == b["val_top1"] and a["val_top5"] == b["val_top5"]
+    assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert a["val_top1"] == pytest.approx(summary["val_top1"])  # same number training reported
+    table = pd.read_csv(tmp_path / "one" / "per_class.csv")
+    assert len(table) == 4 and table["images"].sum() == 48
+    assert (tmp_path / "one" / "confused_pairs.png").read_bytes().startswith(PNG)
+
+
+def test_predict_cli(run, tiny_root, tmp_path):
+    run_dir, _ = run
+    from PIL import Image
+
+    rgba = tmp_path / "big_rgba.png"
+    Image.open(tiny_root / "val_256/Places365_val_00000002.jpg").convert("RGBA").resize((611, 403)).save(rgba)
+    gray = tmp_path / "gray.jpg"
+    Image.open(tiny_root / "val_256/Places365_val_00000003.jpg").convert("L").save(gray)
+    images = [tiny_root / "val_256/Places365_val_00000001.jpg", rgba, gray]
+    proc = run_script("rayjobs/predict.py", "--checkpoint", run_dir, "--json", *images)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)["results"]
+    labels = {"beach", "desert/sand", "field/wild", "forest/broadleaf"}
+    for r in results:
+        preds = r["predictions"]
+        assert len(preds) == 4  # top-5 capped at the number of classes
+        probs = [p["probability"] for p in preds]
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-5
+        assert {p["label"] for p in preds} <= labels
+    human = run_script("rayjobs/predict.py", "--checkpoint", run_dir, "--top-k", "2", images[0])
+    assert human.returncode == 0 and results[0]["predictions"][0]["label"] in human.stdout
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(images[0].read_bytes()[:300])
+    mixed = run_script("rayjobs/predict.py", "--checkpoint", run_dir, images[0], bad)
+    assert mixed.returncode == 1 and "Traceback" not in mixed.stderr
+    assert str(bad) in mixed.stderr and str(images[0]) in mixed.stdout  # the good one still predicted
+
+
+def test_crash_recovery_then_resume(ray_head, tmp_path):
+    # A worker process dies after epoch 1; Ray restarts the group from the latest checkpoint.
+    proc = train(ray_head, tmp_path, "ft", "--fail-after-epoch", 1, "--max-failures", 1, epochs=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "fault injection" in proc.stdout
+    assert "resuming from" in proc.stdout
+    first = pd.read_csv(tmp_path / "ft" / "metrics.csv")
+    assert list(first["epoch"]) == [1, 2]
+    # Re-running the same --storage-path/--name continues instead of starting over.
+    again = train(ray_head, tmp_path, "ft", epochs=3)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming from" in again.stdout and "at epoch 3/3" in again.stdout
+    metrics = pd.read_csv(tmp_path / "ft" / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2, 3]
+    pd.testing.assert_frame_equal(metrics.iloc[:2], first)  # earlier epochs were not re-run
+    assert json.loads((tmp_path / "ft" / "summary.json").read_text())["epochs_completed"] == 3
+    # ...but refuses to resume it as a different architecture.
+    changed = train(ray_head, tmp_path, "ft", "--model", "workshop", epochs=4)
+    assert_user_error(changed, "different model")
+
+
+def test_cluster_cannot_place_the_request(ray_head, tmp_path):
+    too_many = train(ray_head, tmp_path, "x", "--num-workers", 8, epochs=1)
+    assert_user_error(too_many, "cannot place 8 workers")
+    gpu = train(ray_head, tmp_path, "x", "--gpu", epochs=1)
+    assert_user_error(gpu, "GPU")
+    assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_ray_job_submit_with_token_auth(ray_head, tmp_path):
+    storage = tmp_path / "jobs"
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(REPO),
+           "--", "python", "rayjobs/train.py", *TINY_ARGS, "--epochs", "2", "--num-workers", "2",
+           "--cpus-per-worker", "1", "--storage-path", str(storage), "--name", "job"]
+    env = {k: v for k, v in ray_head.env.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout + proc.stderr
+    summary = json.loads((storage / "job" / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2 and Path(summary["best_checkpoint"]).is_dir()
+    # Token auth stays on: a client without the token is refused.
+    no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    no_token["HOME"] = str(tmp_path)  # and no ~/.ray/auth_token to fall back on
+    refused = subprocess.run([str(BIN / "ray"), "job", "list", "--address", ray_head.dashboard],
+                             env=no_token, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert "token" in (refused.stdout + refused.stderr).lower()
+
