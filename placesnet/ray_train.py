@@ -254,8 +254,17 @@ def eval_loop_per_worker(loop_config: dict) -> dict | None:
 
 
 def distributed_evaluate(checkpoint: Path, data_root: Path, resources: Resources, *, split: str,
-                         batch_size: int, skip_verify: bool, storage_path: str) -> dict:
-    """Run :func:`eval_loop_per_worker` on ``resources.num_workers`` Ray Train workers."""
+                         batch_size: int, skip_verify: bool, storage_path: str | None = None) -> dict:
+    """Run :func:`eval_loop_per_worker` on ``resources.num_workers`` Ray Train workers.
+
+    Ray Train needs a storage path even though nothing is checkpointed: by default a temporary
+    directory that is removed afterwards (pass a shared one on a multi-node cluster).
+    """
+    if storage_path is None:
+        with tempfile.TemporaryDirectory(prefix="placesnet-eval-") as tmp:
+            return distributed_evaluate(checkpoint, data_root, resources, split=split,
+                                        batch_size=batch_size, skip_verify=skip_verify,
+                                        storage_path=tmp)
     trainer = ray.train.torch.TorchTrainer(
         eval_loop_per_worker,
         train_loop_config={"checkpoint": str(checkpoint), "data_root": str(data_root),

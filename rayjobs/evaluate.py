@@ -25,7 +25,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for placesnet
 
 from placesnet.cli import positive_int, ray_init, run_cli  # noqa: E402
-from placesnet.config import DEFAULT_STORAGE  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-pairs", type=positive_int, default=15,
                    help="confused class pairs to draw (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--storage-path", help="with --num-workers > 1 on a multi-node cluster: a shared "
+                   "path (NFS or s3://) for Ray Train's run state (default: a temporary directory)")
     p.add_argument("--address", help="Ray cluster for --num-workers > 1 (default: RAY_ADDRESS or local)")
     return p.parse_args(argv)
 
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
         res = plan_resources(args.num_workers, args.gpu, None)
         result = distributed_evaluate(loaded.path, root, res, split=args.split,
                                       batch_size=args.batch_size, skip_verify=cfg.skip_verify,
-                                      storage_path=str(Path(DEFAULT_STORAGE).expanduser()))
+                                      storage_path=args.storage_path)
 
     confusion = result.pop("confusion")
     out = Path(args.out).expanduser() if args.out else loaded.path.parent / f"eval_{loaded.path.name}"
