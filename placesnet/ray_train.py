@@ -50,15 +50,19 @@ class Resources:
                                                              **({"GPU": 1} if self.use_gpu else {})})
 
 
-def plan_resources(num_workers: int, gpu: bool | None, cpus_per_worker: float | None) -> Resources:
-    """Pick GPU/CPU and CPUs per worker from what the connected cluster has, and refuse (with a
-    UserError) a layout it can never place, instead of letting Ray wait for it forever."""
+def plan_resources(num_workers: int | None, gpu: bool | None,
+                   cpus_per_worker: float | None) -> Resources:
+    """Pick GPU/CPU, the worker count (default: every GPU, or 2 on CPU) and CPUs per worker from
+    what the connected cluster has, and refuse (with a UserError) a layout it can never place,
+    instead of letting Ray wait for it forever."""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     total_gpus = sum(n.get("GPU", 0) for n in nodes)
     total_cpus = sum(n.get("CPU", 0) for n in nodes)
     use_gpu = total_gpus > 0 if gpu is None else gpu
     if use_gpu and total_gpus == 0:
         raise UserError("--gpu asked for GPUs but the cluster has none; drop --gpu or use --cpu")
+    if num_workers is None:
+        num_workers = int(total_gpus) if use_gpu else 2
     if cpus_per_worker is None:
         if use_gpu:  # a share of the CPUs next to each GPU, for data loading
             cpus_per_worker = float(max(1, min(8, int(total_cpus // max(total_gpus, 1)))))

@@ -36,8 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_data_args(p)
     add_model_args(p)
     g = p.add_argument_group("cluster and outputs")
-    g.add_argument("--num-workers", type=positive_int, default=2,
-                   help="Ray Train workers (DDP ranks), one GPU each with --gpu (default: %(default)s)")
+    g.add_argument("--num-workers", type=positive_int,
+                   help="Ray Train workers (DDP ranks), one GPU each on GPUs (default: every GPU of "
+                        "the cluster; 2 on CPU)")
     dev = g.add_mutually_exclusive_group()
     dev.add_argument("--gpu", dest="gpu", action="store_true", default=None,
                      help="train on GPUs (default: when the cluster has any)")
@@ -67,12 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = config_from_args(args)
-    if cfg.batch_size < args.num_workers:
-        raise UserError(f"--batch-size {cfg.batch_size} is smaller than --num-workers "
-                        f"{args.num_workers}: every worker needs at least one sample per step")
-    if cfg.batch_size % args.num_workers:
-        print(f"note: global batch {cfg.batch_size} is not divisible by {args.num_workers} workers; "
-              f"using {cfg.batch_size // args.num_workers} per worker")
+    if args.num_workers:
+        check_batch(cfg.batch_size, args.num_workers, note=False)  # early: before data or Ray work
 
     # Imports that pull in Ray and torch come after argument checks, so --help and typos are fast.
     from placesnet.data import class_names, describe, open_split, resolve_data_root
@@ -108,6 +105,7 @@ def main(argv=None) -> int:
     import ray.train
 
     res = plan_resources(args.num_workers, args.gpu, args.cpus_per_worker)
+    check_batch(cfg.batch_size, res.num_workers)
     print(f"training {cfg.model} on {len(classes)} classes: {res.num_workers} worker(s) x "
           f"({res.cpus_per_worker:g} CPU{' + 1 GPU' if res.use_gpu else ''}), global batch "
           f"{cfg.batch_size}, lr {cfg.lr}, {cfg.epochs} epochs, {cfg.image_size}px")
@@ -125,6 +123,15 @@ def main(argv=None) -> int:
     summary_path.write_text(json.dumps(summary, indent=2))
     _print_results(summary, summary_path)
     return 0
+
+
+def check_batch(batch_size: int, num_workers: int, note: bool = True) -> None:
+    if batch_size < num_workers:
+        raise UserError(f"--batch-size {batch_size} is smaller than --num-workers {num_workers}: "
+                        "every worker needs at least one sample per step")
+    if note and batch_size % num_workers:
+        print(f"note: global batch {batch_size} is not divisible by {num_workers} workers; "
+              f"using {batch_size // num_workers} per worker")
 
 
 def _print_results(summary: dict, summary_path: Path) -> None:

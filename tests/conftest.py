@@ -130,3 +130,19 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> Non
     assert len(errors) == 1, proc.stderr
     for fragment in fragments:
         assert fragment in proc.stderr, (fragment, proc.stderr)
+
+
+def train_cli(ray_head, storage, name, *extra, epochs=3) -> subprocess.CompletedProcess:
+    """rayjobs/train.py on the session head: tiny preset, 2 workers of 1 CPU."""
+    return run_script("rayjobs/train.py", *TINY_ARGS, "--epochs", epochs, "--num-workers", 2,
+                      "--cpus-per-worker", 1, "--storage-path", storage, "--name", name, *extra,
+                      env=ray_head.env)
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_head, tmp_path_factory):
+    """One 2-worker DDP training run on the tiny sample data: (run_dir, CompletedProcess)."""
+    storage = tmp_path_factory.mktemp("runs")
+    proc = train_cli(ray_head, storage, "ddp", epochs=4)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return storage / "ddp", proc

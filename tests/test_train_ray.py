@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import BIN, REPO, TINY_ARGS, assert_user_error, run_script
+from conftest import BIN, REPO, TINY_ARGS, assert_user_error, run_script, train_cli
 
 pytestmark = pytest.mark.slow
 
@@ -16,18 +16,12 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def train(ray_head, storage, name, *extra, epochs=3):
-    return run_script("rayjobs/train.py", *TINY_ARGS, "--epochs", epochs, "--num-workers", 2,
-                      "--cpus-per-worker", 1, "--storage-path", storage, "--name", name, *extra,
-                      env=ray_head.env)
+    return train_cli(ray_head, storage, name, *extra, epochs=epochs)
 
 
 @pytest.fixture(scope="module")
-def run(ray_head, tmp_path_factory):
-    """One 2-worker DDP training run on the tiny sample data, shared by this module's tests."""
-    storage = tmp_path_factory.mktemp("runs")
-    proc = train(ray_head, storage, "ddp", epochs=4)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return storage / "ddp", proc
+def run(trained_run):
+    return trained_run
 
 
 def test_two_worker_ddp_learns_and_writes_outputs(run):
