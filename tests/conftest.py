@@ -27,6 +27,10 @@ BIN = Path(sys.executable).parent  # the venv's bin, where the `ray` CLI lives
 _CACHE = Path(tempfile.mkdtemp(prefix="placesnet-test-cache-"))
 os.environ["PLACESNET_CACHE"] = str(_CACHE)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Token auth for the session's Ray head, set before anything imports ray (which reads it once):
+# the head, the CLIs the tests start, and in-process ray.init() all use this token.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 sys.path.insert(0, str(REPO))
 
 # Small images, few classes, a narrow model: every Ray test trains in seconds per epoch.
@@ -62,19 +66,20 @@ def _free_port() -> int:
 
 class RayHead:
     def __init__(self, temp_dir: Path):
+        # Ray's unix sockets live under --temp-dir and must fit in 107 bytes: keep it short.
+        self.ray_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
         self.port, self.dashboard_port = _free_port(), _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
-        self.token = secrets.token_hex(32)
+        self.token = os.environ["RAY_AUTH_TOKEN"]
         self.temp_dir = temp_dir
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
-                    "RAY_ADDRESS": self.address, "PATH": f"{BIN}:{os.environ['PATH']}"}
+        self.env = {**os.environ, "RAY_ADDRESS": self.address, "PATH": f"{BIN}:{os.environ['PATH']}"}
         self.log = open(temp_dir / "head.log", "w")
         self.proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "4", "--num-gpus", "0",
              "--port", str(self.port), "--dashboard-port", str(self.dashboard_port),
              "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
-             "--temp-dir", str(temp_dir / "ray"), "--disable-usage-stats"],
+             "--temp-dir", str(self.ray_dir), "--disable-usage-stats"],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 90) -> None:
@@ -103,6 +108,7 @@ class RayHead:
             except ProcessLookupError:
                 pass
         self.log.close()
+        shutil.rmtree(self.ray_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,239 @@
+"""Ray Serve endpoint for a DeepCNN checkpoint: autoscaling replicas, dynamic batching, FastAPI.
+
+    serve run serving.app:build_app checkpoint=~/ray_results/deepcnn-sample-20261127-120000
+    serve run serving.app:build_app checkpoint=SWEEP_DIR/best.json max_replicas=4 num_gpus=0.5
+    serve deploy serving/config.yaml            # the same options in a config file
+
+    curl -X POST --data-binary @photo.jpg -H 'Content-Type: image/jpeg' localhost:8000/predict
+    curl -F file=@photo.png 'localhost:8000/predict?top_k=3'
+    open http://localhost:8000/docs             # the OpenAPI page
+
+``checkpoint`` is a checkpoint directory, a training run directory (its best checkpoint) or a
+JSON file naming ``best_checkpoint`` (a run's summary.json, a sweep's best.json). The model, class
+names and image size come from the checkpoint alone; preprocessing is the training's eval
+transform, so answers match ``rayjobs/predict.py``.
+"""
+
+
+import asyncio
+import os
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve import Application
+
+from placesnet.images import MAX_PIXELS
+
+DEFAULTS: dict[str, Any] = {
+    "min_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 8,
+    "num_cpus": 1.0,
+    "num_gpus": 0.0,
+    "max_batch_size": 16,
+    "batch_wait_timeout_s": 0.01,
+    "top_k": 5,
+    "max_body_bytes": 20 * 1024 * 1024,
+    "max_pixels": MAX_PIXELS,
+}
+
+app = FastAPI(
+    title="placesnet scene classifier",
+    description="Places365 scene classification with DeepCNN. POST an image to /predict.",
+)
+
+
+class ClientError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@app.exception_handler(ClientError)
+async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return JSONResponse({"error": f"invalid request: {problems}"}, status_code=422)
+
+
+@serve.deployment(name="SceneClassifier", max_ongoing_requests=32, health_check_period_s=10)
+@serve.ingress(app)
+class SceneClassifier:
+    """One replica: the model on its GPU if it has one, requests batched for inference."""
+
+    def __init__(self, checkpoint: str, options: dict) -> None:
+        import torch
+
+        from placesnet.checkpoint import load_checkpoint
+        from placesnet.data import eval_transform, pretty
+
+        self.torch = torch
+        self.options = {**DEFAULTS, **options}
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.loaded = load_checkpoint(checkpoint, self.device)
+        self.transform = eval_transform(self.loaded.config.image_size)
+        self.labels = [pretty(c) for c in self.loaded.classes]
+        self.model_id = f"{self.loaded.config.model}:{self.loaded.path.parent.name}/{self.loaded.path.name}"
+        self.predict_batch.set_max_batch_size(int(self.options["max_batch_size"]))
+        self.predict_batch.set_batch_wait_timeout_s(float(self.options["batch_wait_timeout_s"]))
+        self._run_model(self._probe())  # fail at start-up, not on the first request
+
+    # --- inference ---------------------------------------------------------------------------
+
+    def _probe(self):
+        size = self.loaded.config.image_size
+        return self.torch.zeros(1, 3, size, size)
+
+    def _run_model(self, batch):
+        with self.torch.inference_mode():
+            logits = self.loaded.model(batch.to(self.device, non_blocking=True))
+            return self.torch.softmax(logits.float(), dim=1).cpu()
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def predict_batch(self, images: list) -> list:
+        """Dynamic batching: requests arriving together share one forward pass."""
+        probs = await asyncio.to_thread(self._run_model, self.torch.stack(images))
+        return list(probs)
+
+    def _preprocess(self, data: bytes):
+        from placesnet.images import BadImage, decode_image
+
+        try:
+            image = decode_image(data, int(self.options["max_pixels"]))
+        except BadImage as e:
+            raise ClientError(415 if "not a recognised" in str(e) else 400, str(e)) from None
+        return self.transform(image)
+
+    # --- HTTP API -----------------------------------------------------------------------------
+
+    @app.post("/predict", summary="Top-k scene classes for one image")
+    async def predict(self, request: Request,
+                      top_k: int | None = Query(None, description="classes to return (default 5)")) -> dict:
+        """Send the image as the raw body (Content-Type image/jpeg, image/png, ...) or as the
+        multipart form field ``file``."""
+        k = self.options["top_k"] if top_k is None else top_k
+        n = len(self.labels)
+        if not 1 <= k <= n:
+            raise ClientError(422, f"top_k must be between 1 and {n}, got {k}")
+        data = await self._read_image_bytes(request)
+        tensor = await asyncio.to_thread(self._preprocess, data)
+        probs = await self.predict_batch(tensor)
+        values, indices = probs.topk(min(k, n))
+        return {
+            "predictions": [{"label": self.labels[i], "class_index": i, "probability": p}
+                            for p, i in zip(values.tolist(), indices.tolist())],
+            "model": self.model_id,
+        }
+
+    async def _read_image_bytes(self, request: Request) -> bytes:
+        limit = int(self.options["max_body_bytes"])
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ClientError(413, f"request body is {declared} bytes, over the limit of {limit}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ClientError(413, f"request body is over the limit of {limit} bytes")
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            return await self._file_field(request, bytes(body))
+        if ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
+            raise ClientError(415, f"unsupported Content-Type {ctype!r}: send image/* bytes or a "
+                                   "multipart form with a 'file' field")
+        if not body:
+            raise ClientError(400, "empty request body: send the image bytes")
+        return bytes(body)
+
+    async def _file_field(self, request: Request, body: bytes) -> bytes:
+        from starlette.datastructures import UploadFile
+        from starlette.requests import Request as StarletteRequest
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await StarletteRequest(request.scope, receive).form()
+        except Exception as e:  # malformed multipart
+            raise ClientError(400, f"malformed multipart body: {e}") from None
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ClientError(422, "multipart form has no 'file' field with an image")
+        data = await upload.read()
+        if not data:
+            raise ClientError(400, "empty 'file' field")
+        return data
+
+    @app.get("/healthz", summary="200 when this replica can predict")
+    async def healthz(self) -> dict:
+        await asyncio.to_thread(self._run_model, self._probe())
+        return {"status": "ok", "model": self.model_id, "device": str(self.device)}
+
+    @app.get("/classes", summary="Class index -> name")
+    async def classes(self) -> dict:
+        return {"classes": {str(i): name for i, name in enumerate(self.labels)}}
+
+    @app.get("/model", summary="Checkpoint, training config and validation accuracy")
+    async def model(self) -> dict:
+        meta = self.loaded.meta
+        return {"model": self.model_id, "checkpoint": str(self.loaded.path),
+                "epoch": meta["epoch"] + 1, "val_top1": meta["metrics"].get("val_top1"),
+                "val_top5": meta["metrics"].get("val_top5"), "num_classes": len(self.labels),
+                "image_size": self.loaded.config.image_size, "config": self.loaded.config.to_dict(),
+                "device": str(self.device), "max_batch_size": self.options["max_batch_size"]}
+
+    def check_health(self) -> None:
+        """Serve's own health check: a replica whose model cannot run is replaced."""
+        self._run_model(self._probe())
+
+
+def _number(args: dict, key: str, kind):
+    try:
+        value = kind(args.get(key, DEFAULTS[key]))
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a {kind.__name__}, got {args.get(key)!r}") from None
+    if value < 0 or (value == 0 and key not in ("num_gpus", "batch_wait_timeout_s", "min_replicas")):
+        raise ValueError(f"{key} must be positive, got {value}")
+    return value
+
+
+def build_app(args: dict) -> Application:
+    """Serve's app builder: ``serve run serving.app:build_app checkpoint=PATH [key=value ...]``.
+
+    Keys: checkpoint (required), min_replicas, max_replicas, target_ongoing_requests, num_cpus,
+    num_gpus (fractions allowed), max_batch_size, batch_wait_timeout_s, top_k, max_body_bytes,
+    max_pixels. Raises ValueError with a clear message for a missing/corrupt checkpoint or bad values.
+    """
+    from placesnet.checkpoint import load_checkpoint, resolve_checkpoint
+    from placesnet.config import UserError
+
+    unknown = set(args) - set(DEFAULTS) - {"checkpoint"}
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)}; known: checkpoint, {', '.join(DEFAULTS)}")
+    if not args.get("checkpoint"):
+        raise ValueError("missing checkpoint=PATH (a checkpoint dir, a run dir or a best.json)")
+    opts = {k: _number(args, k, type(v)) for k, v in DEFAULTS.items()}
+    if opts["min_replicas"] > opts["max_replicas"]:
+        raise ValueError(f"min_replicas {opts['min_replicas']} > max_replicas {opts['max_replicas']}")
+    try:
+        path = resolve_checkpoint(os.path.expanduser(str(args["checkpoint"])))
+        classes = load_checkpoint(path).classes  # fail here, clearly, not in every replica
+    except UserError as e:
+        raise ValueError(str(e)) from None
+    if opts["top_k"] > len(classes):
+        opts["top_k"] = len(classes)
+    deployment = SceneClassifier.options(
+        autoscaling_config={"min_replicas": opts["min_replicas"], "max_replicas": opts["max_replicas"],
+                            "target_ongoing_requests": opts["target_ongoing_requests"]},
+        ray_actor_options={"num_cpus": opts["num_cpus"], "num_gpus": opts["num_gpus"]},
+        # batches can only fill if a replica accepts at least a batch's worth of requests
+        max_ongoing_requests=max(32, 2 * opts["max_batch_size"]),
+    )
+    return deployment.bind(str(path), opts)

@@ -1,0 +1,188 @@
+"""The Serve endpoint against a real local Ray + Serve (not local testing mode): predictions,
+parity with rayjobs/predict.py, every bad input's 4xx, concurrency, and `serve run`."""
+
+import asyncio
+import io
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from conftest import REPO, _free_port, run_script
+from test_images import _png_header_only
+
+pytestmark = pytest.mark.slow
+
+MAX_BODY = 300_000
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_head, trained_run):
+    """The app deployed on the session head; yields its base URL."""
+    import ray
+    from ray import serve
+
+    run_dir, _ = trained_run
+    ray.init(address=ray_head.address, logging_level="WARNING",
+             runtime_env={"py_modules": [str(REPO / "placesnet"), str(REPO / "serving")]})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from serving.app import build_app
+
+    app = build_app({"checkpoint": str(run_dir), "max_body_bytes": MAX_BODY, "min_replicas": 1,
+                     "max_replicas": 1, "num_cpus": 0.5, "max_batch_size": 8})
+    serve.run(app, name="placesnet", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        yield base, run_dir, port
+    finally:
+        serve.shutdown()  # the whole Serve instance: test_serve_cli starts its own
+        ray.shutdown()
+
+
+def _jpeg(path, **kw):
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def _png(img):
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _check(body, n_classes=4, k=4):
+    preds = body["predictions"]
+    assert len(preds) == k
+    probs = [p["probability"] for p in preds]
+    assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-5
+    labels = {"beach", "desert/sand", "field/wild", "forest/broadleaf"}
+    assert all(p["label"] in labels and 0 <= p["class_index"] < n_classes for p in preds)
+    assert body["model"].startswith("deepcnn:")
+
+
+def test_raw_and_multipart_queries(endpoint, tiny_root):
+    base, *_ = endpoint
+    jpeg = _jpeg(tiny_root / "val_256/Places365_val_00000001.jpg")
+    r = httpx.post(f"{base}/predict", content=jpeg, headers={"Content-Type": "image/jpeg"}, timeout=60)
+    assert r.status_code == 200, r.text
+    _check(r.json())
+    png = _png(Image.open(tiny_root / "val_256/Places365_val_00000002.jpg").convert("RGBA"))
+    r = httpx.post(f"{base}/predict?top_k=2", files={"file": ("x.png", png, "image/png")}, timeout=60)
+    assert r.status_code == 200, r.text
+    _check(r.json(), k=2)
+
+
+def test_info_routes(endpoint):
+    base, run_dir, _ = endpoint
+    assert httpx.get(f"{base}/healthz", timeout=30).json()["status"] == "ok"
+    classes = httpx.get(f"{base}/classes", timeout=30).json()["classes"]
+    assert classes == {"0": "beach", "1": "desert/sand", "2": "field/wild", "3": "forest/broadleaf"}
+    model = httpx.get(f"{base}/model", timeout=30).json()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert model["checkpoint"] == summary["best_checkpoint"]
+    assert model["val_top1"] == pytest.approx(summary["val_top1"])
+    assert "/predict" in httpx.get(f"{base}/openapi.json", timeout=30).json()["paths"]
+    assert httpx.get(f"{base}/docs", timeout=30).status_code == 200
+
+
+def test_same_answer_as_predict_cli(endpoint, tiny_root):
+    base, run_dir, _ = endpoint
+    images = [tiny_root / f"val_256/Places365_val_{i:08d}.jpg" for i in range(1, 9)]
+    cli = run_script("rayjobs/predict.py", "--checkpoint", run_dir, "--json", *images)
+    assert cli.returncode == 0, cli.stderr
+    for image, result in zip(images, json.loads(cli.stdout)["results"]):
+        r = httpx.post(f"{base}/predict", content=image.read_bytes(),
+                       headers={"Content-Type": "image/jpeg"}, timeout=60)
+        served = r.json()["predictions"][0]
+        assert served["label"] == result["predictions"][0]["label"]
+        assert served["probability"] == pytest.approx(result["predictions"][0]["probability"], abs=1e-4)
+
+
+def _bad_requests(jpeg):
+    big = os.urandom(MAX_BODY + 10)
+    return [
+        ("empty body", dict(content=b"", headers={"Content-Type": "image/jpeg"}), 400),
+        ("not an image", dict(content=b"hello world" * 10, headers={"Content-Type": "image/png"}), 415),
+        ("truncated jpeg", dict(content=jpeg[: len(jpeg) // 2], headers={"Content-Type": "image/jpeg"}), 400),
+        ("unsupported type", dict(content=b'{"a": 1}', headers={"Content-Type": "application/json"}), 415),
+        ("too large", dict(content=big, headers={"Content-Type": "image/jpeg"}), 413),
+        ("decompression bomb", dict(content=_png_header_only(100_000, 100_000),
+                                    headers={"Content-Type": "image/png"}), 400),
+        ("multipart without file", dict(data={"other": "x"}, files={"nope": ("a.jpg", jpeg)}), 422),
+        ("top_k zero", dict(content=jpeg, headers={"Content-Type": "image/jpeg"}, params={"top_k": 0}), 422),
+        ("top_k too big", dict(content=jpeg, headers={"Content-Type": "image/jpeg"}, params={"top_k": 99}), 422),
+        ("top_k not a number", dict(content=jpeg, headers={"Content-Type": "image/jpeg"},
+                                    params={"top_k": "abc"}), 422),
+    ]
+
+
+def test_bad_input_answers_4xx_and_the_replica_keeps_serving(endpoint, tiny_root):
+    base, *_ = endpoint
+    jpeg = _jpeg(tiny_root / "val_256/Places365_val_00000001.jpg")
+    for name, kwargs, status in _bad_requests(jpeg):
+        r = httpx.post(f"{base}/predict", timeout=60, **kwargs)
+        assert r.status_code == status, (name, r.status_code, r.text)
+        assert isinstance(r.json().get("error"), str) and r.json()["error"], name
+        ok = httpx.post(f"{base}/predict", content=jpeg, headers={"Content-Type": "image/jpeg"}, timeout=60)
+        assert ok.status_code == 200, (name, ok.text)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK"])
+def test_unusual_modes_are_converted(endpoint, mode):
+    base, *_ = endpoint
+    img = Image.new("RGB", (90, 70), (40, 120, 200)).convert(mode) if mode != "I;16" else Image.new("I;16", (90, 70), 30000)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG" if mode == "CMYK" else "PNG")
+    r = httpx.post(f"{base}/predict", content=buf.getvalue(), timeout=60,
+                   headers={"Content-Type": "image/jpeg" if mode == "CMYK" else "image/png"})
+    assert r.status_code == 200, r.text
+
+
+def test_200_concurrent_requests(endpoint, tiny_root):
+    base, *_ = endpoint
+    payloads = [(tiny_root / f"val_256/Places365_val_{i % 48 + 1:08d}.jpg").read_bytes() for i in range(200)]
+
+    async def go():
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+            return await asyncio.gather(*[
+                client.post(f"{base}/predict", content=p, headers={"Content-Type": "image/jpeg"})
+                for p in payloads])
+
+    responses = asyncio.run(go())
+    assert [r.status_code for r in responses] == [200] * 200
+    for r in responses:
+        _check(r.json())
+
+
+def test_bad_build_args_are_clear(tmp_path):
+    from serving.app import build_app
+
+    with pytest.raises(ValueError, match="not found"):
+        build_app({"checkpoint": str(tmp_path / "nope")})
+    with pytest.raises(ValueError, match="missing checkpoint"):
+        build_app({})
+    with pytest.raises(ValueError, match="unknown option"):
+        build_app({"checkpoint": "x", "replicas": 3})
+
+
+def test_client_directory_summary(endpoint, tiny_root, tmp_path):
+    base, *_ = endpoint
+    proc = run_script("serving/client.py", tiny_root / "val_256", "--url", base, "--concurrency", 8,
+                      "--top-k", 1)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.endswith("%")]
+    assert len(lines) == 48
+    assert "48 images in" in proc.stdout and "p99" in proc.stdout and "0 error(s)" in proc.stdout
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "good.jpg").write_bytes((tiny_root / "val_256/Places365_val_00000001.jpg").read_bytes())
+    mixed = run_script("serving/client.py", tmp_path, "--url", base, "--json")
+    assert mixed.returncode == 1
+    doc = json.loads(mixed.stdout)
+    statuses = {Path(r["image"]).name: r["status"] for r in doc["results"]}
+    assert statuses == {"bad.jpg": 415, "good.jpg": 200} and doc["summary"]["errors"] == 1

@@ -1,0 +1,73 @@
+"""`serve run` as a user types it: it answers over HTTP and shuts down cleanly on Ctrl-C.
+
+`serve run` shuts the whole Serve instance down when it exits, so these run after test_serve.py
+has shut its own instance down (modules run in name order).
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import httpx
+import pytest
+import yaml
+
+from conftest import BIN, REPO, _free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _serve_run(args, env, url, image):
+    proc = subprocess.Popen([str(BIN / "serve"), "run", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, status = time.time() + 240, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                status = httpx.get(f"{url}/healthz", timeout=5).status_code
+                if status == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        assert status == 200, proc.stdout.read() if proc.poll() is not None else "never became ready"
+        r = httpx.post(f"{url}/predict", content=image.read_bytes(),
+                       headers={"Content-Type": "image/jpeg"}, timeout=60)
+        assert r.status_code == 200 and r.json()["predictions"], r.text
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out[-3000:]
+        assert "Traceback" not in out, out[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    with pytest.raises(httpx.ConnectError):  # the endpoint is gone
+        httpx.get(f"{url}/healthz", timeout=5)
+
+
+def test_serve_run_config_file(ray_head, trained_run, tiny_root, tmp_path):
+    run_dir, _ = trained_run
+    config = yaml.safe_load((REPO / "serving/config.yaml").read_text())
+    port = _free_port()
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    app = config["applications"][0]
+    app["args"].update(checkpoint=str(run_dir / "summary.json"), num_cpus=0.5, max_replicas=1)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    _serve_run([str(path)], ray_head.env, f"http://127.0.0.1:{port}",
+               tiny_root / "val_256/Places365_val_00000001.jpg")
+
+
+def test_serve_run_documented_command_on_port_8000(ray_head, trained_run, tiny_root):
+    if not _port_free(8000):
+        pytest.skip("port 8000 is taken on this machine")
+    run_dir, _ = trained_run
+    _serve_run(["serving.app:build_app", f"checkpoint={run_dir}", "num_cpus=0.5"], ray_head.env,
+               "http://127.0.0.1:8000", tiny_root / "val_256/Places365_val_00000002.jpg")
