@@ -75,3 +75,42 @@ def confusion_png(confusion: torch.Tensor, classes: list[str], top: int = 15) ->
         axes[1].set(xlabel="predicted", ylabel="true", title="confusion matrix (row-normalised)")
         fig.colorbar(im, ax=axes[1], fraction=0.046)
     return _png(fig)
+
+
+def sweep_png(table) -> bytes:
+    """Left: best val top-1 against lr, one colour per batch size, the best trial starred.
+    Right: val top-1 per epoch of every trial; early-stopped ones are dashed (and shorter)."""
+    import json
+
+    import numpy as np
+
+    fig, (ax_lr, ax_curve) = plt.subplots(1, 2, figsize=(12, 4.5))
+    sizes = sorted(table["batch_size"].dropna().unique())
+    colours = {b: plt.cm.viridis(i / max(len(sizes) - 1, 1)) for i, b in enumerate(sizes)}
+    for b in sizes:
+        rows = table[table["batch_size"] == b]
+        ax_lr.scatter(rows["lr"], rows["best_val_top1"].fillna(0), s=60, color=colours[b],
+                      label=f"batch {int(b)}", edgecolor="k", zorder=3)
+    ok = table.dropna(subset=["best_val_top1"])
+    if len(ok):
+        best = ok.iloc[int(np.argmax(ok["best_val_top1"].values))]
+        ax_lr.scatter([best["lr"]], [best["best_val_top1"]], marker="*", s=400, color="gold",
+                      edgecolor="k", zorder=4, label="best")
+    ax_lr.set(xscale="log", xlabel="learning rate", ylabel="best val top-1", ylim=(0, 1.02),
+              title="val top-1 vs learning rate")
+    ax_lr.grid(alpha=0.3)
+    ax_lr.legend(fontsize=8)
+    for _, row in table.iterrows():
+        curve = json.loads(row["curve"]) if isinstance(row["curve"], str) else []
+        if not curve:
+            continue
+        style = "--" if row["status"] == "stopped early" else "-"
+        ax_curve.plot(range(1, len(curve) + 1), curve, style, marker="o", ms=3,
+                      color=colours.get(row["batch_size"], "grey"),
+                      label=f"bs {int(row['batch_size'])} lr {row['lr']:.2g} ({row['status']})")
+    ax_curve.set(xlabel="epoch", ylabel="val top-1", ylim=(0, 1.02),
+                 title="learning curves (dashed: stopped early by ASHA)")
+    ax_curve.grid(alpha=0.3)
+    ax_curve.legend(fontsize=7)
+    ax_curve.xaxis.get_major_locator().set_params(integer=True)
+    return _png(fig)

@@ -296,7 +296,7 @@ def last_line(error: BaseException) -> str:
 
 def make_trainer(cfg: TrainConfig, data_root: Path, resources: Resources, *, storage_path: str,
                  name: str, max_failures: int, keep: int, fail_after_epoch: int | None = None,
-                 ) -> "ray.train.torch.TorchTrainer":
+                 callbacks: list | None = None) -> "ray.train.torch.TorchTrainer":
     """A TorchTrainer for ``cfg``; the same storage_path/name resumes an earlier run."""
     loop_config = {
         "config": cfg.to_dict(),
@@ -319,7 +319,7 @@ def make_trainer(cfg: TrainConfig, data_root: Path, resources: Resources, *, sto
                 num_to_keep=keep, checkpoint_score_attribute=METRIC,
                 checkpoint_score_order=METRIC_MODE),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            callbacks=[RunOutputs()],
+            callbacks=[RunOutputs(), *(callbacks or [])],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )

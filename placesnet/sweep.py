@@ -1,0 +1,157 @@
+"""Ray Tune sweeps over batch size and learning rate, each trial a full Ray Train run.
+
+Train V2 pattern: every trial runs :func:`trial_driver`, which builds and fits a TorchTrainer
+(so a trial may itself be multi-GPU DDP) and forwards its reports to Tune with
+``TuneReportCallback``; ASHA stops weak trials early on val top-1. Trial Train runs live in
+``<storage>/<name>/train/<trial_id>``; Tune's own state in ``<storage>/<name>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import ray
+from ray import tune
+
+from .checkpoint import read_meta
+from .config import METRIC, METRIC_MODE, TrainConfig, UserError
+from .ray_train import Resources, make_trainer
+
+DRIVER_CPU = 0.01  # a trial's driver only waits on its TorchTrainer; its workers hold the CPUs
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    resources: Resources  # per trial
+    max_concurrent: int
+
+
+def plan_sweep(workers_per_trial: int, use_gpu: bool, cpus_per_worker: float,
+               max_concurrent: int | None) -> SweepPlan:
+    """How many trials can run at once on the connected cluster; refuse what can never fit.
+
+    Concurrency is capped so that every running trial's workers can be placed: Tune would
+    otherwise start drivers whose TorchTrainers wait for workers forever.
+    """
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if use_gpu and not any(n.get("GPU", 0) >= 1 for n in nodes):
+        raise UserError("--gpus-per-worker 1 asked for GPUs but no node of the cluster has one")
+    per_node = [min(int(n.get("CPU", 0) // cpus_per_worker + 1e-9),
+                    int(n.get("GPU", 0)) if use_gpu else 10**9) for n in nodes]
+    slots = sum(per_node)  # workers placeable at once
+    fits = slots // workers_per_trial
+    total_cpus = sum(n.get("CPU", 0) for n in nodes)
+    fits = min(fits, int((total_cpus + 1e-9) // (workers_per_trial * cpus_per_worker + DRIVER_CPU)))
+    if fits < 1:
+        what = f"{workers_per_trial} worker(s) x ({cpus_per_worker:g} CPU{' + 1 GPU' if use_gpu else ''})"
+        raise UserError(f"one trial needs {what}, more than the cluster ({len(nodes)} node(s), "
+                        f"{total_cpus:g} CPUs) can place; lower --workers-per-trial or --cpus-per-worker")
+    if max_concurrent:
+        fits = min(fits, max_concurrent)
+    return SweepPlan(Resources(workers_per_trial, use_gpu, cpus_per_worker), fits)
+
+
+def trial_driver(tune_config: dict, base: dict) -> None:
+    """One Tune trial: a Ray Train run of the base config with this trial's batch size and lr."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = TrainConfig.from_dict({**base["config"], "batch_size": int(tune_config["batch_size"]),
+                                 "lr": float(tune_config["lr"])})
+    trial_id = tune.get_context().get_trial_id()
+    trainer = make_trainer(cfg, Path(base["data_root"]), Resources(**base["resources"]),
+                           storage_path=base["train_storage"], name=trial_id, max_failures=0, keep=1,
+                           callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+def make_tuner(cfg: TrainConfig, data_root: Path, plan: SweepPlan, *, storage_path: str, name: str,
+               param_space: dict, num_samples: int, scheduler: str, grace_period: int,
+               reduction_factor: float) -> tune.Tuner:
+    """A new Tuner, or the interrupted one restored (finished trials are not run again)."""
+    exp_dir = str(Path(storage_path) / name)
+    base = {"config": cfg.to_dict(), "data_root": str(data_root),
+            "train_storage": str(Path(exp_dir) / "train"),
+            "resources": {"num_workers": plan.resources.num_workers, "use_gpu": plan.resources.use_gpu,
+                          "cpus_per_worker": plan.resources.cpus_per_worker}}
+    # The shared settings travel with the trainable, so Tune's tables show only the searched values.
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, base=base), {"CPU": DRIVER_CPU})
+    if tune.Tuner.can_restore(exp_dir):
+        print(f"resuming sweep {exp_dir}: finished trials are kept, unfinished ones continue")
+        return tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False)
+    # stop_last_trials=False: a trial that reaches the last epoch ends on its own, so its Train
+    # run shuts its workers down normally instead of being killed mid-cleanup.
+    asha = (tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs,
+                                          grace_period=grace_period, reduction_factor=reduction_factor,
+                                          stop_last_trials=False)
+            if scheduler == "asha" else None)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric=METRIC, mode=METRIC_MODE, scheduler=asha,
+                                    num_samples=num_samples, max_concurrent_trials=plan.max_concurrent),
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=1),
+    )
+
+
+def collect_results(result_grid, exp_dir: Path, epochs: int) -> pd.DataFrame:
+    """One row per trial, from Tune's results and each trial's own Train run."""
+    rows = []
+    for r in result_grid:
+        history = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
+        trial_id = (r.metrics or {}).get("trial_id") or _trial_id_from_dir(r.path)
+        train_dir = exp_dir / "train" / str(trial_id)
+        epochs_run = int(history["epoch"].max()) if "epoch" in history and len(history) else 0
+        best_ckpt, best_meta = _best_checkpoint(train_dir, epochs_run)
+        status = ("errored" if r.error else "finished" if epochs_run >= epochs else "stopped early")
+        rows.append({
+            "trial_id": trial_id,
+            "batch_size": r.config.get("batch_size"),
+            "lr": r.config.get("lr"),
+            "epochs_run": epochs_run,
+            "best_val_top1": best_meta["val_top1"] if best_meta else math.nan,
+            "best_val_top5": best_meta["val_top5"] if best_meta else math.nan,
+            "final_train_loss": float(history["train_loss"].iloc[-1]) if "train_loss" in history and len(history) else math.nan,
+            "status": status,
+            "error": str(r.error).strip().splitlines()[-1][:200] if r.error else "",
+            "best_checkpoint": str(best_ckpt) if best_ckpt else "",
+            "curve": json.dumps([float(v) for v in history.get(METRIC, [])]),
+        })
+    return pd.DataFrame(rows).sort_values("best_val_top1", ascending=False, na_position="last")
+
+
+def _best_checkpoint(train_dir: Path, epochs_run: int) -> tuple[Path | None, dict | None]:
+    """The trial's best checkpoint among the epochs Tune saw (a stopped trial's Train run may
+    finish one more epoch while it is torn down), else its best overall."""
+    found = []
+    for d in (p for p in train_dir.glob("checkpoint_*") if p.is_dir()):
+        try:
+            found.append((d, read_meta(d)["metrics"]))
+        except (UserError, KeyError):
+            continue
+    seen = [(d, m) for d, m in found if m["epoch"] <= epochs_run] or found
+    if not seen:
+        return None, None
+    return max(seen, key=lambda dm: dm[1][METRIC])
+
+
+def _trial_id_from_dir(path: str | None) -> str | None:
+    # "trial_driver_3a2b1_00000_0_batch_size=32,lr=0.05_2026-..." -> "3a2b1_00000"
+    parts = Path(path).name.split("_") if path else []
+    return f"{parts[2]}_{parts[3]}" if len(parts) > 3 else None
+
+
+def best_record(table: pd.DataFrame, base: TrainConfig) -> dict:
+    ok = table[table["best_checkpoint"] != ""]
+    if ok.empty:
+        raise UserError("no trial produced a checkpoint: see the errors in results.csv")
+    best = ok.iloc[0]
+    config = base.replace(batch_size=int(best["batch_size"]), lr=float(best["lr"])).to_dict()
+    return {"trial_id": best["trial_id"], "batch_size": int(best["batch_size"]), "lr": float(best["lr"]),
+            "val_top1": float(best["best_val_top1"]), "val_top5": float(best["best_val_top5"]),
+            "epochs_run": int(best["epochs_run"]), "best_checkpoint": best["best_checkpoint"],
+            "config": config}

@@ -1,0 +1,85 @@
+"""A tiny Ray Tune sweep on the sample data: ASHA, results.csv, best.json, sweep.png, resume."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import TINY_ARGS, assert_user_error, run_script
+
+pytestmark = pytest.mark.slow
+
+SWEEP = [*TINY_ARGS[:TINY_ARGS.index("--batch-size")], "--epochs", "2",
+         "--grid", "--batch-sizes", "32", "--lrs", "0.02,0.05,0.1,50", "--cpus-per-worker", "0.5",
+         "--max-concurrent", "2", "--grace-period", "1", "--reduction-factor", "2"]
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_head, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("sweeps")
+    proc = run_script("tuning/sweep.py", *SWEEP, "--storage-path", storage, "--name", "tiny",
+                      env=ray_head.env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return storage / "tiny", proc, storage
+
+
+def test_results_table(sweep):
+    exp, proc, _ = sweep
+    table = pd.read_csv(exp / "results.csv")
+    for col in ["trial_id", "batch_size", "lr", "epochs_run", "best_val_top1", "best_val_top5",
+                "final_train_loss", "status", "best_checkpoint"]:
+        assert col in table.columns, col
+    assert sorted(table["lr"]) == [0.02, 0.05, 0.1, 50]
+    assert set(table["status"]) <= {"finished", "stopped early", "errored"}
+    absurd = table[table["lr"] == 50].iloc[0]
+    assert absurd["status"] == "stopped early" and absurd["epochs_run"] == 1  # ASHA cut it
+    assert (table["status"] == "finished").any()
+    assert "stopped early" in proc.stdout  # the printed table
+
+
+def test_best_json_points_at_a_loadable_checkpoint(sweep):
+    from placesnet.checkpoint import load_checkpoint
+
+    exp, _, _ = sweep
+    best = json.loads((exp / "best.json").read_text())
+    table = pd.read_csv(exp / "results.csv")
+    assert best["val_top1"] == pytest.approx(table["best_val_top1"].max())
+    loaded = load_checkpoint(best["best_checkpoint"])
+    assert loaded.meta["metrics"]["val_top1"] == pytest.approx(best["val_top1"])
+    assert loaded.config.lr == best["lr"] and loaded.config.batch_size == best["batch_size"]
+    assert load_checkpoint(exp / "best.json").path == loaded.path  # Serve takes best.json too
+    assert (exp / "sweep.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_rerun_does_not_repeat_finished_trials(sweep, ray_head):
+    exp, _, storage = sweep
+    before = {p: p.stat().st_mtime for p in (exp / "train").glob("*/checkpoint_*/model.pt")}
+    proc = run_script("tuning/sweep.py", *SWEEP, "--storage-path", storage, "--name", "tiny",
+                      env=ray_head.env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming sweep" in proc.stdout
+    after = {p: p.stat().st_mtime for p in (exp / "train").glob("*/checkpoint_*/model.pt")}
+    assert after == before  # no trial trained again
+    assert len(pd.read_csv(exp / "results.csv")) == 4
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--lr-min", "0.1", "--lr-max", "0.01"], "--lr-min < --lr-max"),
+    (["--lr-min", "0", "--lr-max", "0.1"], "--lr-min < --lr-max"),
+    (["--batch-sizes", "0,32"], "positive"),
+    (["--num-samples", "0"], "--num-samples"),
+    (["--grid", "--batch-sizes", "32"], "no pairs"),
+])
+def test_bad_search_space(args, fragment, tmp_path):
+    proc = run_script("tuning/sweep.py", *args, "--storage-path", tmp_path, "--name", "bad")
+    assert_user_error(proc, fragment)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_trial_that_cannot_fit(ray_head, tmp_path):
+    proc = run_script("tuning/sweep.py", *TINY_ARGS, "--workers-per-trial", "8", "--batch-sizes", "32",
+                      "--storage-path", tmp_path, "--name", "big", env=ray_head.env)
+    assert_user_error(proc, "more than the cluster")
+    gpu = run_script("tuning/sweep.py", *TINY_ARGS, "--gpus-per-worker", "1", "--storage-path", tmp_path,
+                     "--name", "gpu", env=ray_head.env)
+    assert_user_error(gpu, "GPU")

@@ -1,0 +1,169 @@
+"""Sweep batch size and learning rate over DeepCNN with Ray Tune; ASHA stops bad trials early.
+
+Every trial is a full Ray Train run (it can itself be multi-GPU DDP) on the same data and model
+options as rayjobs/train.py.
+
+    # random search: 8 samples, batch size from a list, lr log-uniform in [0.005, 0.5]
+    python tuning/sweep.py --num-samples 8 --batch-sizes 32,64,128 --lr-min 0.005 --lr-max 0.5
+    # grid: every (batch size, lr) pair
+    python tuning/sweep.py --grid --batch-sizes 32,64 --lrs 0.01,0.05,0.2 --epochs 6
+    # on a GPU cluster, 2 GPUs per trial, as a job (token auth: see README)
+    RAY_AUTH_MODE=token ray job submit --working-dir . -- python tuning/sweep.py \
+        --dataset places365 --data-root /shared/places365 --workers-per-trial 2 --gpus-per-worker 1 \
+        --storage-path /shared/ray_results --name places-sweep
+
+Writes <storage-path>/<name>/: results.csv (a row per trial), best.json (the best trial's config,
+val top-1/top-5 and absolute best_checkpoint: serve it with
+`serve run serving.app:build_app checkpoint=<name>/best.json`), sweep.png. Re-running with the same
+--storage-path/--name resumes an interrupted sweep without re-running finished trials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for placesnet
+
+from placesnet.cli import add_data_args, add_model_args, config_from_args, positive_int, ray_init, run_cli  # noqa: E402
+from placesnet.config import DEFAULT_STORAGE, UserError  # noqa: E402
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(p)
+    add_model_args(p)
+    g = p.add_argument_group("search space")
+    g.add_argument("--batch-sizes", type=int_list, default=[32, 64, 128],
+                   help="global batch sizes to choose from (default: 32,64,128)")
+    g.add_argument("--lr-min", type=float, default=0.005, help="log-uniform lr lower bound (default: %(default)s)")
+    g.add_argument("--lr-max", type=float, default=0.5, help="log-uniform lr upper bound (default: %(default)s)")
+    g.add_argument("--num-samples", type=int, default=8, help="random-search trials (default: %(default)s)")
+    g.add_argument("--grid", action="store_true", help="try every (batch size, lr) pair of "
+                   "--batch-sizes x --lrs instead of sampling")
+    g.add_argument("--lrs", type=float_list, default=[], help="learning rates for --grid, e.g. 0.01,0.05,0.2")
+    g = p.add_argument_group("early stopping")
+    g.add_argument("--scheduler", choices=["asha", "none"], default="asha",
+                   help="ASHA stops trials whose val top-1 trails at a rung (default: %(default)s)")
+    g.add_argument("--grace-period", type=positive_int, default=1,
+                   help="epochs every trial runs before it can be stopped (default: %(default)s)")
+    g.add_argument("--reduction-factor", type=float, default=2,
+                   help="ASHA keeps 1/reduction-factor of the trials at each rung (default: %(default)s)")
+    g = p.add_argument_group("resources and outputs")
+    g.add_argument("--workers-per-trial", type=positive_int, default=1,
+                   help="Ray Train workers (DDP ranks) per trial (default: %(default)s)")
+    g.add_argument("--gpus-per-worker", type=int, choices=[0, 1], default=None,
+                   help="1: one GPU per worker (default: 1 when the cluster has GPUs)")
+    g.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="CPUs per worker, fractions allowed (default: %(default)s)")
+    g.add_argument("--max-concurrent", type=positive_int,
+                   help="trials at once (default: as many as the cluster can place)")
+    g.add_argument("--storage-path", default=DEFAULT_STORAGE, help="default: %(default)s")
+    g.add_argument("--name", help="sweep name; the same name resumes it (default: sweep-<date>-<time>)")
+    g.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    return p.parse_args(argv)
+
+
+def check_space(args) -> None:
+    """Every bad search-space value is refused before any trial starts."""
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        raise UserError(f"--batch-sizes must be positive integers, got {args.batch_sizes}")
+    if min(args.batch_sizes) < args.workers_per_trial:
+        raise UserError(f"batch size {min(args.batch_sizes)} is smaller than --workers-per-trial "
+                        f"{args.workers_per_trial}")
+    if args.cpus_per_worker <= 0:
+        raise UserError(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker}")
+    if args.reduction_factor <= 1:
+        raise UserError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
+    if args.grid:
+        if not args.lrs:
+            raise UserError("--grid needs --lrs (and --batch-sizes): the grid has no pairs")
+        if min(args.lrs) <= 0:
+            raise UserError(f"--lrs must be > 0, got {args.lrs}")
+    else:
+        if not (0 < args.lr_min < args.lr_max):
+            raise UserError(f"need 0 < --lr-min < --lr-max, got [{args.lr_min}, {args.lr_max}]")
+        if args.num_samples < 1:
+            raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_space(args)
+    cfg = config_from_args(args)
+
+    from ray import tune
+
+    from placesnet.data import describe, open_split, resolve_data_root
+    from placesnet.plots import sweep_png
+    from placesnet.sweep import best_record, collect_results, make_tuner, plan_sweep
+
+    storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).expanduser().resolve())
+    name = args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    root = resolve_data_root(cfg)
+    if cfg.dataset == "places365":
+        cfg = cfg.replace(data_root=str(root))
+    train_ds = open_split(cfg, "train", root)
+    open_split(cfg, "val", root)
+    cfg = cfg.replace(download=False)
+    print(f"data: train {describe(train_ds)}")
+
+    ray_init(args.address)
+    import ray
+
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = bool(has_gpu if args.gpus_per_worker is None else args.gpus_per_worker)
+    plan = plan_sweep(args.workers_per_trial, use_gpu, args.cpus_per_worker, args.max_concurrent)
+    if args.grid:
+        space = {"batch_size": tune.grid_search(args.batch_sizes), "lr": tune.grid_search(args.lrs)}
+        num_samples, count = 1, len(args.batch_sizes) * len(args.lrs)
+    else:
+        space = {"batch_size": tune.choice(args.batch_sizes), "lr": tune.loguniform(args.lr_min, args.lr_max)}
+        num_samples = count = args.num_samples
+    print(f"sweep {name}: {count} trial(s) of {cfg.epochs} epoch(s), {plan.max_concurrent} at a "
+          f"time, each {args.workers_per_trial} worker(s) x ({args.cpus_per_worker:g} CPU"
+          f"{' + 1 GPU' if use_gpu else ''}), scheduler {args.scheduler}")
+    tuner = make_tuner(cfg, root, plan, storage_path=storage, name=name, param_space=space,
+                       num_samples=num_samples, scheduler=args.scheduler,
+                       grace_period=args.grace_period, reduction_factor=args.reduction_factor)
+    grid = tuner.fit()
+
+    exp_dir = Path(storage) / name
+    table = collect_results(grid, exp_dir, cfg.epochs)
+    table.drop(columns=["curve"]).to_csv(exp_dir / "results.csv", index=False)
+    (exp_dir / "sweep.png").write_bytes(sweep_png(table))
+    best = best_record(table, cfg)
+    (exp_dir / "best.json").write_text(json.dumps(best, indent=2))
+
+    shown = table[["trial_id", "batch_size", "lr", "epochs_run", "best_val_top1", "best_val_top5",
+                   "final_train_loss", "status"]]
+    print("\n" + shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"\nbest: batch {best['batch_size']}, lr {best['lr']:.4g}: val top-1 {best['val_top1']:.4f}, "
+          f"top-5 {best['val_top5']:.4f}")
+    print(f"best checkpoint: {best['best_checkpoint']}")
+    print(f"results:         {exp_dir / 'results.csv'}")
+    print(f"best:            {exp_dir / 'best.json'}")
+    print(f"plot:            {exp_dir / 'sweep.png'}")
+    print(f"serve it:        serve run serving.app:build_app checkpoint={exp_dir / 'best.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
