@@ -26,7 +26,7 @@ def endpoint(ray_head, trained_run):
     from ray import serve
 
     run_dir, _ = trained_run
-    ray.init(address=ray_head.address, logging_level="WARNING",
+    ray.init(address=ray_head.address, logging_level="WARNING", log_to_driver=False,
              runtime_env={"py_modules": [str(REPO / "placesnet"), str(REPO / "serving")]})
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
