@@ -325,26 +325,46 @@ def make_trainer(cfg: TrainConfig, data_root: Path, resources: Resources, *, sto
     )
 
 
-def summarize(result: "ray.train.Result", run_dir: Path) -> dict:
-    """summary.json content for a finished fit."""
+def _checkpoint_meta(checkpoint: "ray.train.Checkpoint") -> dict:
+    """meta.json of a checkpoint on any storage (local, NFS, s3://) through its filesystem."""
+    with checkpoint.filesystem.open_input_stream(posixpath.join(checkpoint.path, "meta.json")) as f:
+        return json.loads(f.read())
+
+
+def _uri(checkpoint: "ray.train.Checkpoint") -> str:
+    """An absolute local path, or the URI of a checkpoint on remote storage."""
+    if checkpoint.filesystem.type_name == "local":
+        return str(Path(checkpoint.path).resolve())
+    return f"{checkpoint.filesystem.type_name}://{checkpoint.path}"
+
+
+def summarize(result: "ray.train.Result", storage_path: str, name: str) -> tuple[dict, list[dict]]:
+    """summary.json content for a finished fit (written next to the checkpoints, on any storage),
+    and the metrics history."""
+    run_dir = f"{storage_path.rstrip('/')}/{name}"
     best = result.get_best_checkpoint(METRIC, METRIC_MODE)
-    if best is None:
+    if best is None or result.checkpoint is None:
         raise UserError(f"the run in {run_dir} produced no checkpoint")
-    best_meta = read_meta(best.path)
-    latest_meta = read_meta(result.checkpoint.path)
-    return {
-        "run_dir": str(run_dir),
-        "best_checkpoint": str(Path(best.path).resolve()),
+    best_meta, latest_meta = _checkpoint_meta(best), _checkpoint_meta(result.checkpoint)
+    summary = {
+        "run_dir": run_dir,
+        "best_checkpoint": _uri(best),
         "best_epoch": best_meta["metrics"]["epoch"],
         "val_top1": best_meta["metrics"]["val_top1"],
         "val_top5": best_meta["metrics"]["val_top5"],
         "val_loss": best_meta["metrics"]["val_loss"],
-        "latest_checkpoint": str(Path(result.checkpoint.path).resolve()),
+        "latest_checkpoint": _uri(result.checkpoint),
         "epochs_completed": latest_meta["metrics"]["epoch"],
         "classes": best_meta["classes"],
-        "metrics_csv": str(run_dir / METRICS_FILE),
-        "curves_png": str(run_dir / CURVES_FILE),
+        "metrics_csv": f"{run_dir}/{METRICS_FILE}",
+        "curves_png": f"{run_dir}/{CURVES_FILE}",
+        "summary_json": f"{run_dir}/summary.json",
     }
+    fs = result.checkpoint.filesystem
+    with fs.open_output_stream(posixpath.join(posixpath.dirname(result.checkpoint.path),
+                                              "summary.json")) as f:
+        f.write(json.dumps(summary, indent=2).encode())
+    return summary, latest_meta["history"]
 
 
 def latest_checkpoint_config(run_dir: Path) -> dict | None:

@@ -17,7 +17,6 @@ latest), metrics.csv, curves.png and summary.json. Running again with the same -
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -82,7 +81,8 @@ def main(argv=None) -> int:
     name = args.name or f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     if "/" in name or name in ("", ".", ".."):
         raise UserError(f"--name must be a plain directory name, got {name!r}")
-    run_dir = Path(storage) / name
+    run_dir = Path(storage) / name  # local storage; messages below also name remote ones
+    run_label = f"{storage.rstrip('/')}/{name}"
 
     # Resolve the data on the driver: layout errors surface here, before any worker starts.
     root = resolve_data_root(cfg)
@@ -116,12 +116,10 @@ def main(argv=None) -> int:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise UserError(f"training failed after {args.max_failures} restart(s): {last_line(e)} "
-                        f"(run dir: {run_dir}; re-run with the same --name to resume)") from None
+                        f"(run dir: {run_label}; re-run with the same --name to resume)") from None
 
-    summary = summarize(result, run_dir)
-    summary_path = run_dir / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2))
-    _print_results(summary, summary_path)
+    summary, history = summarize(result, storage, name)
+    _print_results(summary, history)
     return 0
 
 
@@ -134,20 +132,19 @@ def check_batch(batch_size: int, num_workers: int, note: bool = True) -> None:
               f"using {batch_size // num_workers} per worker")
 
 
-def _print_results(summary: dict, summary_path: Path) -> None:
+def _print_results(summary: dict, history: list[dict]) -> None:
     import pandas as pd
 
-    table = pd.read_csv(summary["metrics_csv"])
     cols = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
             "images_per_s", "epoch_time_s", "lr"]
-    print("\n" + table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print("\n" + pd.DataFrame(history)[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"\nbest val top-1 {summary['val_top1']:.4f} (top-5 {summary['val_top5']:.4f}) at epoch "
           f"{summary['best_epoch']} of {summary['epochs_completed']}; "
           f"chance is {1 / len(summary['classes']):.4f}")
     print(f"best checkpoint: {summary['best_checkpoint']}")
     print(f"metrics:         {summary['metrics_csv']}")
     print(f"curves:          {summary['curves_png']}")
-    print(f"summary:         {summary_path}")
+    print(f"summary:         {summary['summary_json']}")
 
 
 if __name__ == "__main__":
