@@ -38,6 +38,7 @@ class Resources:
     num_workers: int
     use_gpu: bool
     cpus_per_worker: float
+    placement_strategy: str = "PACK"  # SPREAD / STRICT_SPREAD put workers on different nodes
 
     @property
     def loader_workers(self) -> int:
@@ -47,11 +48,12 @@ class Resources:
     def scaling_config(self) -> ray.train.ScalingConfig:
         return ray.train.ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
                                        resources_per_worker={"CPU": self.cpus_per_worker,
-                                                             **({"GPU": 1} if self.use_gpu else {})})
+                                                             **({"GPU": 1} if self.use_gpu else {})},
+                                       placement_strategy=self.placement_strategy)
 
 
-def plan_resources(num_workers: int | None, gpu: bool | None,
-                   cpus_per_worker: float | None) -> Resources:
+def plan_resources(num_workers: int | None, gpu: bool | None, cpus_per_worker: float | None,
+                   placement_strategy: str = "PACK") -> Resources:
     """Pick GPU/CPU, the worker count (default: every GPU, or 2 on CPU) and CPUs per worker from
     what the connected cluster has, and refuse (with a UserError) a layout it can never place,
     instead of letting Ray wait for it forever."""
@@ -77,13 +79,17 @@ def plan_resources(num_workers: int | None, gpu: bool | None,
         if need_gpu:
             fits = min(fits, int(n.get("GPU", 0)))
         placeable += fits
+    if placement_strategy == "STRICT_SPREAD":
+        placeable = sum(1 for n in nodes if n.get("CPU", 0) >= cpus_per_worker
+                        and (not need_gpu or n.get("GPU", 0) >= 1))
     if placeable < num_workers:
         what = f"{cpus_per_worker:g} CPU" + (" + 1 GPU" if use_gpu else "")
         raise UserError(
             f"cannot place {num_workers} workers of {what} each: the cluster ({len(nodes)} node(s), "
             f"{total_cpus:g} CPUs, {total_gpus:g} GPUs) fits only {placeable}; lower --num-workers"
-            + ("" if use_gpu else " or --cpus-per-worker"))
-    return Resources(num_workers, use_gpu, cpus_per_worker)
+            + ("" if use_gpu else " or --cpus-per-worker")
+            + (" (STRICT_SPREAD: one worker per node)" if placement_strategy == "STRICT_SPREAD" else ""))
+    return Resources(num_workers, use_gpu, cpus_per_worker, placement_strategy)
 
 
 class RunOutputs(ray.train.UserCallback):
@@ -159,6 +165,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(loop_config.get("cpus_per_worker", 1))))
     log = _log if rank == 0 else None
+    _log(f"rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()} ({device})")
 
     # --- data: each worker reads its shard; val is sharded without padding for exact metrics ---
     root = Path(loop_config["data_root"])

@@ -65,7 +65,7 @@ def _free_port() -> int:
 
 
 class RayHead:
-    def __init__(self, temp_dir: Path):
+    def __init__(self, temp_dir: Path, num_cpus: int = 4):
         # Ray's unix sockets live under --temp-dir and must fit in 107 bytes: keep it short.
         self.ray_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
         self.port, self.dashboard_port = _free_port(), _free_port()
@@ -76,7 +76,7 @@ class RayHead:
         self.env = {**os.environ, "RAY_ADDRESS": self.address, "PATH": f"{BIN}:{os.environ['PATH']}"}
         self.log = open(temp_dir / "head.log", "w")
         self.proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "4", "--num-gpus", "0",
+            [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus), "--num-gpus", "0",
              "--port", str(self.port), "--dashboard-port", str(self.dashboard_port),
              "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
              "--temp-dir", str(self.ray_dir), "--disable-usage-stats"],

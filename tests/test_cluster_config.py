@@ -44,3 +44,68 @@ def test_wrong_head_node_type_fails(config):
     broken["head_node_type"] = "no_such_type"
     with pytest.raises(Exception):
         _validate(broken)
+
+
+K8S = REPO / "cluster" / "k8s"
+SBATCH = REPO / "cluster" / "slurm" / "placesnet.sbatch"
+
+
+@pytest.mark.parametrize("name,kind", [("rayjob-train.yaml", "RayJob"), ("rayjob-sweep.yaml", "RayJob"),
+                                       ("rayservice.yaml", "RayService")])
+def test_kuberay_manifests(name, kind):
+    doc = yaml.safe_load((K8S / name).read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == kind
+    spec = doc["spec"]
+    cluster = spec["rayClusterSpec"] if kind == "RayJob" else spec["rayClusterConfig"]
+    assert cluster["rayVersion"] == "2.60.0"
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no work on the head
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        container = group["template"]["spec"]["containers"][0]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token" and "valueFrom" in env["RAY_AUTH_TOKEN"]
+        assert any(m["mountPath"] == "/data" for m in container["volumeMounts"])
+    gpus = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert gpus["nvidia.com/gpu"] == "1"
+    if kind == "RayJob":
+        entry = spec["entrypoint"].split()
+        assert entry[1] in ("rayjobs/train.py", "tuning/sweep.py") and (REPO / entry[1]).is_file()
+        _parses(entry[1], entry[2:])
+        assert "/data/ray_results" in spec["entrypoint"]  # shared storage
+    else:
+        app = yaml.safe_load(spec["serveConfigV2"])["applications"][0]
+        assert app["import_path"] == "serving.app:build_app" and app["args"]["checkpoint"].startswith("/data/")
+
+
+def _parses(script: str, args: list[str]) -> None:
+    """The documented flags are accepted by the entry point's own parser."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("entry", REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.parse_args(args)
+
+
+def test_sbatch_script(tmp_path):
+    import os
+    import shutil
+    import subprocess
+
+    subprocess.run(["bash", "-n", str(SBATCH)], check=True)
+    if shutil.which("shellcheck"):
+        subprocess.run(["shellcheck", str(SBATCH)], check=True)
+    for job, script in (("train", "rayjobs/train.py"), ("sweep", "tuning/sweep.py")):
+        env = {**os.environ, "DRY_RUN": "1", "JOB": job, "SLURM_JOB_NUM_NODES": "2",
+               "SLURM_GPUS_PER_NODE": "gpu:4", "HOME": str(tmp_path)}
+        out = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True,
+                             check=True).stdout.strip().splitlines()[-1].split()
+        assert out[:3] == ["srun", "--nodes=2", "--ntasks-per-node=1"]
+        assert out[4] == "symmetric-run" and "--min-nodes" in out
+        entry = out[out.index("--") + 1:]
+        assert entry[:2] == ["python", script]
+        _parses(script, entry[2:])
+        if job == "train":
+            assert entry[entry.index("--num-workers") + 1] == "8"  # 2 nodes x 4 GPUs
+    bad = subprocess.run(["bash", str(SBATCH)], env={**os.environ, "DRY_RUN": "1", "JOB": "nope"},
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "JOB must be train or sweep" in bad.stderr
