@@ -53,20 +53,26 @@ class Resources:
 
 
 def plan_resources(num_workers: int | None, gpu: bool | None, cpus_per_worker: float | None,
-                   placement_strategy: str = "PACK") -> Resources:
+                   placement_strategy: str = "PACK", autoscale: bool = False) -> Resources:
     """Pick GPU/CPU, the worker count (default: every GPU, or 2 on CPU) and CPUs per worker from
     what the connected cluster has, and refuse (with a UserError) a layout it can never place,
-    instead of letting Ray wait for it forever."""
+    instead of letting Ray wait for it forever. ``autoscale``: the cluster adds nodes on demand
+    (cluster.yaml's GPU workers start at 0), so only the request itself is checked."""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     total_gpus = sum(n.get("GPU", 0) for n in nodes)
     total_cpus = sum(n.get("CPU", 0) for n in nodes)
     use_gpu = total_gpus > 0 if gpu is None else gpu
-    if use_gpu and total_gpus == 0:
-        raise UserError("--gpu asked for GPUs but the cluster has none; drop --gpu or use --cpu")
+    if use_gpu and total_gpus == 0 and not autoscale:
+        raise UserError("--gpu asked for GPUs but the cluster has none; drop --gpu, use --cpu, or "
+                        "pass --autoscale if the cluster starts GPU nodes on demand")
     if num_workers is None:
+        if autoscale:
+            raise UserError("--autoscale needs an explicit --num-workers")
         num_workers = int(total_gpus) if use_gpu else 2
     if cpus_per_worker is None:
-        if use_gpu:  # a share of the CPUs next to each GPU, for data loading
+        if use_gpu and total_gpus == 0:  # nodes yet to come: a modest data-loading share
+            cpus_per_worker = 4.0
+        elif use_gpu:  # a share of the CPUs next to each GPU, for data loading
             cpus_per_worker = float(max(1, min(8, int(total_cpus // max(total_gpus, 1)))))
         else:  # spread the cluster's CPUs over the workers
             cpus_per_worker = float(max(1, int(total_cpus // num_workers)))
@@ -82,11 +88,12 @@ def plan_resources(num_workers: int | None, gpu: bool | None, cpus_per_worker: f
     if placement_strategy == "STRICT_SPREAD":
         placeable = sum(1 for n in nodes if n.get("CPU", 0) >= cpus_per_worker
                         and (not need_gpu or n.get("GPU", 0) >= 1))
-    if placeable < num_workers:
+    if placeable < num_workers and not autoscale:
         what = f"{cpus_per_worker:g} CPU" + (" + 1 GPU" if use_gpu else "")
         raise UserError(
             f"cannot place {num_workers} workers of {what} each: the cluster ({len(nodes)} node(s), "
             f"{total_cpus:g} CPUs, {total_gpus:g} GPUs) fits only {placeable}; lower --num-workers"
+            + " (or pass --autoscale if the cluster adds nodes on demand)"
             + ("" if use_gpu else " or --cpus-per-worker")
             + (" (STRICT_SPREAD: one worker per node)" if placement_strategy == "STRICT_SPREAD" else ""))
     return Resources(num_workers, use_gpu, cpus_per_worker, placement_strategy)

@@ -31,12 +31,18 @@ class SweepPlan:
 
 
 def plan_sweep(workers_per_trial: int, use_gpu: bool, cpus_per_worker: float,
-               max_concurrent: int | None) -> SweepPlan:
+               max_concurrent: int | None, autoscale: bool = False) -> SweepPlan:
     """How many trials can run at once on the connected cluster; refuse what can never fit.
 
     Concurrency is capped so that every running trial's workers can be placed: Tune would
-    otherwise start drivers whose TorchTrainers wait for workers forever.
+    otherwise start drivers whose TorchTrainers wait for workers forever. On an autoscaling
+    cluster (``autoscale``) the nodes are not there yet: --max-concurrent sets it instead.
     """
+    resources = Resources(workers_per_trial, use_gpu, cpus_per_worker)
+    if autoscale:
+        if not max_concurrent:
+            raise UserError("--autoscale needs --max-concurrent: the trials the cluster can grow to hold")
+        return SweepPlan(resources, max_concurrent)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if use_gpu and not any(n.get("GPU", 0) >= 1 for n in nodes):
         raise UserError("--gpus-per-worker 1 asked for GPUs but no node of the cluster has one")
@@ -52,7 +58,7 @@ def plan_sweep(workers_per_trial: int, use_gpu: bool, cpus_per_worker: float,
                         f"{total_cpus:g} CPUs) can place; lower --workers-per-trial or --cpus-per-worker")
     if max_concurrent:
         fits = min(fits, max_concurrent)
-    return SweepPlan(Resources(workers_per_trial, use_gpu, cpus_per_worker), fits)
+    return SweepPlan(resources, fits)
 
 
 def trial_driver(tune_config: dict, base: dict) -> None:

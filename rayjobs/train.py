@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_SPREAD"], default="PACK",
                    help="where workers go: PACK fills nodes, STRICT_SPREAD puts each on its own node "
                         "(default: %(default)s)")
+    g.add_argument("--autoscale", action="store_true",
+                   help="the cluster starts nodes on demand (cluster.yaml): skip the check that the "
+                        "workers fit on the nodes running now, and wait for new ones instead")
     g.add_argument("--storage-path", default=DEFAULT_STORAGE,
                    help="where runs are kept; shared (NFS or s3://) on a multi-node cluster "
                         "(default: %(default)s)")
@@ -107,7 +110,8 @@ def main(argv=None) -> int:
     ray_init(args.address)
     import ray.train
 
-    res = plan_resources(args.num_workers, args.gpu, args.cpus_per_worker, args.placement_strategy)
+    res = plan_resources(args.num_workers, args.gpu, args.cpus_per_worker, args.placement_strategy,
+                         args.autoscale)
     check_batch(cfg.batch_size, res.num_workers)
     print(f"training {cfg.model} on {len(classes)} classes: {res.num_workers} worker(s) x "
           f"({res.cpus_per_worker:g} CPU{' + 1 GPU' if res.use_gpu else ''}), global batch "

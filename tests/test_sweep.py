@@ -83,3 +83,6 @@ def test_trial_that_cannot_fit(ray_head, tmp_path):
     gpu = run_script("tuning/sweep.py", *TINY_ARGS, "--gpus-per-worker", "1", "--storage-path", tmp_path,
                      "--name", "gpu", env=ray_head.env)
     assert_user_error(gpu, "GPU")
+    auto = run_script("tuning/sweep.py", *TINY_ARGS, "--autoscale", "--storage-path", tmp_path,
+                      "--name", "auto", env=ray_head.env)
+    assert_user_error(auto, "--max-concurrent")

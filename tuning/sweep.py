@@ -75,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CPUs per worker, fractions allowed (default: %(default)s)")
     g.add_argument("--max-concurrent", type=positive_int,
                    help="trials at once (default: as many as the cluster can place)")
+    g.add_argument("--autoscale", action="store_true",
+                   help="the cluster starts nodes on demand: skip the placement check and run "
+                        "--max-concurrent trials at a time")
     g.add_argument("--storage-path", default=DEFAULT_STORAGE, help="default: %(default)s")
     g.add_argument("--name", help="sweep name; the same name resumes it (default: sweep-<date>-<time>)")
     g.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
@@ -130,7 +133,8 @@ def main(argv=None) -> int:
 
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     use_gpu = bool(has_gpu if args.gpus_per_worker is None else args.gpus_per_worker)
-    plan = plan_sweep(args.workers_per_trial, use_gpu, args.cpus_per_worker, args.max_concurrent)
+    plan = plan_sweep(args.workers_per_trial, use_gpu, args.cpus_per_worker, args.max_concurrent,
+                      args.autoscale)
     if args.grid:
         space = {"batch_size": tune.grid_search(args.batch_sizes), "lr": tune.grid_search(args.lrs)}
         num_samples, count = 1, len(args.batch_sizes) * len(args.lrs)
