@@ -85,6 +85,11 @@ def read_meta(directory: str | Path) -> dict:
     return _read_json(Path(directory) / META_FILE)
 
 
+def load_model_state(directory: str | Path, device="cpu") -> dict:
+    """The model's state_dict, loaded with weights_only=True."""
+    return _torch_load(Path(directory) / MODEL_FILE, device)
+
+
 def load_train_state(directory: str | Path, device="cpu") -> dict:
     return _torch_load(Path(directory) / STATE_FILE, device)
 
@@ -101,7 +106,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         raise UserError(f"corrupt checkpoint: bad config.json in {directory}: {e}") from None
     classes = meta["classes"]
     model = build_model(config, len(classes))
-    state = _torch_load(directory / MODEL_FILE, device)
+    state = load_model_state(directory, device)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import engine
-from .checkpoint import load_checkpoint, load_train_state, read_meta, save_checkpoint
+from .checkpoint import load_checkpoint, load_model_state, load_train_state, read_meta, save_checkpoint
 from .config import METRIC, METRIC_MODE, TrainConfig, UserError
 from .data import ShardSampler, class_names, loader_kwargs, open_split
 from .evaluation import evaluate_checkpoint
@@ -52,13 +52,24 @@ class Resources:
                                        placement_strategy=self.placement_strategy)
 
 
+def alive_nodes() -> list[dict]:
+    """Resources of every live node of the connected cluster."""
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def worker_slots(nodes: list[dict], cpus_per_worker: float, use_gpu: bool) -> list[int]:
+    """How many workers of ``cpus_per_worker`` CPUs (+ 1 GPU each if ``use_gpu``) fit per node."""
+    return [min(int(n.get("CPU", 0) // cpus_per_worker + 1e-9),
+                int(n.get("GPU", 0)) if use_gpu else 10**9) for n in nodes]
+
+
 def plan_resources(num_workers: int | None, gpu: bool | None, cpus_per_worker: float | None,
                    placement_strategy: str = "PACK", autoscale: bool = False) -> Resources:
     """Pick GPU/CPU, the worker count (default: every GPU, or 2 on CPU) and CPUs per worker from
     what the connected cluster has, and refuse (with a UserError) a layout it can never place,
     instead of letting Ray wait for it forever. ``autoscale``: the cluster adds nodes on demand
     (cluster.yaml's GPU workers start at 0), so only the request itself is checked."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = alive_nodes()
     total_gpus = sum(n.get("GPU", 0) for n in nodes)
     total_cpus = sum(n.get("CPU", 0) for n in nodes)
     use_gpu = total_gpus > 0 if gpu is None else gpu
@@ -78,16 +89,9 @@ def plan_resources(num_workers: int | None, gpu: bool | None, cpus_per_worker: f
             cpus_per_worker = float(max(1, int(total_cpus // num_workers)))
     if cpus_per_worker <= 0:
         raise UserError(f"--cpus-per-worker must be > 0, got {cpus_per_worker}")
-    need_gpu = 1 if use_gpu else 0
-    placeable = 0
-    for n in nodes:
-        fits = int(n.get("CPU", 0) // cpus_per_worker + 1e-9)
-        if need_gpu:
-            fits = min(fits, int(n.get("GPU", 0)))
-        placeable += fits
-    if placement_strategy == "STRICT_SPREAD":
-        placeable = sum(1 for n in nodes if n.get("CPU", 0) >= cpus_per_worker
-                        and (not need_gpu or n.get("GPU", 0) >= 1))
+    per_node = worker_slots(nodes, cpus_per_worker, use_gpu)
+    placeable = (sum(1 for k in per_node if k) if placement_strategy == "STRICT_SPREAD"
+                 else sum(per_node))
     if placeable < num_workers and not autoscale:
         what = f"{cpus_per_worker:g} CPU" + (" + 1 GPU" if use_gpu else "")
         raise UserError(
@@ -110,11 +114,9 @@ class RunOutputs(ray.train.UserCallback):
     def after_report(self, run_context, metrics, checkpoint) -> None:
         if checkpoint is None:
             return
-        fs, run_dir = checkpoint.filesystem, posixpath.dirname(checkpoint.path)
-        with fs.open_input_stream(posixpath.join(checkpoint.path, "meta.json")) as f:
-            meta = json.loads(f.read())
-        history = meta["history"]
-        write_run_outputs(fs, run_dir, history, title=posixpath.basename(run_dir))
+        run_dir = posixpath.dirname(checkpoint.path)
+        write_run_outputs(checkpoint.filesystem, run_dir, _checkpoint_meta(checkpoint)["history"],
+                          title=posixpath.basename(run_dir))
 
 
 def write_run_outputs(fs, run_dir: str, history: list[dict], title: str = "") -> None:
@@ -206,14 +208,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
-            loaded = load_checkpoint(ckpt_dir, device)
-            getattr(model, "module", model).load_state_dict(loaded.model.state_dict())
+            getattr(model, "module", model).load_state_dict(load_model_state(ckpt_dir, device))
             state = load_train_state(ckpt_dir, device)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             if scaler and state["scaler"]:
                 scaler.load_state_dict(state["scaler"])
-            start_epoch, history = loaded.epoch + 1, read_meta(ckpt_dir)["history"]
+            meta = read_meta(ckpt_dir)
+            start_epoch, history = meta["epoch"] + 1, meta["history"]
         if log:
             log(f"resuming from {checkpoint.path} at epoch {start_epoch + 1}/{cfg.epochs}")
 

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import ray
 from ray import tune
 
 from .checkpoint import read_meta
 from .config import METRIC, METRIC_MODE, TrainConfig, UserError
-from .ray_train import Resources, make_trainer
+from .ray_train import Resources, alive_nodes, make_trainer, worker_slots
 
 DRIVER_CPU = 0.01  # a trial's driver only waits on its TorchTrainer; its workers hold the CPUs
 
@@ -43,12 +42,10 @@ def plan_sweep(workers_per_trial: int, use_gpu: bool, cpus_per_worker: float,
         if not max_concurrent:
             raise UserError("--autoscale needs --max-concurrent: the trials the cluster can grow to hold")
         return SweepPlan(resources, max_concurrent)
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = alive_nodes()
     if use_gpu and not any(n.get("GPU", 0) >= 1 for n in nodes):
         raise UserError("--gpus-per-worker 1 asked for GPUs but no node of the cluster has one")
-    per_node = [min(int(n.get("CPU", 0) // cpus_per_worker + 1e-9),
-                    int(n.get("GPU", 0)) if use_gpu else 10**9) for n in nodes]
-    slots = sum(per_node)  # workers placeable at once
+    slots = sum(worker_slots(nodes, cpus_per_worker, use_gpu))  # workers placeable at once
     fits = slots // workers_per_trial
     total_cpus = sum(n.get("CPU", 0) for n in nodes)
     fits = min(fits, int((total_cpus + 1e-9) // (workers_per_trial * cpus_per_worker + DRIVER_CPU)))
