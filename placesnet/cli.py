@@ -97,8 +97,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="linear LR warmup epochs (default: %(default)s)")
     g.add_argument("--no-amp", action="store_true",
                    help="GPU: train in fp32 instead of bf16/fp16 mixed precision")
+    g.add_argument("--no-channels-last", action="store_true",
+                   help="GPU: keep NCHW memory format instead of channels_last")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model: faster steps after a compile of a minute or "
+                        "more; worth it for long GPU runs (see docs/benchmarks.md)")
     g.add_argument("--loader-workers", type=non_negative_int,
-                   help="DataLoader processes per Ray worker (default: its CPUs minus one)")
+                   help="DataLoader processes per Ray worker (default: on GPU its CPUs minus one, "
+                        "on CPU one per 4 CPUs)")
     g.add_argument("--log-every", type=non_negative_int, default=0,
                    help="progress line every N steps (default: 10 per epoch when an epoch has >= 100 steps)")
     g.add_argument("--seed", type=int, default=0, help="default: %(default)s")
@@ -119,7 +125,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         sample_val_per_class=args.sample_val_per_class, model=args.model, widths=args.widths,
         epochs=pick("epochs"), batch_size=pick("batch_size"), lr=pick("lr"),
         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
-        warmup_epochs=args.warmup_epochs, amp=not args.no_amp, loader_workers=args.loader_workers,
+        warmup_epochs=args.warmup_epochs, amp=not args.no_amp,
+        channels_last=not args.no_channels_last, compile=args.compile, loader_workers=args.loader_workers,
         log_every=args.log_every, seed=args.seed,
     ).validate()
 

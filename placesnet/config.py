@@ -67,6 +67,7 @@ class TrainConfig:
     # --- speed ---
     amp: bool = True  # mixed precision on GPU (bf16 where supported, else fp16 + GradScaler)
     channels_last: bool = True  # on GPU only
+    compile: bool = False  # torch.compile the model (minutes of compile time; pays off on long GPU runs)
     loader_workers: int | None = None  # DataLoader processes per worker; None: from CPUs given
     log_every: int = 0  # progress line every N steps from rank 0; 0: about 10 per epoch
     # --- where / how ---

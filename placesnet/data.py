@@ -1,5 +1,10 @@
 """Places365 (real or the embedded sample) through torchvision's own ``Places365`` class.
 
+The input pipeline stays uint8 until it reaches the training device: files are decoded straight
+to uint8 tensors (``read_image_uint8`` as Places365's ``loader=``), resized and cropped as uint8,
+collated and pinned as uint8 (a quarter of float32's bytes), and :func:`normalize` turns them into
+the workshop's ToTensor + Normalize(0.5) values on the device, with identical numerics.
+
 torchvision checks the md5 of the categories and list files even when it does not download, so a
 copy whose lists differ (a subset, a derived copy, the sample dataset) fails. :class:`Places365Copy`
 keeps torchvision's code path and relaxes only that check; it is used for the sample data and for
@@ -8,12 +13,17 @@ keeps torchvision's code path and relaxes only that check; it is used for the sa
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms as T
 from torchvision.datasets import Places365
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
 
 from .config import TrainConfig, UserError
 from .sample import ensure_sample
@@ -45,21 +55,48 @@ def resolve_data_root(config: TrainConfig) -> Path:
     return root
 
 
-def eval_transform(image_size: int) -> T.Compose:
-    """The workshop's pipeline (Resize, ToTensor, Normalize 0.5) plus a center crop.
+def read_image_uint8(path: str) -> torch.Tensor:
+    """Places365's ``loader=``: decode an image file straight to a (3, H, W) uint8 RGB tensor.
 
-    Places365 images are square, so the crop changes nothing there; it makes any other image
-    (predict, serve) come out image_size x image_size.
+    Skips PIL and the float conversion of ToTensor; grayscale and CMYK files come out as RGB.
     """
-    return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(),
-                      T.Normalize(MEAN, STD)])
+    try:
+        return decode_image(path, mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise UserError(f"cannot decode image {path}: {str(e).splitlines()[0]}") from None
 
 
-def train_transform(image_size: int, augment: bool) -> T.Compose:
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 in [-1, 1]: ToTensor's /255 then Normalize(0.5, 0.5).
+
+    The same operations in the same order as torchvision's, so values are bit-identical; run it on
+    the training device, after the (4x smaller) uint8 batch has been copied there. Keeps the
+    memory format (channels_last stays channels_last).
+    """
+    return images.float().div_(255).sub_(MEAN[0]).div_(STD[0])
+
+
+def eval_transform(image_size: int) -> v2.Compose:
+    """Resize (shorter side) + center crop to ``image_size``, as a uint8 (3, S, S) tensor.
+
+    Takes a uint8 tensor (training data) or a PIL image (predict, serve) so every path sees the
+    same pixels. With :func:`normalize` it is the workshop's Resize, ToTensor, Normalize(0.5): on
+    square Places365 images the crop changes nothing; it makes any other image S x S.
+    """
+    return v2.Compose([v2.ToImage(), v2.Resize(image_size, antialias=True),
+                       v2.CenterCrop(image_size), v2.ToPureTensor()])
+
+
+def train_transform(image_size: int, augment: bool) -> v2.Compose:
     if not augment:
         return eval_transform(image_size)
-    return T.Compose([T.RandomResizedCrop(image_size, scale=(0.35, 1.0)), T.RandomHorizontalFlip(),
-                      T.ToTensor(), T.Normalize(MEAN, STD)])
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True),
+                       v2.RandomHorizontalFlip(), v2.ToPureTensor()])
+
+
+def workshop_transform(image_size: int = 256) -> T.Compose:
+    """The workshop's float32 pipeline on PIL images: the reference for tests and benchmarks."""
+    return T.Compose([T.Resize(image_size), T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
 def open_split(config: TrainConfig, split: str, root: Path | None = None,
@@ -79,7 +116,7 @@ def open_split(config: TrainConfig, split: str, root: Path | None = None,
     cls = Places365Copy if relaxed else Places365
     try:
         ds = cls(str(root), split=SPLITS[split], small=True, download=config.download and not relaxed,
-                 transform=transform)
+                 transform=transform, loader=read_image_uint8)
     except RuntimeError as e:  # torchvision's integrity error
         file = str(e).split("The file ")[-1].split(" does not exist")[0]
         if os.path.isfile(file):
@@ -126,12 +163,40 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+@dataclass(frozen=True)
+class LoaderPlan:
+    """DataLoader settings for one training worker, derived from the CPUs Ray gives it."""
+
+    workers: int  # DataLoader processes
+    threads: int  # torch intra-op threads of the worker's own process (CPU training)
+    pin_memory: bool
+
+    @classmethod
+    def for_worker(cls, cpus: float, on_gpu: bool, workers: int | None = None) -> "LoaderPlan":
+        """``cpus`` CPUs next to a GPU (``on_gpu``) or computing on their own.
+
+        GPU: the GPU computes and the CPUs only feed it, so every CPU but the one driving the GPU
+        decodes images. CPU: the CPUs compute, and decoding a uint8 JPEG costs a fraction of a
+        CNN step, so only one CPU in four decodes (none below four: the step loop decodes inline).
+        ``workers`` (--loader-workers) overrides the process count.
+        """
+        cpus = max(int(cpus), 1)
+        if workers is None:
+            workers = cpus - 1 if on_gpu else cpus // 4
+        threads = cpus if on_gpu else max(cpus - workers, 1)
+        return cls(workers=workers, threads=threads, pin_memory=on_gpu)
+
+    def kwargs(self) -> dict:
+        """Persistent workers (no re-fork each epoch) and about 8 batches in flight in total."""
+        kw = dict(num_workers=self.workers, pin_memory=self.pin_memory)
+        if self.workers > 0:
+            kw.update(persistent_workers=True, prefetch_factor=max(2, math.ceil(8 / self.workers)))
+        return kw
+
+
 def loader_kwargs(loader_workers: int, pin_memory: bool) -> dict:
-    """DataLoader settings: persistent workers and prefetch only when there are worker processes."""
-    kw = dict(num_workers=loader_workers, pin_memory=pin_memory)
-    if loader_workers > 0:
-        kw.update(persistent_workers=True, prefetch_factor=4)
-    return kw
+    """DataLoader settings for ``loader_workers`` processes (see :class:`LoaderPlan`)."""
+    return LoaderPlan(loader_workers, 1, pin_memory).kwargs()
 
 
 def describe(ds: Places365) -> str:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import Loaded
 from .config import UserError
-from .data import ShardSampler, class_names, eval_transform, loader_kwargs, open_split, pretty
+from .data import ShardSampler, class_names, eval_transform, loader_kwargs, normalize, open_split, pretty
 from .engine import amp_dtype_for, evaluate
 
 
@@ -66,8 +66,8 @@ def predict_images(loaded: Loaded, images: list[Image.Image], top_k: int = 5,
     model = loaded.model.to(device).eval()
     out = []
     for start in range(0, len(images), batch_size):
-        batch = torch.stack([transform(img) for img in images[start:start + batch_size]]).to(device)
-        probs = torch.softmax(model(batch).float(), dim=1)
+        batch = torch.stack([transform(img) for img in images[start:start + batch_size]])
+        probs = torch.softmax(model(normalize(batch.to(device))).float(), dim=1)
         values, indices = probs.topk(k, dim=1)
         for vals, idxs in zip(values.tolist(), indices.tolist()):
             out.append([{"label": pretty(loaded.classes[i]), "class_index": i, "probability": p}

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from . import engine
 from .checkpoint import load_checkpoint, load_model_state, load_train_state, read_meta, save_checkpoint
 from .config import METRIC, METRIC_MODE, TrainConfig, UserError
-from .data import ShardSampler, class_names, loader_kwargs, open_split
+from .data import LoaderPlan, ShardSampler, class_names, open_split
 from .evaluation import evaluate_checkpoint
 from .model import build_model
 from .plots import curves_png
@@ -39,11 +39,6 @@ class Resources:
     use_gpu: bool
     cpus_per_worker: float
     placement_strategy: str = "PACK"  # SPREAD / STRICT_SPREAD put workers on different nodes
-
-    @property
-    def loader_workers(self) -> int:
-        # The worker's own process needs a core; the rest go to DataLoader processes.
-        return max(int(self.cpus_per_worker) - 1, 0)
 
     def scaling_config(self) -> ray.train.ScalingConfig:
         return ray.train.ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
@@ -163,7 +158,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train's per-worker function: DDP-train ``loop_config["config"]``, report every epoch.
 
     ``loop_config`` holds the TrainConfig as a dict, the absolute ``data_root`` resolved by the
-    driver and ``loader_workers``; all else comes from the config.
+    driver and ``cpus_per_worker``; all else comes from the config.
     """
     cfg = TrainConfig.from_dict(loop_config["config"])
     _quiet_ray_train()
@@ -171,8 +166,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
+    plan = LoaderPlan.for_worker(loop_config["cpus_per_worker"], device.type == "cuda",
+                                 cfg.loader_workers)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(loop_config.get("cpus_per_worker", 1))))
+        torch.set_num_threads(plan.threads)
     log = _log if rank == 0 else None
     _log(f"rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()} ({device})")
 
@@ -181,7 +178,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_ds, val_ds = open_split(cfg, "train", root), open_split(cfg, "val", root)
     classes = class_names(train_ds)
     per_worker = max(cfg.batch_size // world, 1)
-    kw = loader_kwargs(loop_config["loader_workers"], pin_memory=device.type == "cuda")
+    kw = plan.kwargs()
     sampler = (DistributedSampler(train_ds, world, rank, shuffle=True, seed=cfg.seed)
                if world > 1 else None)
     train_loader = DataLoader(train_ds, batch_size=per_worker, sampler=sampler,
@@ -198,6 +195,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
+    if cfg.compile:  # in place, so state_dict keys (and checkpoints) stay those of the plain model
+        model.compile()
     optimizer = engine.build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, device)
     scheduler = engine.build_scheduler(optimizer, cfg.schedule, cfg.epochs, cfg.warmup_epochs)
     amp_dtype = engine.amp_dtype_for(device, cfg.amp)
@@ -259,13 +258,14 @@ def eval_loop_per_worker(loop_config: dict) -> dict | None:
     _quiet_ray_train()
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
+    plan = LoaderPlan.for_worker(loop_config["cpus_per_worker"], device.type == "cuda")
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(loop_config.get("cpus_per_worker", 1))))
+        torch.set_num_threads(plan.threads)
     loaded = load_checkpoint(loop_config["checkpoint"], device)
     loaded.config = loaded.config.replace(skip_verify=loop_config["skip_verify"])
     result = evaluate_checkpoint(loaded, Path(loop_config["data_root"]), device,
                                  split=loop_config["split"], batch_size=loop_config["batch_size"],
-                                 loader_workers=loop_config["loader_workers"],
+                                 loader_workers=plan.workers,
                                  rank=ctx.get_world_rank(), world_size=ctx.get_world_size())
     if ctx.get_world_rank() != 0:
         return None
@@ -289,8 +289,7 @@ def distributed_evaluate(checkpoint: Path, data_root: Path, resources: Resources
         eval_loop_per_worker,
         train_loop_config={"checkpoint": str(checkpoint), "data_root": str(data_root),
                            "split": split, "batch_size": batch_size, "skip_verify": skip_verify,
-                           "cpus_per_worker": resources.cpus_per_worker,
-                           "loader_workers": resources.loader_workers},
+                           "cpus_per_worker": resources.cpus_per_worker},
         scaling_config=resources.scaling_config(),
         run_config=ray.train.RunConfig(name=f"eval-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
                                        storage_path=storage_path,
@@ -318,8 +317,6 @@ def make_trainer(cfg: TrainConfig, data_root: Path, resources: Resources, *, sto
         "config": cfg.to_dict(),
         "data_root": str(data_root),
         "cpus_per_worker": resources.cpus_per_worker,
-        "loader_workers": (cfg.loader_workers if cfg.loader_workers is not None
-                           else resources.loader_workers),
     }
     if fail_after_epoch:
         loop_config.update(fail_after_epoch=fail_after_epoch,

@@ -72,9 +72,10 @@ class SceneClassifier:
         import torch
 
         from placesnet.checkpoint import load_checkpoint
-        from placesnet.data import eval_transform, pretty
+        from placesnet.data import eval_transform, normalize, pretty
 
         self.torch = torch
+        self.normalize = normalize
         self.options = {**DEFAULTS, **options}
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.loaded = load_checkpoint(checkpoint, self.device)
@@ -89,11 +90,12 @@ class SceneClassifier:
 
     def _probe(self):
         size = self.loaded.config.image_size
-        return self.torch.zeros(1, 3, size, size)
+        return self.torch.zeros(1, 3, size, size, dtype=self.torch.uint8)
 
     def _run_model(self, batch):
         with self.torch.inference_mode():
-            logits = self.loaded.model(batch.to(self.device, non_blocking=True))
+            # uint8 until here: normalised on the replica's device, as in training
+            logits = self.loaded.model(self.normalize(batch.to(self.device, non_blocking=True)))
             return self.torch.softmax(logits.float(), dim=1).cpu()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)

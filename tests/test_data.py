@@ -7,12 +7,13 @@ import shutil
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 from torchvision import transforms as T
 from torchvision.datasets import Places365
 
 from placesnet.config import TrainConfig, UserError
-from placesnet.data import (Places365Copy, ShardSampler, class_names, eval_transform, open_split,
-                            resolve_data_root)
+from placesnet.data import (LoaderPlan, Places365Copy, ShardSampler, class_names, eval_transform,
+                            normalize, open_split, resolve_data_root, workshop_transform)
 from placesnet.sample import digest, official_categories, write_sample
 
 
@@ -56,10 +57,67 @@ def test_generation_is_deterministic(tmp_path):
         (b / "val_256/Places365_val_00000003.jpg").read_bytes()
 
 
-def test_eval_transform_matches_the_workshop_pipeline(tiny_root):
-    workshop = T.Compose([T.Resize(256), T.ToTensor(), T.Normalize((0.5,), (0.5,))])
-    img = Image.open(tiny_root / "val_256/Places365_val_00000001.jpg").convert("RGB")
-    torch.testing.assert_close(eval_transform(256)(img), workshop(img))
+def _workshop_batch(paths, transform):
+    return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+
+
+def test_uint8_pipeline_matches_the_workshop_pipeline_exactly(tiny_root):
+    # Every val image through the project's dataset (uint8 decode, uint8 collation, normalize
+    # afterwards) vs the workshop's PIL + ToTensor + Normalize(0.5): bit-identical at 256 px.
+    cfg = TrainConfig(image_size=256)
+    ds = open_split(cfg, "val", tiny_root)
+    images, targets = next(iter(DataLoader(ds, batch_size=len(ds))))
+    assert images.dtype == torch.uint8 and images.shape == (48, 3, 256, 256)
+    expected = _workshop_batch([p for p, _ in ds.imgs], workshop_transform(256))
+    torch.testing.assert_close(normalize(images), expected, rtol=0, atol=0)
+    assert images.element_size() * 4 == expected.element_size()  # a quarter of the bytes
+
+
+def test_uint8_pipeline_matches_pil_resizing_within_one_level(tiny_root, tmp_path):
+    # Smaller training sizes resize on uint8 tensors; PIL (the workshop's Resize) agrees to within
+    # one intensity level, also for a non-square image that the center crop squares.
+    odd = tmp_path / "odd.png"
+    Image.open(tiny_root / "val_256/Places365_val_00000002.jpg").resize((300, 200)).save(odd)
+    paths = sorted((tiny_root / "val_256").glob("*.jpg"))[:8] + [odd]
+    for size in (64, 100):
+        reference = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
+                               T.Normalize((0.5,), (0.5,))])
+        ours = torch.stack([eval_transform(size)(Image.open(p).convert("RGB")) for p in paths])
+        assert ours.dtype == torch.uint8 and ours.shape == (9, 3, size, size)
+        diff = (normalize(ours) - _workshop_batch(paths, reference)).abs()
+        assert diff.max() <= 2 / 255 + 1e-6 and diff.mean() < 0.5 / 255
+
+
+def test_normalize_keeps_channels_last():
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8).contiguous(
+        memory_format=torch.channels_last)
+    y = normalize(x)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
+    assert y.min() >= -1 and y.max() <= 1
+    torch.testing.assert_close(y, x.float() / 127.5 - 1)
+
+
+def test_corrupt_dataset_image_names_the_file(tiny_root, tmp_path):
+    root = _copy(tiny_root, tmp_path)
+    bad = root / "val_256/Places365_val_00000003.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])
+    ds = open_split(TrainConfig(dataset="places365", data_root=str(root), skip_verify=True), "val")
+    with pytest.raises(UserError, match="Places365_val_00000003.jpg"):
+        ds[2]
+
+
+@pytest.mark.parametrize("cpus, on_gpu, override, workers, threads", [
+    (1, False, None, 0, 1), (2, False, None, 0, 2), (8, False, None, 2, 6),
+    (1, True, None, 0, 1), (8, True, None, 7, 8), (4, False, 3, 3, 1), (8, True, 0, 0, 8)])
+def test_loader_plan_follows_the_cpus_ray_gives(cpus, on_gpu, override, workers, threads):
+    plan = LoaderPlan.for_worker(cpus, on_gpu, override)
+    assert (plan.workers, plan.threads, plan.pin_memory) == (workers, threads, on_gpu)
+    kw = plan.kwargs()
+    assert kw["num_workers"] == workers and kw["pin_memory"] == on_gpu
+    if workers:  # processes survive epochs and keep about 8 batches in flight
+        assert kw["persistent_workers"] and kw["prefetch_factor"] * workers >= 8
+    else:
+        assert "prefetch_factor" not in kw
 
 
 def test_shard_sampler_counts_every_sample_once():

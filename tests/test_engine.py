@@ -122,3 +122,28 @@ def test_gpu_fast_path_trains(tiny_config, tiny_root):
         last = engine.train_one_epoch(model, loader, opt, device, amp_dtype=amp,
                                       scaler=engine.make_scaler(device, amp), channels_last=True)
     assert last["train_loss"] < first["train_loss"]
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_checkpoints_like_the_plain_one(tiny_config, tiny_root, tmp_path):
+    """--compile compiles in place: the epoch code runs it unchanged, and its checkpoint has the
+    plain model's keys, so evaluate/predict/serve load it without torch.compile."""
+    torch.manual_seed(0)
+    train = open_split(tiny_config, "train", tiny_root)
+    model = build_model(tiny_config, 4)
+    model.compile()
+    opt = engine.build_optimizer(model, 0.05, 0.9, 5e-4, CPU)
+    loader = DataLoader(train, 32, shuffle=True, drop_last=True)
+    rows = [engine.train_one_epoch(model, loader, opt, CPU) for _ in range(3)]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    save_checkpoint(tmp_path, model=model, config=tiny_config.replace(compile=True),
+                    classes=class_names(train), epoch=2, metrics=rows[-1], history=rows)
+    loaded = load_checkpoint(tmp_path)
+    assert not hasattr(loaded.model, "_compiled_call_impl") or loaded.model._compiled_call_impl is None
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    model.eval()
+    with torch.inference_mode():
+        from placesnet.data import normalize
+
+        torch.testing.assert_close(loaded.model(normalize(images)), model(normalize(images)),
+                                   rtol=1e-4, atol=1e-4)

@@ -1,0 +1,106 @@
+"""GPU fast path: DeepCNN training images/s at 256 px for fp32 vs AMP vs AMP + channels_last
+(+ torch.compile), and the input pipeline's images/s with all of this machine's CPUs.
+
+    python benchmarks/gpu_train.py                    # on a CUDA machine; needs torch + torchvision, not Ray
+    python benchmarks/gpu_train.py --batch-size 512 --steps 50
+    python benchmarks/gpu_train.py --device cpu --image-size 32 --batch-size 8 --steps 2 --no-input
+                                                      # a smoke run of the same code without a GPU
+
+Plain torch and the project's own model and epoch code (``engine.train_one_epoch``, the same
+function Ray Train workers run). Training rows use synthetic uint8 batches already on the device,
+so they measure the GPU alone; the input rows say whether the CPUs can feed it. Ratios are against
+the fp32 row (training) and the workshop pipeline (input), measured in the same invocation.
+Without CUDA (and without --device cpu) it prints why and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from common import print_table, ratio, sample_root  # noqa: I001  (sets sys.path)
+
+import torch
+
+from placesnet import engine
+from placesnet.config import TrainConfig
+from placesnet.model import build_model
+
+MODES = [  # name, amp, channels_last, compile
+    ("fp32", False, False, False),
+    ("amp", True, False, False),
+    ("amp + channels_last", True, True, False),
+    ("amp + channels_last + compile", True, True, True),
+]
+
+
+def train_rate(cfg: TrainConfig, device: torch.device, batch_size: int, steps: int, amp: bool,
+               channels_last: bool, compile: bool) -> float:
+    """Steady-state training images/s: one untimed epoch of ``steps`` (compiles, warms cuDNN),
+    then one timed epoch."""
+    torch.manual_seed(0)
+    model = build_model(cfg, 365).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model.compile()
+    batches = [(torch.randint(0, 256, (batch_size, 3, cfg.image_size, cfg.image_size),
+                              dtype=torch.uint8, device=device),
+                torch.randint(0, 365, (batch_size,), device=device)) for _ in range(4)]
+    loader = [batches[i % len(batches)] for i in range(steps)]
+    optimizer = engine.build_optimizer(model, 0.01, 0.9, 5e-4, device)
+    amp_dtype = engine.amp_dtype_for(device, amp) if device.type == "cuda" else (
+        torch.bfloat16 if amp else None)
+    scaler = engine.make_scaler(device, amp_dtype)
+    kwargs = dict(amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last)
+    engine.train_one_epoch(model, loader, optimizer, device, **kwargs)
+    return engine.train_one_epoch(model, loader, optimizer, device, **kwargs)["images_per_s"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: a smoke run of the same code (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=256, help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=256, help="default: %(default)s")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per mode (default: %(default)s)")
+    p.add_argument("--widths", default="32,64,128,256", help="DeepCNN stages (default: %(default)s)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    p.add_argument("--no-input", action="store_true", help="skip the input pipeline rows")
+    p.add_argument("--input-images", type=int, default=2048, help="default: %(default)s")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_train: skipped: no CUDA device here (run it on a GPU machine; --device cpu "
+              "runs the same code on the CPU as a smoke test)")
+        return 0
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels
+    cfg = TrainConfig(image_size=args.image_size, widths=tuple(int(w) for w in args.widths.split(",")))
+    rows = []
+    for name, amp, cl, comp in MODES:
+        if comp and args.no_compile:
+            continue
+        rate = train_rate(cfg, device, args.batch_size, args.steps, amp, cl, comp)
+        rows.append({"mode": name, "images/s": rate})
+        print(f"  {name}: {rate:,.0f} images/s", file=sys.stderr, flush=True)
+    for row in rows:
+        row["vs fp32"] = ratio(row["images/s"], rows[0]["images/s"])
+    amp_name = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
+    print_table(f"gpu_train: DeepCNN training, {args.image_size} px, batch {args.batch_size}, "
+                f"{device}", rows, note=f"amp = {amp_name} autocast; synthetic uint8 batches on the device")
+    if not args.no_input:
+        from input import measure
+
+        cpus = os.cpu_count() or 1
+        root = sample_root(8, max(args.input_images // 8, 1))
+        input_rows = measure(root, image_size=args.image_size, images=args.input_images,
+                             batch_size=min(args.batch_size, 256), loader_workers=cpus, repeats=2)
+        print_table(f"gpu_train: input pipeline with all {cpus} CPUs as loader processes", input_rows,
+                    note=f"the GPU consumes {max(r['images/s'] for r in rows):,.0f} images/s at best")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Input pipeline: the project's uint8 pipeline vs the workshop's float32 pipeline.
+
+    python benchmarks/input.py                     # 1 loader process, the sample data's 256x256 JPEGs
+    python benchmarks/input.py --loader-workers 4 --repeats 5
+    python benchmarks/input.py --data-root /scratch/datasets/places365 --images 5000
+
+Both read the same JPEGs through torchvision's Places365 class and a DataLoader with the same
+batch size and loader processes:
+  workshop: PIL decode -> Resize(256) -> ToTensor -> Normalize(0.5), float32 batches
+  project:  decode_image to uint8 -> Resize/CenterCrop on uint8, uint8 batches; normalize() runs
+            on the training device afterwards (timed here on the CPU, in the main process)
+Prints images/s, images/s per loader process and bytes per batch, with ratios against the
+workshop run in the same invocation (runs alternate; each one's best of --repeats counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+from common import print_table, ratio, sample_root, timed  # noqa: I001  (sets sys.path)
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from placesnet.config import TrainConfig
+from placesnet.data import LoaderPlan, Places365Copy, normalize, open_split, workshop_transform
+
+
+def datasets(root, image_size: int, images: int) -> dict:
+    """The same files, as the workshop and as this project read them."""
+    cfg = TrainConfig(dataset="places365", data_root=str(root), skip_verify=True,
+                      image_size=image_size)
+    ours = open_split(cfg, "train", root)
+    workshop = Places365Copy(str(root), split="train-standard", small=True,
+                             transform=workshop_transform(image_size))  # torchvision's PIL loader
+    n = min(images, len(ours))
+    return {"workshop": Subset(workshop, range(n)), "project": Subset(ours, range(n))}
+
+
+def run_once(ds, batch_size: int, loader_workers: int, normalize_batches: bool) -> tuple[float, int]:
+    """(images/s, bytes of one batch) for one pass over ``ds``, after an untimed pass that starts
+    the (persistent) loader processes and warms the page cache."""
+    loader = DataLoader(ds, batch_size=batch_size, **LoaderPlan(loader_workers, 1, False).kwargs())
+    nbytes = 0
+
+    def consume():
+        nonlocal nbytes
+        for images, _ in loader:
+            nbytes = max(nbytes, images.nbytes)
+            if normalize_batches:
+                normalize(images)
+
+    consume()
+    seconds = timed(consume)
+    return len(ds) / seconds, nbytes
+
+
+def measure(root, *, image_size: int, images: int, batch_size: int, loader_workers: int,
+            repeats: int) -> list[dict]:
+    torch.set_num_threads(1)
+    sets = datasets(root, image_size, images)
+    best: dict[str, tuple[float, int]] = {}
+    for _, name in itertools.product(range(repeats), sets):  # alternate: drift hits both alike
+        rate, nbytes = run_once(sets[name], batch_size, loader_workers, name == "project")
+        if rate > best.get(name, (0, 0))[0]:
+            best[name] = (rate, nbytes)
+    base_rate, base_bytes = best["workshop"]
+    procs = max(loader_workers, 1)
+    return [{"pipeline": name, "loader procs": loader_workers, "images/s": rate,
+             "images/s per proc": rate / procs, "MiB per batch": nbytes / 2**20,
+             "speed vs workshop": ratio(rate, base_rate),
+             "bytes vs workshop": ratio(nbytes, base_bytes)}
+            for name, (rate, nbytes) in best.items()]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", help="a Places365 copy (default: generated 256x256 sample JPEGs)")
+    p.add_argument("--images", type=int, default=1024, help="images per run (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=256, help="default: %(default)s (the workshop's)")
+    p.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
+    p.add_argument("--loader-workers", type=int, default=1,
+                   help="DataLoader processes; 0 decodes in the main process (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per pipeline (default: %(default)s)")
+    args = p.parse_args(argv)
+    root = args.data_root or sample_root(8, max(args.images // 8, 1))
+    rows = measure(root, image_size=args.image_size, images=args.images, batch_size=args.batch_size,
+                   loader_workers=args.loader_workers, repeats=args.repeats)
+    print_table(f"input: {args.images} JPEGs at {args.image_size} px, batch {args.batch_size}", rows,
+                note="goal: project >= 2x the workshop's images/s per loader process")
+
+
+if __name__ == "__main__":
+    main()

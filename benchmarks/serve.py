@@ -1,0 +1,232 @@
+"""Serving: requests/s and p50/p99 latency at several concurrencies for the Ray Serve endpoint with
+dynamic batching, the same endpoint with batching off, and a plain one-process FastAPI + uvicorn
+app serving the same model.
+
+    python benchmarks/serve.py                               # local Ray, a random-weight sample model
+    python benchmarks/serve.py --checkpoint ~/ray_results/deepcnn-sample-... --requests 500
+    python benchmarks/serve.py --address auto --concurrency 1,8,32,64
+
+Every server gets the same CPU budget (--cpus: one Serve replica with that many CPUs, or that
+many torch threads in the plain app) and the same JPEG, and runs the project's preprocessing
+(``decode_image`` + ``eval_transform`` + ``normalize``). Servers run one after another; the load
+comes from an asyncio httpx client in this process. Ratios are against batching off, measured in
+the same invocation.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the real Request type.
+import argparse
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import print_table, ratio, sample_root  # noqa: I001  (sets sys.path)
+
+REPO = Path(__file__).resolve().parents[1]
+APP_NAME, ROUTE = "placesnet-bench", "/placesnet-bench"
+
+
+def random_checkpoint(directory: Path, image_size: int) -> Path:
+    """An untrained DeepCNN checkpoint (throughput does not depend on the weights)."""
+    import torch
+
+    from placesnet.checkpoint import save_checkpoint
+    from placesnet.config import TrainConfig
+    from placesnet.model import build_model
+    from placesnet.sample import official_categories
+
+    cfg = TrainConfig(image_size=image_size)
+    classes = official_categories()[:cfg.sample_classes]
+    torch.manual_seed(0)
+    metrics = {"epoch": 1, "val_top1": 0.0, "val_top5": 0.0}
+    return save_checkpoint(directory, model=build_model(cfg, len(classes)), config=cfg,
+                           classes=classes, epoch=0, metrics=metrics, history=[metrics])
+
+
+# --- the plain baseline: one process, FastAPI + uvicorn, same preprocessing and model -----------
+
+def plain_server(checkpoint: str, port: int, threads: int) -> None:
+    import torch
+    import uvicorn
+    from fastapi import FastAPI, Request
+
+    from placesnet.checkpoint import load_checkpoint
+    from placesnet.data import eval_transform, normalize
+    from placesnet.images import decode_image
+
+    torch.set_num_threads(threads)
+    loaded = load_checkpoint(checkpoint)
+    transform = eval_transform(loaded.config.image_size)
+    app = FastAPI()
+
+    @app.post(ROUTE + "/predict")
+    async def predict(request: Request) -> dict:
+        image = transform(decode_image(await request.body()))
+        with torch.inference_mode():
+            probs = torch.softmax(loaded.model(normalize(image[None])).float(), dim=1)[0]
+        values, indices = probs.topk(5)
+        return {"predictions": [{"label": loaded.classes[i], "probability": p}
+                                for p, i in zip(values.tolist(), indices.tolist())]}
+
+    @app.get(ROUTE + "/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+@contextlib.contextmanager
+def plain(checkpoint: str, port: int, threads: int):
+    proc = subprocess.Popen([sys.executable, __file__, "--plain-server", str(port),
+                             "--checkpoint", checkpoint, "--cpus", str(threads)])
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}{ROUTE}")
+        yield f"http://127.0.0.1:{port}{ROUTE}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# --- Ray Serve -------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def serve_app(checkpoint: str, port: int, cpus: float, max_batch_size: int):
+    from ray import serve
+
+    from serving.app import build_app
+
+    app = build_app({"checkpoint": checkpoint, "min_replicas": 1, "max_replicas": 1,
+                     "num_cpus": cpus, "max_batch_size": max_batch_size})
+    serve.run(app, name=APP_NAME, route_prefix=ROUTE)
+    try:
+        yield f"http://127.0.0.1:{port}{ROUTE}"
+    finally:
+        serve.delete(APP_NAME)
+
+
+def serve_running() -> bool:
+    import ray
+
+    try:
+        ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+        return True
+    except ValueError:
+        return False
+
+
+def wait_healthy(base: str, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"{base} did not become healthy in {timeout:.0f}s")
+
+
+# --- load --------------------------------------------------------------------------------------
+
+async def _load(url: str, body: bytes, concurrency: int, requests: int) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    queue = iter(range(requests))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        async def one_client():
+            nonlocal errors
+            for _ in queue:
+                t0 = time.perf_counter()
+                r = await client.post(url, content=body, headers={"Content-Type": "image/jpeg"})
+                latencies.append(time.perf_counter() - t0)
+                errors += r.status_code != 200
+
+        for _ in range(min(concurrency, 4)):  # warm-up: connections, first batches
+            await client.post(url, content=body, headers={"Content-Type": "image/jpeg"})
+        start = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    latencies.sort()
+    pick = lambda q: latencies[min(int(q * len(latencies)), len(latencies) - 1)] * 1000  # noqa: E731
+    return {"requests/s": len(latencies) / wall, "p50 ms": pick(0.50), "p99 ms": pick(0.99),
+            "errors": errors}
+
+
+def load(base: str, body: bytes, concurrency: int, requests: int) -> dict:
+    return asyncio.run(_load(f"{base}/predict", body, concurrency, requests))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--address", help="a running Ray cluster (default: start a local one)")
+    p.add_argument("--checkpoint", help="checkpoint, run dir or best.json (default: an untrained "
+                   "DeepCNN at --image-size)")
+    p.add_argument("--image-size", type=int, default=64,
+                   help="of the default model (default: %(default)s, the sample model's)")
+    p.add_argument("--concurrency", default="1,8,32", help="client concurrencies (default: %(default)s)")
+    p.add_argument("--requests", type=int, default=300, help="per concurrency (default: %(default)s)")
+    p.add_argument("--cpus", type=int, default=1, help="CPUs per server (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="batched server (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000,
+                   help="Serve's HTTP port: the running Serve's, or the one to start it on "
+                        "(default: %(default)s)")
+    p.add_argument("--plain-port", type=int, default=8124, help="the plain app's port")
+    p.add_argument("--plain-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.plain_server:
+        return plain_server(args.checkpoint, args.plain_server, args.cpus)
+
+    import ray
+    from ray import serve
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    body = next((sample_root(8, 8) / "val_256").glob("*.jpg")).read_bytes()
+    with tempfile.TemporaryDirectory(prefix="placesnet-serve-bench-") as tmp:
+        checkpoint = str(Path(args.checkpoint).expanduser().resolve() if args.checkpoint
+                         else random_checkpoint(Path(tmp) / "ckpt", args.image_size))
+        ray.init(address=args.address, logging_level="WARNING", log_to_driver=False,
+                 num_cpus=None if args.address else args.cpus + 2,
+                 runtime_env={"py_modules": [str(REPO / "placesnet"), str(REPO / "serving")]})
+        started = not serve_running()
+        if started:
+            serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        port = args.port
+        servers = {
+            f"serve, batching (max {args.max_batch_size})":
+                lambda: serve_app(checkpoint, port, args.cpus, args.max_batch_size),
+            "serve, batching off": lambda: serve_app(checkpoint, port, args.cpus, 1),
+            "plain FastAPI + uvicorn": lambda: plain(checkpoint, args.plain_port, args.cpus),
+        }
+        results = {}
+        try:
+            for name, server in servers.items():
+                with server() as base:
+                    wait_healthy(base)
+                    for c in levels:
+                        results[name, c] = load(base, body, c, args.requests)
+                        print(f"  {name} @ {c}: {results[name, c]['requests/s']:.0f} req/s",
+                              file=sys.stderr, flush=True)
+        finally:
+            if started:
+                serve.shutdown()
+            ray.shutdown()
+    rows = []
+    for c in levels:
+        base = results["serve, batching off", c]["requests/s"]
+        for name in servers:
+            r = results[name, c]
+            rows.append({"server": name, "concurrency": c, **r, "vs batching off": ratio(r["requests/s"], base)})
+    print_table(f"serve: {len(body):,}-byte JPEG, model at {args.image_size if not args.checkpoint else 'ckpt'} px, "
+                f"{args.cpus} CPU per server, {args.requests} requests per row", rows,
+                note="goal: batching >= 2x batching off at concurrency 32")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Each benchmark runs on tiny settings and prints its table (no timing is asserted: benchmarks
+measure, tests only check they work)."""
+
+import re
+
+import pytest
+
+from conftest import _free_port, run_script
+
+
+def _table(proc, *rows):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "\n### " in out and "|---" in out, out
+    for row in rows:
+        assert re.search(rf"^\| {re.escape(row)}\s+\|", out, re.M), (row, out)
+    return out
+
+
+def _cells(out, row):
+    line = next(line for line in out.splitlines() if line.startswith(f"| {row} "))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_input_benchmark_prints_ratios_against_the_workshop():
+    out = _table(run_script("benchmarks/input.py", "--images", 32, "--batch-size", 8, "--repeats", 1),
+                 "workshop", "project")
+    workshop, project = _cells(out, "workshop"), _cells(out, "project")
+    assert workshop[-1] == "1.00x" and workshop[-2] == "1.00x"
+    assert project[-1] == "0.25x"  # uint8 batches: a quarter of float32's bytes
+    assert float(project[-2].rstrip("x")) > 0
+
+
+def test_compute_benchmark_reports_a_fraction_of_the_matmul_peak():
+    out = _table(run_script("benchmarks/compute.py", "--device", "cpu", "--image-size", 32,
+                            "--batch-size", 2, "--steps", 1, "--matmul-size", 256,
+                            "--widths", "8,16"), "fp32")
+    cells = _cells(out, "fp32")
+    assert float(cells[2]) > 0 and cells[4].endswith("%")  # step GFLOP counted, % of peak
+
+
+def test_gpu_train_benchmark_skips_without_cuda_and_runs_on_cpu():
+    import torch
+
+    if not torch.cuda.is_available():
+        proc = run_script("benchmarks/gpu_train.py")
+        assert proc.returncode == 0 and "skipped: no CUDA device" in proc.stdout
+    out = _table(run_script("benchmarks/gpu_train.py", "--device", "cpu", "--image-size", 32,
+                            "--batch-size", 4, "--steps", 2, "--widths", "8,16", "--no-compile",
+                            "--input-images", 16),
+                 "fp32", "amp", "amp + channels_last", "workshop", "project")
+    assert _cells(out, "fp32")[-1] == "1.00x"
+
+
+@pytest.mark.slow
+def test_train_overhead_benchmark_compares_ray_with_plain(ray_head):
+    out = _table(run_script("benchmarks/train_overhead.py", "--address", ray_head.address,
+                            "--cpus", 1, "--epochs", 2, "--image-size", 32, "--widths", "8,16",
+                            "--batch-size", 16, "--sample-classes", 2,
+                            "--sample-train-per-class", 16, env=ray_head.env),
+                 "plain (before)", "ray train", "plain (after)")
+    assert re.fullmatch(r"\d+\.\d\dx", _cells(out, "ray train")[3])
+
+
+@pytest.mark.slow
+def test_serve_benchmark_compares_batching_and_plain_fastapi(ray_head):
+    out = _table(run_script("benchmarks/serve.py", "--address", ray_head.address, "--port",
+                            _free_port(), "--plain-port", _free_port(), "--requests", 8,
+                            "--concurrency", "1,4", "--image-size", 32, env=ray_head.env),
+                 "serve, batching (max 16)", "serve, batching off", "plain FastAPI + uvicorn")
+    rows = [line for line in out.splitlines() if line.startswith(("| serve,", "| plain"))]
+    assert len(rows) == 6
+    for line in rows:  # no failed requests
+        assert [c.strip() for c in line.strip("|").split("|")][-2] == "0", line
