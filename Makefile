@@ -6,12 +6,13 @@ PY := $(VENV)/bin/python
 export VENV
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test test-fast help
+.PHONY: setup demo test test-fast bench help
 
 help:
 	@echo "make demo   - set up and train on the embedded sample data (ARGS='...' adds flags)"
 	@echo "make test   - set up and run the tests (PYTEST_ARGS='...' adds pytest flags)"
 	@echo "make setup  - only create/update the virtual environment in $(VENV)"
+	@echo "make bench  - run every benchmark in benchmarks/ (tables for docs/benchmarks.md)"
 
 setup:
 	@scripts/setup.sh
@@ -24,3 +25,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/input.py
+	$(PY) benchmarks/compute.py
+	$(PY) benchmarks/train_overhead.py
+	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/gpu_train.py

@@ -24,6 +24,7 @@ from torchvision import transforms as T
 from torchvision.datasets import Places365
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from .config import TrainConfig, UserError
 from .sample import ensure_sample
@@ -76,15 +77,32 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255).sub_(MEAN[0]).div_(STD[0])
 
 
-def eval_transform(image_size: int) -> v2.Compose:
-    """Resize (shorter side) + center crop to ``image_size``, as a uint8 (3, S, S) tensor.
+class ResizeCenterCrop:
+    """Resize (shorter side) + center crop to ``size``, as a uint8 (3, S, S) tensor.
 
-    Takes a uint8 tensor (training data) or a PIL image (predict, serve) so every path sees the
-    same pixels. With :func:`normalize` it is the workshop's Resize, ToTensor, Normalize(0.5): on
-    square Places365 images the crop changes nothing; it makes any other image S x S.
+    Takes a uint8 tensor (training data) or a PIL image (predict, serve), so every path sees the
+    same pixels. An image that already is S x S (every Places365 image at 256) passes untouched.
     """
-    return v2.Compose([v2.ToImage(), v2.Resize(image_size, antialias=True),
-                       v2.CenterCrop(image_size), v2.ToPureTensor()])
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image) -> torch.Tensor:
+        if not isinstance(image, torch.Tensor):
+            image = TF.pil_to_tensor(image)
+        if image.shape[-2:] != (self.size, self.size):
+            image = TF.center_crop(TF.resize(image, self.size, antialias=True), self.size)
+        return image
+
+    def __repr__(self) -> str:
+        return f"ResizeCenterCrop({self.size})"
+
+
+def eval_transform(image_size: int) -> ResizeCenterCrop:
+    """The eval (and default training) transform. With :func:`normalize` it is the workshop's
+    Resize, ToTensor, Normalize(0.5): on square Places365 images the crop changes nothing; it makes
+    any other image (predict, serve) ``image_size`` x ``image_size``."""
+    return ResizeCenterCrop(image_size)
 
 
 def train_transform(image_size: int, augment: bool) -> v2.Compose:

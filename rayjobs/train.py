@@ -78,8 +78,8 @@ def main(argv=None) -> int:
 
     # Imports that pull in Ray and torch come after argument checks, so --help and typos are fast.
     from placesnet.data import class_names, describe, open_split, resolve_data_root
-    from placesnet.ray_train import (last_line, latest_checkpoint_config, make_trainer, plan_resources,
-                                     summarize)
+    from placesnet.ray_train import (check_cluster_paths, last_line, latest_checkpoint_config,
+                                     make_trainer, plan_resources, summarize)
 
     storage = args.storage_path
     if "://" not in storage:
@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     res = plan_resources(args.num_workers, args.gpu, args.cpus_per_worker, args.placement_strategy,
                          args.autoscale)
     check_batch(cfg.batch_size, res.num_workers)
+    check_cluster_paths(storage, root if cfg.dataset == "places365" else None)
     print(f"training {cfg.model} on {len(classes)} classes: {res.num_workers} worker(s) x "
           f"({res.cpus_per_worker:g} CPU{' + 1 GPU' if res.use_gpu else ''}), global batch "
           f"{cfg.batch_size}, lr {cfg.lr}, {cfg.epochs} epochs, {cfg.image_size}px")

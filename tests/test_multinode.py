@@ -1,6 +1,11 @@
 """A simulated two-node cluster on this machine: a head plus a `ray start --address` worker node,
 each with its own CPUs, running a 2-worker DDP job with one worker per node and a storage path
-both nodes share."""
+both nodes share.
+
+The worker node runs in a mount namespace of its own (``unshare -m``) with an empty tmpfs over one
+directory, PRIVATE: files the head writes there are invisible to it, like a local disk on another
+machine. That lets the tests see what happens with a storage path or data root that is not shared.
+"""
 
 import json
 import os
@@ -11,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import shutil
+
 import pytest
 
 from conftest import BIN, RayHead, TINY_ARGS, assert_user_error, run_script
@@ -18,17 +25,29 @@ from conftest import BIN, RayHead, TINY_ARGS, assert_user_error, run_script
 pytestmark = pytest.mark.slow
 
 
+def _can_unshare() -> bool:
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True)
+    return shutil.which("unshare") is not None and probe.returncode == 0
+
+
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     head = RayHead(tmp_path_factory.mktemp("mnhead"), num_cpus=1)
     worker_dir = Path(tempfile.mkdtemp(prefix="rw", dir="/tmp"))
+    private = Path(tempfile.mkdtemp(prefix="rp", dir="/tmp"))
+    node = [str(BIN / "ray"), "start", "--address", head.address, "--block", "--num-cpus", "1",
+            "--num-gpus", "0", "--disable-usage-stats", "--temp-dir", str(worker_dir)]
+    if _can_unshare():  # the worker node gets an empty tmpfs over PRIVATE
+        node = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                'mount -t tmpfs tmpfs "$0" && exec "$@"', str(private), *node]
+        head.private = private
+    else:
+        head.private = None
     worker = None
     try:
         head.wait_ready()
-        worker = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--address", head.address, "--block", "--num-cpus", "1",
-             "--num-gpus", "0", "--disable-usage-stats", "--temp-dir", str(worker_dir)],
-            env=head.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        worker = subprocess.Popen(node, env=head.env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + 90
         while time.time() < deadline:
             status = subprocess.run([str(BIN / "ray"), "status", "--address", head.address],
@@ -47,14 +66,21 @@ def two_nodes(tmp_path_factory):
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 os.killpg(worker.pid, signal.SIGKILL)
         head.stop()
+        shutil.rmtree(private, ignore_errors=True)
+        shutil.rmtree(worker_dir, ignore_errors=True)
 
 
 def test_one_worker_per_node_with_shared_storage(two_nodes, tmp_path):
     shared = tmp_path / "shared"  # the same directory on both "nodes", like NFS
+    env = two_nodes.env
+    if two_nodes.private:
+        # The driver generates the sample data where the worker node cannot see it: that node's
+        # worker makes the same (seeded) data in its own cache instead of failing.
+        env = {**env, "PLACESNET_CACHE": str(two_nodes.private / "cache")}
     # Given as a URI, so the run goes through the same filesystem layer as s3:// or gs://.
     proc = run_script("rayjobs/train.py", *TINY_ARGS, "--epochs", 2, "--num-workers", 2,
                       "--cpus-per-worker", 1, "--placement-strategy", "STRICT_SPREAD",
-                      "--storage-path", f"file://{shared}", "--name", "mn", env=two_nodes.env)
+                      "--storage-path", f"file://{shared}", "--name", "mn", env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     nodes = set(re.findall(r"rank \d/2 on node (\w+)", proc.stdout))
     assert len(nodes) == 2, proc.stdout[-3000:]  # each rank on its own node
@@ -67,3 +93,28 @@ def test_one_worker_per_node_with_shared_storage(two_nodes, tmp_path):
                        "--placement-strategy", "STRICT_SPREAD", "--storage-path", shared,
                        "--name", "mn3", env=two_nodes.env)
     assert_user_error(three, "cannot place 3 workers")
+
+
+def test_storage_or_data_only_one_node_sees_is_refused_before_training(two_nodes, tiny_root, tmp_path):
+    if two_nodes.private is None:
+        pytest.skip("needs `unshare -m` (a mount namespace) to hide a directory from one node")
+    private = two_nodes.private
+    common = [*TINY_ARGS, "--num-workers", 2, "--cpus-per-worker", 1, "--placement-strategy",
+              "STRICT_SPREAD"]
+    # A head-local storage path: the worker node cannot see it, so checkpoints would be split.
+    storage = private / "runs"
+    proc = run_script("rayjobs/train.py", *common, "--storage-path", storage, "--name", "local",
+                      env=two_nodes.env)
+    assert_user_error(proc, f"--storage-path {storage} is not shared", "1 of 2 nodes")
+    assert "epoch 1" not in proc.stdout  # refused before any training
+    # A Places365 copy on one node only.
+    shutil.copytree(tiny_root, private / "places365")
+    proc = run_script("rayjobs/train.py", *common, "--dataset", "places365", "--skip-verify",
+                      "--data-root", private / "places365", "--storage-path", tmp_path / "runs",
+                      env=two_nodes.env)
+    assert_user_error(proc, f"--data-root {private / 'places365'} is missing on 1 of 2 nodes")
+    proc = run_script("tuning/sweep.py", "--grid", "--lrs", "0.05", "--batch-sizes", 32,
+                      "--epochs", 1, *TINY_ARGS[:-4], "--storage-path", f"file://{private}/sweeps",
+                      env=two_nodes.env)
+    assert_user_error(proc, f"--storage-path file://{private}/sweeps is not shared", "1 of 2 nodes")
+

@@ -116,6 +116,7 @@ def main(argv=None) -> int:
 
     from placesnet.data import describe, open_split, resolve_data_root
     from placesnet.plots import sweep_png
+    from placesnet.ray_train import check_cluster_paths
     from placesnet.sweep import best_record, collect_results, make_tuner, plan_sweep
 
     storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).expanduser().resolve())
@@ -135,6 +136,7 @@ def main(argv=None) -> int:
     use_gpu = bool(has_gpu if args.gpus_per_worker is None else args.gpus_per_worker)
     plan = plan_sweep(args.workers_per_trial, use_gpu, args.cpus_per_worker, args.max_concurrent,
                       args.autoscale)
+    check_cluster_paths(storage, root if cfg.dataset == "places365" else None)
     if args.grid:
         space = {"batch_size": tune.grid_search(args.batch_sizes), "lr": tune.grid_search(args.lrs)}
         num_samples, count = 1, len(args.batch_sizes) * len(args.lrs)
