@@ -73,3 +73,24 @@ def test_help_documents_the_flags():
                  "--loader-workers", "--storage-path", "--name", "--max-failures", "--seed",
                  "ray job submit"]:
         assert flag in proc.stdout, flag
+
+
+@pytest.mark.parametrize("script", ["rayjobs/train.py", "tuning/sweep.py"])
+def test_speed_flags_reach_the_training_config(script):
+    """The GPU fast path is on by default (bf16/fp16 AMP, channels_last), torch.compile is opt-in,
+    and each has a flag that flips it in the TrainConfig the workers get."""
+    import importlib.util
+
+    from placesnet.cli import config_from_args
+
+    spec = importlib.util.spec_from_file_location("entry", REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    extra = ["--grid", "--lrs", "0.1"] if "sweep" in script else []
+    default = config_from_args(module.parse_args(extra))
+    assert (default.amp, default.channels_last, default.compile, default.loader_workers) == \
+        (True, True, False, None)
+    flipped = config_from_args(module.parse_args([*extra, "--no-amp", "--no-channels-last",
+                                                  "--compile", "--loader-workers", "3"]))
+    assert (flipped.amp, flipped.channels_last, flipped.compile, flipped.loader_workers) == \
+        (False, False, True, 3)

@@ -99,22 +99,31 @@ def test_storage_or_data_only_one_node_sees_is_refused_before_training(two_nodes
     if two_nodes.private is None:
         pytest.skip("needs `unshare -m` (a mount namespace) to hide a directory from one node")
     private = two_nodes.private
-    common = [*TINY_ARGS, "--num-workers", 2, "--cpus-per-worker", 1, "--placement-strategy",
-              "STRICT_SPREAD"]
-    # A head-local storage path: the worker node cannot see it, so checkpoints would be split.
+    # End to end: a head-local storage path (checkpoints would be split over two disks) is one
+    # error line, before any training.
     storage = private / "runs"
-    proc = run_script("rayjobs/train.py", *common, "--storage-path", storage, "--name", "local",
-                      env=two_nodes.env)
+    proc = run_script("rayjobs/train.py", *TINY_ARGS, "--num-workers", 2, "--cpus-per-worker", 1,
+                      "--placement-strategy", "STRICT_SPREAD", "--storage-path", storage,
+                      "--name", "local", env=two_nodes.env)
     assert_user_error(proc, f"--storage-path {storage} is not shared", "1 of 2 nodes")
-    assert "epoch 1" not in proc.stdout  # refused before any training
-    # A Places365 copy on one node only.
-    shutil.copytree(tiny_root, private / "places365")
-    proc = run_script("rayjobs/train.py", *common, "--dataset", "places365", "--skip-verify",
-                      "--data-root", private / "places365", "--storage-path", tmp_path / "runs",
-                      env=two_nodes.env)
-    assert_user_error(proc, f"--data-root {private / 'places365'} is missing on 1 of 2 nodes")
-    proc = run_script("tuning/sweep.py", "--grid", "--lrs", "0.05", "--batch-sizes", 32,
-                      "--epochs", 1, *TINY_ARGS[:-4], "--storage-path", f"file://{private}/sweeps",
-                      env=two_nodes.env)
-    assert_user_error(proc, f"--storage-path file://{private}/sweeps is not shared", "1 of 2 nodes")
+    assert "epoch 1" not in proc.stdout
+    # The same check in-process (train.py and sweep.py both call it): a file:// URI, a Places365
+    # copy on one node only, and paths both nodes share, which pass.
+    import ray
 
+    from placesnet.cli import ray_init
+    from placesnet.config import UserError
+    from placesnet.ray_train import check_cluster_paths
+
+    shutil.copytree(tiny_root, private / "places365")
+    ray_init(two_nodes.address)
+    try:
+        with pytest.raises(UserError, match=f"file://{private}/sweeps is not shared: 1 of 2 nodes"):
+            check_cluster_paths(f"file://{private}/sweeps")
+        with pytest.raises(UserError, match=f"--data-root {private / 'places365'} is missing on 1 of 2"):
+            check_cluster_paths(str(tmp_path / "runs"), private / "places365")
+        check_cluster_paths(str(tmp_path / "runs"), tiny_root)
+        check_cluster_paths("s3://bucket/not-probed")
+        assert not list((tmp_path / "runs").glob(".placesnet-shared-check-*"))  # marker removed
+    finally:
+        ray.shutdown()
