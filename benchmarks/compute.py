@@ -5,7 +5,8 @@
 
 The step's FLOPs are counted by torch's FlopCounterMode (forward + backward, convolutions and
 matmuls); the peak is the best rate of large square matmuls in the same precision, measured in
-the same invocation. "% of peak" says how close to the hardware the step runs; a CNN's early,
+the same invocation. A second table gives forward-only images/s at batch 1 vs a Serve batch (what
+dynamic batching can gain on the model itself). "% of peak" says how close to the hardware the step runs; a CNN's early,
 thin convolutions are memory-bound, so well under 100% is expected. Rows: fp32 and, where the
 device runs it fast (CUDA), bf16 autocast with channels_last.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from common import print_table, timed  # noqa: I001  (sets sys.path)
+from common import print_table, ratio, timed  # noqa: I001  (sets sys.path)
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,18 @@ def step_rate(cfg: TrainConfig, device: torch.device, batch_size: int, steps: in
     return counter.get_total_flops(), seconds
 
 
+@torch.inference_mode()
+def inference_rate(cfg: TrainConfig, device: torch.device, batch_size: int, steps: int) -> float:
+    """Forward-only images/s at ``batch_size`` (what one Serve replica does per batch)."""
+    torch.manual_seed(0)
+    model = build_model(cfg, 365).to(device).eval()
+    images = torch.randint(0, 256, (batch_size, 3, cfg.image_size, cfg.image_size),
+                           dtype=torch.uint8, device=device)
+    model(normalize(images))
+    seconds = timed(lambda: [model(normalize(images)) for _ in range(steps)], _sync(device))
+    return batch_size * steps / seconds
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -77,6 +90,8 @@ def main(argv=None) -> None:
     p.add_argument("--widths", default="32,64,128,256", help="DeepCNN stages (default: %(default)s)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per row (default: %(default)s)")
     p.add_argument("--matmul-size", type=int, help="default: 8192 on GPU, 2048 on CPU")
+    p.add_argument("--serve-batch", type=int, default=16,
+                   help="inference table: batch size compared with batch 1 (default: %(default)s)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -100,6 +115,14 @@ def main(argv=None) -> None:
                      "images/s": batch / seconds})
     print_table(f"compute: DeepCNN training step, {args.image_size} px, batch {batch}, {device}", rows,
                 note=f"peak: {n}x{n} matmul in the row's precision")
+    # What dynamic batching can gain in a Serve replica: the model's own speed-up from batching.
+    single = inference_rate(cfg, device, 1, args.steps * 4)
+    batched = inference_rate(cfg, device, args.serve_batch, max(args.steps, 2))
+    print_table(f"compute: DeepCNN inference (fp32), {args.image_size} px, {device}", [
+        {"batch": 1, "images/s": single, "ms per image": 1000 / single, "vs batch 1": "1.00x"},
+        {"batch": args.serve_batch, "images/s": batched, "ms per image": 1000 / batched,
+         "vs batch 1": ratio(batched, single)}],
+        note="the most dynamic batching can gain on the model itself")
 
 
 if __name__ == "__main__":

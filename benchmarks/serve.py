@@ -6,7 +6,8 @@ app serving the same model.
     python benchmarks/serve.py --checkpoint ~/ray_results/deepcnn-sample-... --requests 500
     python benchmarks/serve.py --address auto --concurrency 1,8,32,64
 
-Every server gets the same CPU budget (--cpus: one Serve replica with that many CPUs, or that
+The fourth row, an echo deployment that only reads the body, is Serve's own per-request floor on
+this machine (proxy + ingress, no model). Every server gets the same CPU budget (--cpus: one Serve replica with that many CPUs, or that
 many torch threads in the plain app) and the same JPEG, and runs the project's preprocessing
 (``decode_image`` + ``eval_transform`` + ``normalize``). Servers run one after another; the load
 comes from an asyncio httpx client in this process. Ratios are against batching off, measured in
@@ -108,6 +109,38 @@ def serve_app(checkpoint: str, port: int, cpus: float, max_batch_size: int):
         serve.delete(APP_NAME)
 
 
+def echo_app(cpus: float):
+    """Serve's own floor: the same proxy and FastAPI ingress, a handler that only reads the body."""
+    from fastapi import FastAPI, Request
+    from ray import serve
+
+    echo = FastAPI()
+
+    @serve.deployment(name="Echo", max_ongoing_requests=64, ray_actor_options={"num_cpus": cpus})
+    @serve.ingress(echo)
+    class Echo:
+        @echo.post("/predict")
+        async def predict(self, request: Request) -> dict:
+            return {"bytes": len(await request.body())}
+
+        @echo.get("/healthz")
+        async def healthz(self) -> dict:
+            return {"status": "ok"}
+
+    return Echo.bind()
+
+
+@contextlib.contextmanager
+def serve_echo(port: int, cpus: float):
+    from ray import serve
+
+    serve.run(echo_app(cpus), name=APP_NAME, route_prefix=ROUTE)
+    try:
+        yield f"http://127.0.0.1:{port}{ROUTE}"
+    finally:
+        serve.delete(APP_NAME)
+
+
 def serve_running() -> bool:
     import ray
 
@@ -203,6 +236,7 @@ def main(argv=None) -> None:
                 lambda: serve_app(checkpoint, port, args.cpus, args.max_batch_size),
             "serve, batching off": lambda: serve_app(checkpoint, port, args.cpus, 1),
             "plain FastAPI + uvicorn": lambda: plain(checkpoint, args.plain_port, args.cpus),
+            "serve, echo (no model)": lambda: serve_echo(port, args.cpus),
         }
         results = {}
         try:

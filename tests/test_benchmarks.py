@@ -37,6 +37,7 @@ def test_compute_benchmark_reports_a_fraction_of_the_matmul_peak():
                             "--widths", "8,16"), "fp32")
     cells = _cells(out, "fp32")
     assert float(cells[2]) > 0 and cells[4].endswith("%")  # step GFLOP counted, % of peak
+    assert _cells(out, "1")[-1] == "1.00x" and _cells(out, "16")[-1].endswith("x")  # inference
 
 
 def test_gpu_train_benchmark_skips_without_cuda_and_runs_on_cpu():
@@ -67,8 +68,9 @@ def test_serve_benchmark_compares_batching_and_plain_fastapi(ray_head):
     out = _table(run_script("benchmarks/serve.py", "--address", ray_head.address, "--port",
                             _free_port(), "--plain-port", _free_port(), "--requests", 8,
                             "--concurrency", "1,4", "--image-size", 32, env=ray_head.env),
-                 "serve, batching (max 16)", "serve, batching off", "plain FastAPI + uvicorn")
+                 "serve, batching (max 16)", "serve, batching off", "plain FastAPI + uvicorn",
+                 "serve, echo (no model)")
     rows = [line for line in out.splitlines() if line.startswith(("| serve,", "| plain"))]
-    assert len(rows) == 6
+    assert len(rows) == 8
     for line in rows:  # no failed requests
         assert [c.strip() for c in line.strip("|").split("|")][-2] == "0", line
