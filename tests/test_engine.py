@@ -147,3 +147,25 @@ def test_compiled_model_trains_and_checkpoints_like_the_plain_one(tiny_config, t
 
         torch.testing.assert_close(loaded.model(normalize(images)), model(normalize(images)),
                                    rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_uint8_batches_are_pinned_and_normalised_on_the_gpu(tiny_root):
+    """The loader hands over pinned uint8 batches; normalising them on the GPU gives the
+    workshop's values."""
+    from placesnet.config import TrainConfig
+    from placesnet.data import LoaderPlan, normalize, workshop_transform
+    from PIL import Image
+
+    ds = open_split(TrainConfig(image_size=256), "val", tiny_root)
+    loader = DataLoader(ds, batch_size=8, **LoaderPlan.for_worker(2, on_gpu=True).kwargs())
+    images, _ = next(iter(loader))
+    assert images.dtype == torch.uint8 and images.is_pinned()
+    on_gpu = engine._to_device(images, torch.zeros(8, dtype=torch.long), torch.device("cuda"),
+                               channels_last=True)[0]
+    assert on_gpu.is_contiguous(memory_format=torch.channels_last)
+    expected = torch.stack([workshop_transform(256)(Image.open(p).convert("RGB"))
+                            for p, _ in ds.imgs[:8]])
+    torch.testing.assert_close(on_gpu.cpu(), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(normalize(images), expected, rtol=0, atol=0)
