@@ -9,8 +9,9 @@ app serving the same model.
 The fourth row, an echo deployment that only reads the body, is Serve's own per-request floor on
 this machine (proxy + ingress, no model). Every server gets the same CPU budget (--cpus: one Serve replica with that many CPUs, or that
 many torch threads in the plain app) and the same JPEG, and runs the project's preprocessing
-(``decode_image`` + ``eval_transform`` + ``normalize``). Servers run one after another; the load
-comes from an asyncio httpx client in this process. Ratios are against batching off, measured in
+(``decode_image`` + ``eval_transform`` + ``normalize``). All servers are started first and then
+loaded one at a time (the others sit idle); the load comes from an asyncio httpx client in this
+process, and needs 3x --cpus free CPUs on the cluster. Ratios are against batching off, measured in
 the same invocation.
 """
 
@@ -80,33 +81,29 @@ def plain_server(checkpoint: str, port: int, threads: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-@contextlib.contextmanager
-def plain(checkpoint: str, port: int, threads: int):
-    proc = subprocess.Popen([sys.executable, __file__, "--plain-server", str(port),
+def start_plain(checkpoint: str, port: int, threads: int) -> subprocess.Popen:
+    """The plain app in a subprocess; it starts while the Serve apps deploy."""
+    return subprocess.Popen([sys.executable, __file__, "--plain-server", str(port),
                              "--checkpoint", checkpoint, "--cpus", str(threads)])
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}{ROUTE}")
-        yield f"http://127.0.0.1:{port}{ROUTE}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 # --- Ray Serve -------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def serve_app(checkpoint: str, port: int, cpus: float, max_batch_size: int):
+def deploy(app, name: str, port: int) -> str:
+    """Deploy ``app`` under its own name and route (apps stay up until the end, so no waiting
+    for deletions between servers); returns its base URL."""
     from ray import serve
 
+    route = f"{ROUTE}-{name}"
+    serve.run(app, name=f"{APP_NAME}-{name}", route_prefix=route)
+    return f"http://127.0.0.1:{port}{route}"
+
+
+def model_app(checkpoint: str, cpus: float, max_batch_size: int):
     from serving.app import build_app
 
-    app = build_app({"checkpoint": checkpoint, "min_replicas": 1, "max_replicas": 1,
-                     "num_cpus": cpus, "max_batch_size": max_batch_size})
-    serve.run(app, name=APP_NAME, route_prefix=ROUTE)
-    try:
-        yield f"http://127.0.0.1:{port}{ROUTE}"
-    finally:
-        serve.delete(APP_NAME)
+    return build_app({"checkpoint": checkpoint, "min_replicas": 1, "max_replicas": 1,
+                      "num_cpus": cpus, "max_batch_size": max_batch_size})
 
 
 def echo_app(cpus: float):
@@ -128,17 +125,6 @@ def echo_app(cpus: float):
             return {"status": "ok"}
 
     return Echo.bind()
-
-
-@contextlib.contextmanager
-def serve_echo(port: int, cpus: float):
-    from ray import serve
-
-    serve.run(echo_app(cpus), name=APP_NAME, route_prefix=ROUTE)
-    try:
-        yield f"http://127.0.0.1:{port}{ROUTE}"
-    finally:
-        serve.delete(APP_NAME)
 
 
 def serve_running() -> bool:
@@ -225,36 +211,43 @@ def main(argv=None) -> None:
         checkpoint = str(Path(args.checkpoint).expanduser().resolve() if args.checkpoint
                          else random_checkpoint(Path(tmp) / "ckpt", args.image_size))
         ray.init(address=args.address, logging_level="WARNING", log_to_driver=False,
-                 num_cpus=None if args.address else args.cpus + 2,
+                 num_cpus=None if args.address else 3 * args.cpus + 1,  # three Serve apps
                  runtime_env={"py_modules": [str(REPO / "placesnet"), str(REPO / "serving")]})
         started = not serve_running()
         if started:
             serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         port = args.port
-        servers = {
-            f"serve, batching (max {args.max_batch_size})":
-                lambda: serve_app(checkpoint, port, args.cpus, args.max_batch_size),
-            "serve, batching off": lambda: serve_app(checkpoint, port, args.cpus, 1),
-            "plain FastAPI + uvicorn": lambda: plain(checkpoint, args.plain_port, args.cpus),
-            "serve, echo (no model)": lambda: serve_echo(port, args.cpus),
-        }
+        plain_proc = start_plain(checkpoint, args.plain_port, args.cpus)
+        names = [f"serve, batching (max {args.max_batch_size})", "serve, batching off",
+                 "plain FastAPI + uvicorn", "serve, echo (no model)"]
         results = {}
         try:
-            for name, server in servers.items():
-                with server() as base:
-                    wait_healthy(base)
-                    for c in levels:
-                        results[name, c] = load(base, body, c, args.requests)
-                        print(f"  {name} @ {c}: {results[name, c]['requests/s']:.0f} req/s",
-                              file=sys.stderr, flush=True)
+            bases = {
+                names[0]: deploy(model_app(checkpoint, args.cpus, args.max_batch_size), "batched", port),
+                names[1]: deploy(model_app(checkpoint, args.cpus, 1), "unbatched", port),
+                names[2]: f"http://127.0.0.1:{args.plain_port}{ROUTE}",
+                names[3]: deploy(echo_app(args.cpus), "echo", port),
+            }
+            for name, base in bases.items():  # one server under load at a time
+                wait_healthy(base)
+                for c in levels:
+                    results[name, c] = load(base, body, c, args.requests)
+                    print(f"  {name} @ {c}: {results[name, c]['requests/s']:.0f} req/s",
+                          file=sys.stderr, flush=True)
         finally:
+            plain_proc.terminate()
+            plain_proc.wait(timeout=30)
             if started:
                 serve.shutdown()
+            else:
+                for app in ("batched", "unbatched", "echo"):
+                    with contextlib.suppress(Exception):
+                        serve.delete(f"{APP_NAME}-{app}")
             ray.shutdown()
     rows = []
     for c in levels:
         base = results["serve, batching off", c]["requests/s"]
-        for name in servers:
+        for name in names:
             r = results[name, c]
             rows.append({"server": name, "concurrency": c, **r, "vs batching off": ratio(r["requests/s"], base)})
     print_table(f"serve: {len(body):,}-byte JPEG, model at {args.image_size if not args.checkpoint else 'ckpt'} px, "

@@ -67,10 +67,10 @@ def test_train_overhead_benchmark_compares_ray_with_plain(ray_head):
 def test_serve_benchmark_compares_batching_and_plain_fastapi(ray_head):
     out = _table(run_script("benchmarks/serve.py", "--address", ray_head.address, "--port",
                             _free_port(), "--plain-port", _free_port(), "--requests", 8,
-                            "--concurrency", "1,4", "--image-size", 32, env=ray_head.env),
+                            "--concurrency", "4", "--image-size", 32, env=ray_head.env),
                  "serve, batching (max 16)", "serve, batching off", "plain FastAPI + uvicorn",
                  "serve, echo (no model)")
     rows = [line for line in out.splitlines() if line.startswith(("| serve,", "| plain"))]
-    assert len(rows) == 8
+    assert len(rows) == 4
     for line in rows:  # no failed requests
         assert [c.strip() for c in line.strip("|").split("|")][-2] == "0", line

@@ -10,13 +10,12 @@ machine. That lets the tests see what happens with a storage path or data root t
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-
-import shutil
 
 import pytest
 
@@ -88,42 +87,42 @@ def test_one_worker_per_node_with_shared_storage(two_nodes, tmp_path):
     assert summary["epochs_completed"] == 2 and Path(summary["best_checkpoint"]).is_dir()
     assert (shared / "mn" / "metrics.csv").is_file() and (shared / "mn" / "curves.png").is_file()
     assert f"file://{shared}/mn/summary.json" in proc.stdout
-    # A third worker has no node of its own: refused at once instead of waiting forever.
-    three = run_script("rayjobs/train.py", *TINY_ARGS, "--num-workers", 3, "--cpus-per-worker", 1,
-                       "--placement-strategy", "STRICT_SPREAD", "--storage-path", shared,
-                       "--name", "mn3", env=two_nodes.env)
-    assert_user_error(three, "cannot place 3 workers")
 
 
-def test_storage_or_data_only_one_node_sees_is_refused_before_training(two_nodes, tiny_root, tmp_path):
-    if two_nodes.private is None:
-        pytest.skip("needs `unshare -m` (a mount namespace) to hide a directory from one node")
-    private = two_nodes.private
-    # End to end: a head-local storage path (checkpoints would be split over two disks) is one
-    # error line, before any training.
-    storage = private / "runs"
-    proc = run_script("rayjobs/train.py", *TINY_ARGS, "--num-workers", 2, "--cpus-per-worker", 1,
-                      "--placement-strategy", "STRICT_SPREAD", "--storage-path", storage,
-                      "--name", "local", env=two_nodes.env)
-    assert_user_error(proc, f"--storage-path {storage} is not shared", "1 of 2 nodes")
-    assert "epoch 1" not in proc.stdout
-    # The same check in-process (train.py and sweep.py both call it): a file:// URI, a Places365
-    # copy on one node only, and paths both nodes share, which pass.
+def test_paths_and_layouts_the_cluster_cannot_serve_are_refused_before_training(two_nodes, tiny_root,
+                                                                                tmp_path):
     import ray
 
     from placesnet.cli import ray_init
     from placesnet.config import UserError
-    from placesnet.ray_train import check_cluster_paths
+    from placesnet.ray_train import check_cluster_paths, plan_resources
 
-    shutil.copytree(tiny_root, private / "places365")
+    private = two_nodes.private
+    if private:
+        # End to end: a head-local storage path (checkpoints would be split over two disks) is
+        # one error line, before any training.
+        storage = private / "runs"
+        proc = run_script("rayjobs/train.py", *TINY_ARGS, "--num-workers", 2, "--cpus-per-worker", 1,
+                          "--placement-strategy", "STRICT_SPREAD", "--storage-path", storage,
+                          "--name", "local", env=two_nodes.env)
+        assert_user_error(proc, f"--storage-path {storage} is not shared", "1 of 2 nodes")
+        assert "epoch 1" not in proc.stdout
+        shutil.copytree(tiny_root, private / "places365")
+    # The same checks in-process (train.py and sweep.py call them).
     ray_init(two_nodes.address)
     try:
+        # A third worker has no node of its own: refused at once instead of waiting forever.
+        with pytest.raises(UserError, match="cannot place 3 workers"):
+            plan_resources(3, False, 1.0, "STRICT_SPREAD")
+        assert plan_resources(2, False, 1.0, "STRICT_SPREAD").num_workers == 2
+        check_cluster_paths(str(tmp_path / "runs"), tiny_root)  # both nodes see these
+        check_cluster_paths("s3://bucket/not-probed")
+        assert not list((tmp_path / "runs").glob(".placesnet-shared-check-*"))  # marker removed
+        if private is None:
+            pytest.skip("needs `unshare -m` (a mount namespace) to hide a directory from one node")
         with pytest.raises(UserError, match=f"file://{private}/sweeps is not shared: 1 of 2 nodes"):
             check_cluster_paths(f"file://{private}/sweeps")
         with pytest.raises(UserError, match=f"--data-root {private / 'places365'} is missing on 1 of 2"):
             check_cluster_paths(str(tmp_path / "runs"), private / "places365")
-        check_cluster_paths(str(tmp_path / "runs"), tiny_root)
-        check_cluster_paths("s3://bucket/not-probed")
-        assert not list((tmp_path / "runs").glob(".placesnet-shared-check-*"))  # marker removed
     finally:
         ray.shutdown()
