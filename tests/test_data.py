@@ -13,7 +13,8 @@ from torchvision.datasets import Places365
 
 from placesnet.config import TrainConfig, UserError
 from placesnet.data import (LoaderPlan, Places365Copy, ShardSampler, class_names, eval_transform,
-                            normalize, open_split, resolve_data_root, workshop_transform)
+                            normalize, open_split, resolve_data_root, train_transform,
+                            workshop_transform)
 from placesnet.sample import digest, official_categories, write_sample
 
 
@@ -86,6 +87,14 @@ def test_uint8_pipeline_matches_pil_resizing_within_one_level(tiny_root, tmp_pat
         assert ours.dtype == torch.uint8 and ours.shape == (9, 3, size, size)
         diff = (normalize(ours) - _workshop_batch(paths, reference)).abs()
         assert diff.max() <= 2 / 255 + 1e-6 and diff.mean() < 0.5 / 255
+
+
+def test_augmented_training_batches_stay_uint8(tiny_root):
+    ds = open_split(TrainConfig(image_size=48, augment=True), "train", tiny_root)
+    assert "RandomResizedCrop" in repr(ds.transform)
+    images, _ = next(iter(DataLoader(ds, batch_size=6, shuffle=True)))
+    assert images.dtype == torch.uint8 and images.shape == (6, 3, 48, 48)
+    assert isinstance(train_transform(48, augment=False), type(eval_transform(48)))
 
 
 def test_normalize_keeps_channels_last():
