@@ -24,7 +24,7 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def _serve_run(args, env, url, image):
+def _serve_run(args, env, url, image, dashboard):
     proc = subprocess.Popen([str(BIN / "serve"), "run", *args], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -42,12 +42,17 @@ def _serve_run(args, env, url, image):
                        headers={"Content-Type": "image/jpeg"}, timeout=60)
         assert r.status_code == 200 and r.json()["predictions"], r.text
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
-        out, _ = proc.communicate(timeout=120)
+        # Serve's graceful shutdown is usually seconds; once, under a loaded full suite, it took
+        # over 120 s, so allow more before calling it hung.
+        out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-3000:]
         assert "Traceback" not in out, out[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+            # A killed `serve run` leaves its app deployed; remove it so later tests start clean.
+            subprocess.run([str(BIN / "serve"), "shutdown", "-y", "-a", dashboard], env=env,
+                           capture_output=True, timeout=180)
     with pytest.raises(httpx.ConnectError):  # the endpoint is gone
         httpx.get(f"{url}/healthz", timeout=5)
 
@@ -62,7 +67,7 @@ def test_serve_run_config_file(ray_head, trained_run, tiny_root, tmp_path):
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     _serve_run([str(path)], ray_head.env, f"http://127.0.0.1:{port}",
-               tiny_root / "val_256/Places365_val_00000001.jpg")
+               tiny_root / "val_256/Places365_val_00000001.jpg", ray_head.dashboard)
 
 
 def test_serve_run_documented_command_on_port_8000(ray_head, trained_run, tiny_root):
@@ -70,4 +75,5 @@ def test_serve_run_documented_command_on_port_8000(ray_head, trained_run, tiny_r
         pytest.skip("port 8000 is taken on this machine")
     run_dir, _ = trained_run
     _serve_run(["serving.app:build_app", f"checkpoint={run_dir}", "num_cpus=0.5"], ray_head.env,
-               "http://127.0.0.1:8000", tiny_root / "val_256/Places365_val_00000002.jpg")
+               "http://127.0.0.1:8000", tiny_root / "val_256/Places365_val_00000002.jpg",
+               ray_head.dashboard)
