@@ -25,8 +25,11 @@ def _port_free(port: int) -> bool:
 
 
 def _serve_run(args, env, url, image, dashboard):
+    # A suite started in the background (`make test &`) inherits SIGINT as ignored, and Python
+    # then never raises KeyboardInterrupt; give `serve run` the default, as in a terminal.
     proc = subprocess.Popen([str(BIN / "serve"), "run", *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline, status = time.time() + 240, None
         while time.time() < deadline and proc.poll() is None:
@@ -42,9 +45,7 @@ def _serve_run(args, env, url, image, dashboard):
                        headers={"Content-Type": "image/jpeg"}, timeout=60)
         assert r.status_code == 200 and r.json()["predictions"], r.text
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
-        # Serve's graceful shutdown is usually seconds; once, under a loaded full suite, it took
-        # over 120 s, so allow more before calling it hung.
-        out, _ = proc.communicate(timeout=300)
+        out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out[-3000:]
         assert "Traceback" not in out, out[-3000:]
     finally:
