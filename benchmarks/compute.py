@@ -14,17 +14,15 @@ device runs it fast (CUDA), bf16 autocast with channels_last.
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 from common import print_table, ratio, timed  # noqa: I001  (sets sys.path)
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from placesnet.config import TrainConfig
 from placesnet.data import normalize
-from placesnet.engine import build_optimizer
+from placesnet import engine
 from placesnet.model import build_model
 
 
@@ -40,16 +38,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int) 
     return 2 * n**3 / best
 
 
-def training_step(model, optimizer, images, targets, amp_dtype):
-    ctx = (torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype
-           else contextlib.nullcontext())
-    with ctx:
-        loss = F.cross_entropy(model(normalize(images)), targets)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-
-
 def step_rate(cfg: TrainConfig, device: torch.device, batch_size: int, steps: int,
               amp_dtype: torch.dtype | None, channels_last: bool) -> tuple[float, float]:
     """(FLOPs per step, seconds per step) of DeepCNN training on synthetic uint8 images."""
@@ -61,12 +49,16 @@ def step_rate(cfg: TrainConfig, device: torch.device, batch_size: int, steps: in
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     targets = torch.randint(0, 365, (batch_size,), device=device)
-    optimizer = build_optimizer(model, 0.01, 0.9, 5e-4, device)
+    optimizer = engine.build_optimizer(model, 0.01, 0.9, 5e-4, device)
+
+    def run(n: int) -> None:  # the project's own epoch function, over n copies of the batch
+        engine.train_one_epoch(model, [(images, targets)] * n, optimizer, device,
+                               amp_dtype=amp_dtype, channels_last=channels_last)
+
     with FlopCounterMode(display=False) as counter:  # also the warm-up step
-        training_step(model, optimizer, images, targets, amp_dtype)
-    training_step(model, optimizer, images, targets, amp_dtype)
-    seconds = timed(lambda: [training_step(model, optimizer, images, targets, amp_dtype)
-                             for _ in range(steps)], _sync(device)) / steps
+        run(1)
+    run(1)
+    seconds = timed(lambda: run(steps), _sync(device)) / steps
     return counter.get_total_flops(), seconds
 
 

@@ -57,22 +57,16 @@ def plain_server(checkpoint: str, port: int, threads: int) -> None:
     from fastapi import FastAPI, Request
 
     from placesnet.checkpoint import load_checkpoint
-    from placesnet.data import eval_transform, normalize
+    from placesnet.evaluation import predict_images
     from placesnet.images import decode_image
 
     torch.set_num_threads(threads)
     loaded = load_checkpoint(checkpoint)
-    transform = eval_transform(loaded.config.image_size)
     app = FastAPI()
 
     @app.post(ROUTE + "/predict")
-    async def predict(request: Request) -> dict:
-        image = transform(decode_image(await request.body()))
-        with torch.inference_mode():
-            probs = torch.softmax(loaded.model(normalize(image[None])).float(), dim=1)[0]
-        values, indices = probs.topk(5)
-        return {"predictions": [{"label": loaded.classes[i], "probability": p}
-                                for p, i in zip(values.tolist(), indices.tolist())]}
+    async def predict(request: Request) -> dict:  # the same preprocessing as predict.py and Serve
+        return {"predictions": predict_images(loaded, [decode_image(await request.body())])[0]}
 
     @app.get(ROUTE + "/healthz")
     async def healthz() -> dict:

@@ -101,8 +101,10 @@ def plan_resources(num_workers: int | None, gpu: bool | None, cpus_per_worker: f
 
 def _sees(path: str, token: str | None) -> bool:
     """On one node: is ``path`` there (and, with ``token``, does it hold it)?"""
+    if token is None:
+        return os.path.exists(path)
     try:
-        return token is None and os.path.exists(path) or Path(path).read_text() == token
+        return Path(path).read_text() == token
     except OSError:
         return False
 
