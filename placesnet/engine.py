@@ -8,6 +8,7 @@ count when the val loader shards without padding (``data.ShardSampler``).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import Callable
 
@@ -16,7 +17,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .config import UserError
 from .data import normalize
+
+
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite: the run cannot recover at this learning rate."""
 
 
 def amp_dtype_for(device: torch.device, enabled: bool = True) -> torch.dtype | None:
@@ -44,6 +50,25 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def _check_finite(loss: torch.Tensor, *, epoch: int, step: int, steps: int,
+                  optimizer: torch.optim.Optimizer) -> None:
+    """Raise TrainingDiverged on every rank, at the same step, if the loss of any rank is not finite.
+
+    Summing the loss over ranks makes the verdict collective (NaN or inf on one rank makes the sum
+    non-finite everywhere), so no rank is left waiting in the backward all-reduce of a rank that
+    stopped. It runs before backward, so a NaN loss never reaches the weights.
+    """
+    value = loss.detach().float().reshape(1).clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value)
+    total = value.item()
+    if not math.isfinite(total):
+        lr = optimizer.param_groups[0]["lr"]
+        raise TrainingDiverged(
+            f"training diverged: the loss is {total} at epoch {epoch}, step {step}/{steps} (lr {lr:g}); "
+            "lower --lr or warm it up with --warmup-epochs")
 
 
 def _to_device(images, targets, device, channels_last):
@@ -74,6 +99,9 @@ def train_one_epoch(
     """One pass over ``loader``; returns global ``train_loss``, ``train_top1``, ``train_images``,
     ``train_time_s`` and ``images_per_s``.
 
+    Raises :class:`TrainingDiverged` (on all ranks at once) when the loss becomes NaN or infinite,
+    instead of training on with NaN weights.
+
     ``log`` (rank 0 only, typically) gets a progress line every ``log_every`` steps.
     """
     model.train()
@@ -86,6 +114,7 @@ def train_one_epoch(
         with _autocast(device, amp_dtype):
             logits = model(images)
             loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+        _check_finite(loss, epoch=epoch, step=step, steps=steps, optimizer=optimizer)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

@@ -219,8 +219,10 @@ def _maybe_crash(loop_config: dict, epoch: int, rank: int) -> None:
     os._exit(1)
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+def train_loop_per_worker(loop_config: dict) -> dict | None:
     """Ray Train's per-worker function: DDP-train ``loop_config["config"]``, report every epoch.
+
+    Returns ``{"diverged": message}`` if the loss became NaN or infinite (see :func:`diverged`).
 
     ``loop_config`` holds the TrainConfig as a dict, the absolute ``data_root`` resolved by the
     driver and ``cpus_per_worker``; all else comes from the config.
@@ -293,10 +295,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
             sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        train = engine.train_one_epoch(model, train_loader, optimizer, device, amp_dtype=amp_dtype,
-                                       scaler=scaler, channels_last=channels_last,
-                                       label_smoothing=cfg.label_smoothing, log_every=log_every,
-                                       log=log, epoch=epoch + 1)
+        try:
+            train = engine.train_one_epoch(model, train_loader, optimizer, device, amp_dtype=amp_dtype,
+                                           scaler=scaler, channels_last=channels_last,
+                                           label_smoothing=cfg.label_smoothing, log_every=log_every,
+                                           log=log, epoch=epoch + 1)
+        except engine.TrainingDiverged as e:
+            # Every rank stops at the same step. Returning instead of raising ends the run without
+            # Ray's restarts, which would only diverge again from the same checkpoint.
+            if log:
+                log(str(e))
+            return {"diverged": str(e)}
         scheduler.step()
         val = engine.evaluate(model, val_loader, device, num_classes=len(classes),
                               amp_dtype=amp_dtype, channels_last=channels_last)
@@ -368,6 +377,12 @@ def distributed_evaluate(checkpoint: Path, data_root: Path, resources: Resources
         raise UserError(f"evaluation failed: {last_line(e)}") from None
     result["confusion"] = torch.tensor(result["confusion"], dtype=torch.int64)
     return result
+
+
+def diverged(result: "ray.train.Result") -> str | None:
+    """The message of a run whose loss became NaN or infinite, None for one that trained on."""
+    value = getattr(result, "return_value", None)
+    return value.get("diverged") if isinstance(value, dict) else None
 
 
 def last_line(error: BaseException) -> str:

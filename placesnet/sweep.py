@@ -18,7 +18,8 @@ from ray import tune
 
 from .checkpoint import read_meta
 from .config import METRIC, METRIC_MODE, TrainConfig, UserError
-from .ray_train import Resources, alive_nodes, make_trainer, worker_slots
+from .engine import TrainingDiverged
+from .ray_train import Resources, alive_nodes, diverged, make_trainer, worker_slots
 
 DRIVER_CPU = 0.01  # a trial's driver only waits on its TorchTrainer; its workers hold the CPUs
 
@@ -68,7 +69,9 @@ def trial_driver(tune_config: dict, base: dict) -> None:
     trainer = make_trainer(cfg, Path(base["data_root"]), Resources(**base["resources"]),
                            storage_path=base["train_storage"], name=trial_id, max_failures=0, keep=1,
                            callbacks=[TuneReportCallback()])
-    trainer.fit()
+    message = diverged(trainer.fit())
+    if message:  # the trial errors (results.csv says why); the sweep goes on
+        raise TrainingDiverged(message)
 
 
 def make_tuner(cfg: TrainConfig, data_root: Path, plan: SweepPlan, *, storage_path: str, name: str,
@@ -110,21 +113,34 @@ def collect_results(result_grid, exp_dir: Path, epochs: int) -> pd.DataFrame:
         train_dir = exp_dir / "train" / str(trial_id)
         epochs_run = int(history["epoch"].max()) if "epoch" in history and len(history) else 0
         best_ckpt, best_meta = _best_checkpoint(train_dir, epochs_run)
-        status = ("errored" if r.error else "finished" if epochs_run >= epochs else "stopped early")
+        config, error = _config_and_error(r)
+        status = ("errored" if error else "finished" if epochs_run >= epochs else "stopped early")
         rows.append({
             "trial_id": trial_id,
-            "batch_size": r.config.get("batch_size"),
-            "lr": r.config.get("lr"),
+            "batch_size": config.get("batch_size"),
+            "lr": config.get("lr"),
             "epochs_run": epochs_run,
             "best_val_top1": best_meta["val_top1"] if best_meta else math.nan,
             "best_val_top5": best_meta["val_top5"] if best_meta else math.nan,
             "final_train_loss": float(history["train_loss"].iloc[-1]) if "train_loss" in history and len(history) else math.nan,
             "status": status,
-            "error": str(r.error).strip().splitlines()[-1][:200] if r.error else "",
+            "error": error.strip().splitlines()[-1][:200] if error else "",
             "best_checkpoint": str(best_ckpt) if best_ckpt else "",
             "curve": json.dumps([float(v) for v in history.get(METRIC, [])]),
         })
     return pd.DataFrame(rows).sort_values("best_val_top1", ascending=False, na_position="last")
+
+
+def _config_and_error(result) -> tuple[dict, str]:
+    """A trial's searched values and its error text. A restored sweep's result for a trial that
+    errored before its first report has neither in memory: Tune's files in the trial dir do."""
+    config, error = result.config, str(result.error) if result.error else ""
+    trial_dir = Path(result.path) if result.path else None
+    if config is None and trial_dir and (trial_dir / "params.json").is_file():
+        config = json.loads((trial_dir / "params.json").read_text())
+    if not error and trial_dir and (trial_dir / "error.txt").is_file():
+        error = (trial_dir / "error.txt").read_text()
+    return config or {}, error
 
 
 def _best_checkpoint(train_dir: Path, epochs_run: int) -> tuple[Path | None, dict | None]:

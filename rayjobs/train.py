@@ -78,7 +78,7 @@ def main(argv=None) -> int:
 
     # Imports that pull in Ray and torch come after argument checks, so --help and typos are fast.
     from placesnet.data import class_names, describe, open_split, resolve_data_root
-    from placesnet.ray_train import (check_cluster_paths, last_line, latest_checkpoint_config,
+    from placesnet.ray_train import (check_cluster_paths, diverged, last_line, latest_checkpoint_config,
                                      make_trainer, plan_resources, summarize)
 
     storage = args.storage_path
@@ -126,6 +126,10 @@ def main(argv=None) -> int:
         raise UserError(f"training failed after {args.max_failures} restart(s): {last_line(e)} "
                         f"(run dir: {run_label}; re-run with the same --name to resume)") from None
 
+    message = diverged(result)
+    if message:
+        raise UserError(f"{message} (run dir: {run_label}; its checkpoints are those of the epochs "
+                        "before)")
     summary, history = summarize(result, storage, name)
     _print_results(summary, history)
     return 0

@@ -50,6 +50,59 @@ def test_evaluate_counts_and_confusion(trained, tiny_config, tiny_root):
     assert full["val_top5"] == 1.0  # top-5 of 4 classes
 
 
+def test_a_diverging_loss_stops_training(tiny_config, tiny_root):
+    torch.manual_seed(0)
+    train = open_split(tiny_config, "train", tiny_root)
+    model = build_model(tiny_config, 4)
+    opt = engine.build_optimizer(model, 1e4, 0.9, 0.0, CPU)  # absurd: NaN within a few steps
+    with pytest.raises(engine.TrainingDiverged, match=r"loss is nan at epoch 3, step \d/5 \(lr 10000\)"):
+        engine.train_one_epoch(model, DataLoader(train, 32, shuffle=True), opt, CPU, epoch=3)
+
+
+def _ddp_rank(rank: int, port: int, out: str) -> None:
+    """One DDP rank on gloo; rank 1's second batch holds a NaN pixel, rank 0's batches are fine."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)))
+    batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))) for _ in range(4)]
+    if rank == 1:
+        batches[1][0][0, 0, 0, 0] = float("nan")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        engine.train_one_epoch(model, batches, opt, CPU, epoch=1)
+        result = "trained on"
+    except engine.TrainingDiverged as e:
+        result = str(e)
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(result)
+    dist.destroy_process_group()
+
+
+def test_divergence_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """No rank may train on (or wait forever in an all-reduce) when another rank's loss is NaN."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_ddp_rank, args=(r, port, str(tmp_path / "rank"))) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung and all(p.exitcode == 0 for p in procs)
+    results = [(tmp_path / f"rank.{r}").read_text() for r in (0, 1)]
+    assert results[0] == results[1] and "loss is nan at epoch 1, step 2/4" in results[0]
+
+
 def test_scheduler_shapes():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = engine.build_scheduler(opt, "cosine", epochs=4, warmup_epochs=1)

@@ -10,7 +10,7 @@ from conftest import TINY_ARGS, assert_user_error, run_script
 pytestmark = pytest.mark.slow
 
 SWEEP = [*TINY_ARGS[:TINY_ARGS.index("--batch-size")], "--epochs", "2",
-         "--grid", "--batch-sizes", "32", "--lrs", "0.02,0.05,0.1,50", "--cpus-per-worker", "0.5",
+         "--grid", "--batch-sizes", "32", "--lrs", "0.05,0.1,0.000001,10000", "--cpus-per-worker", "0.5",
          "--max-concurrent", "2", "--grace-period", "1", "--reduction-factor", "2"]
 
 
@@ -29,12 +29,23 @@ def test_results_table(sweep):
     for col in ["trial_id", "batch_size", "lr", "epochs_run", "best_val_top1", "best_val_top5",
                 "final_train_loss", "status", "best_checkpoint"]:
         assert col in table.columns, col
-    assert sorted(table["lr"]) == [0.02, 0.05, 0.1, 50]
+    assert sorted(table["lr"]) == [0.000001, 0.05, 0.1, 10000]
     assert set(table["status"]) <= {"finished", "stopped early", "errored"}
-    absurd = table[table["lr"] == 50].iloc[0]
-    assert absurd["status"] == "stopped early" and absurd["epochs_run"] == 1  # ASHA cut it
+    too_small = table[table["lr"] == 0.000001].iloc[0]  # learns nothing: still at chance
+    assert too_small["status"] == "stopped early" and too_small["epochs_run"] == 1  # ASHA cut it
     assert (table["status"] == "finished").any()
     assert "stopped early" in proc.stdout  # the printed table
+
+
+def test_a_diverging_trial_errors_without_stopping_the_sweep(sweep):
+    exp, proc, _ = sweep  # the sweep exited 0 and its other trials are in the table
+    table = pd.read_csv(exp / "results.csv", keep_default_na=False)
+    too_big = table[table["lr"] == 10000].iloc[0]  # its loss becomes NaN within epoch 1
+    assert too_big["status"] == "errored"
+    assert "training diverged" in too_big["error"] and "epoch 1" in too_big["error"]
+    assert too_big["best_checkpoint"] == "" and too_big["epochs_run"] == 0
+    assert not list((exp / "train" / too_big["trial_id"]).glob("checkpoint_*"))  # no NaN weights
+    assert (table["status"] != "errored").sum() == 3
 
 
 def test_best_json_points_at_a_loadable_checkpoint(sweep):
@@ -60,7 +71,10 @@ def test_rerun_does_not_repeat_finished_trials(sweep, ray_head):
     assert "resuming sweep" in proc.stdout
     after = {p: p.stat().st_mtime for p in (exp / "train").glob("*/checkpoint_*/model.pt")}
     assert after == before  # no trial trained again
-    assert len(pd.read_csv(exp / "results.csv")) == 4
+    table = pd.read_csv(exp / "results.csv", keep_default_na=False)
+    assert sorted(table["lr"]) == [0.000001, 0.05, 0.1, 10000]  # Tune restores no config for
+    errored = table[table["status"] == "errored"]                # the trial that never reported
+    assert list(errored["lr"]) == [10000] and "training diverged" in errored["error"].iloc[0]
 
 
 @pytest.mark.parametrize("args,fragment", [

@@ -113,6 +113,13 @@ def test_crash_recovery_then_resume(ray_head, tmp_path):
     assert_user_error(changed, "different model")
 
 
+def test_a_diverging_run_fails_at_once_and_is_not_restarted(ray_head, tmp_path):
+    proc = train(ray_head, tmp_path, "nan", "--lr", 10000, "--max-failures", 2, epochs=2)
+    assert_user_error(proc, "training diverged: the loss is nan at epoch 1", "lower --lr")
+    assert proc.stdout.count("rank 0/2 on node") == 1  # Ray did not restart it to diverge again
+    assert not list((tmp_path / "nan").glob("checkpoint_*"))  # no NaN weights to serve
+
+
 def test_cluster_cannot_place_the_request(ray_head, tmp_path):
     too_many = train(ray_head, tmp_path, "x", "--num-workers", 8, epochs=1)
     assert_user_error(too_many, "cannot place 8 workers")
