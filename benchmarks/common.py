@@ -56,6 +56,19 @@ def timed(fn: Callable[[], object], sync: Callable[[], None] = lambda: None) -> 
     return time.perf_counter() - start
 
 
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds this machine has spent busy (all processes, all cores) since boot, from
+    /proc/stat; None where there is no /proc (the column is then left empty)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    # cpu user nice system idle iowait irq softirq steal ...: all but idle and iowait are busy
+    ticks = [int(v) for v in fields[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def sample_root(classes: int, per_class: int) -> Path:
     """A generated Places365-layout dataset of 256x256 JPEGs (cached under PLACESNET_CACHE)."""
     from placesnet.sample import ensure_sample

@@ -7,8 +7,10 @@ app serving the same model.
     python benchmarks/serve.py --address auto --concurrency 1,8,32,64
 
 The fourth row, an echo deployment that only reads the body, is Serve's own per-request floor on
-this machine (proxy + ingress, no model). Every server gets the same CPU budget (--cpus: one Serve replica with that many CPUs, or that
-many torch threads in the plain app) and the same JPEG, and runs the project's preprocessing
+this machine (proxy + ingress, no model): no change on the model side can make batching beat
+batching off by more than echo does, and the table prints that ceiling. Every server gets the
+same CPU budget (--cpus: one Serve replica with that many CPUs, or that many torch threads in the
+plain app) and the same JPEG, and runs the project's preprocessing
 (``decode_image`` + ``eval_transform`` + ``normalize``). All servers are started first and then
 loaded one at a time (the others sit idle); the load comes from an asyncio httpx client in this
 process, and needs 3x --cpus free CPUs on the cluster. Ratios are against batching off, measured in
@@ -26,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import print_table, ratio, sample_root  # noqa: I001  (sets sys.path)
+from common import busy_cpu_seconds, print_table, ratio, sample_root  # noqa: I001  (sets sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 APP_NAME, ROUTE = "placesnet-bench", "/placesnet-bench"
@@ -173,7 +175,13 @@ async def _load(url: str, body: bytes, concurrency: int, requests: int) -> dict:
 
 
 def load(base: str, body: bytes, concurrency: int, requests: int) -> dict:
-    return asyncio.run(_load(f"{base}/predict", body, concurrency, requests))
+    """Throughput and latency, plus this machine's busy CPU time per request (every process:
+    client, proxy, replica, Ray), which shows where the ceiling is when everything shares it."""
+    before = busy_cpu_seconds()
+    result = asyncio.run(_load(f"{base}/predict", body, concurrency, requests))
+    after = busy_cpu_seconds()
+    result["CPU ms/req"] = (after - before) * 1000 / requests if before is not None else ""
+    return result
 
 
 def main(argv=None) -> None:
@@ -244,9 +252,15 @@ def main(argv=None) -> None:
         for name in names:
             r = results[name, c]
             rows.append({"server": name, "concurrency": c, **r, "vs batching off": ratio(r["requests/s"], base)})
+    top = max(levels)
+    ceiling = ratio(results[names[3], top]["requests/s"], results[names[1], top]["requests/s"])
+    where = "this machine" if not args.address else "the client's machine only"
     print_table(f"serve: {len(body):,}-byte JPEG, model at {args.image_size if not args.checkpoint else 'ckpt'} px, "
                 f"{args.cpus} CPU per server, {args.requests} requests per row", rows,
-                note="goal: batching >= 2x batching off at concurrency 32")
+                note=f"goal: batching >= 2x batching off at concurrency 32\n"
+                     f"ceiling for any model-side speed-up at concurrency {top}: echo / batching off = "
+                     f"{ceiling} (a model that cost nothing would still pay Serve's per-request "
+                     f"cost); CPU ms/req: busy CPU on {where} per request, all processes")
 
 
 if __name__ == "__main__":

@@ -52,23 +52,25 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _check_finite(loss: torch.Tensor, *, epoch: int, step: int, steps: int,
-                  optimizer: torch.optim.Optimizer) -> None:
-    """Raise TrainingDiverged on every rank, at the same step, if the loss of any rank is not finite.
+def _finite_loss(loss: torch.Tensor, *, epoch: int, step: int, steps: int,
+                 optimizer: torch.optim.Optimizer) -> float:
+    """This rank's loss as a float; TrainingDiverged on every rank at once if any rank's is NaN/inf.
 
-    Summing the loss over ranks makes the verdict collective (NaN or inf on one rank makes the sum
-    non-finite everywhere), so no rank is left waiting in the backward all-reduce of a rank that
-    stopped. It runs before backward, so a NaN loss never reaches the weights.
+    The verdict is collective: the loss is summed over ranks (NaN or inf on one rank makes the sum
+    non-finite on all), so no rank trains on, or waits in an all-reduce, after another stopped.
+    It runs after the optimizer step, at the sync point the loss logging needs anyway, so it adds
+    no GPU stall; the weights it leaves behind are not checkpointed.
     """
-    value = loss.detach().float().reshape(1).clone()
+    total = loss.detach().float().reshape(1).clone()
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(value)
-    total = value.item()
-    if not math.isfinite(total):
+        dist.all_reduce(total)
+    value = loss.item()
+    if not math.isfinite(total.item()):
         lr = optimizer.param_groups[0]["lr"]
         raise TrainingDiverged(
-            f"training diverged: the loss is {total} at epoch {epoch}, step {step}/{steps} (lr {lr:g}); "
-            "lower --lr or warm it up with --warmup-epochs")
+            f"training diverged: the loss is {total.item()} at epoch {epoch}, step {step}/{steps} "
+            f"(lr {lr:g}); lower --lr or warm it up with --warmup-epochs")
+    return value
 
 
 def _to_device(images, targets, device, channels_last):
@@ -114,7 +116,6 @@ def train_one_epoch(
         with _autocast(device, amp_dtype):
             logits = model(images)
             loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-        _check_finite(loss, epoch=epoch, step=step, steps=steps, optimizer=optimizer)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -125,7 +126,7 @@ def train_one_epoch(
             optimizer.step()
         n = targets.numel()
         # .item() syncs with the GPU; fine at this granularity and keeps the code readable.
-        loss_sum += loss.item() * n
+        loss_sum += _finite_loss(loss, epoch=epoch, step=step, steps=steps, optimizer=optimizer) * n
         correct += (logits.argmax(1) == targets).sum().item()
         seen += n
         window_seen += n

@@ -70,7 +70,13 @@ def test_serve_benchmark_compares_batching_and_plain_fastapi(ray_head):
                             "--concurrency", "4", "--image-size", 32, env=ray_head.env),
                  "serve, batching (max 16)", "serve, batching off", "plain FastAPI + uvicorn",
                  "serve, echo (no model)")
-    rows = [line for line in out.splitlines() if line.startswith(("| serve,", "| plain"))]
+    lines = out.splitlines()
+    header = [c.strip() for c in next(l for l in lines if l.startswith("| server")).strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines
+            if line.startswith(("| serve,", "| plain"))]
     assert len(rows) == 4
-    for line in rows:  # no failed requests
-        assert [c.strip() for c in line.strip("|").split("|")][-2] == "0", line
+    for row in rows:
+        cell = dict(zip(header, row))
+        assert cell["errors"] == "0", row  # no failed requests
+        assert float(cell["CPU ms/req"]) > 0, row  # busy CPU measured (Linux /proc/stat)
+    assert re.search(r"ceiling .* echo / batching off = \d+\.\d\dx", out), out
