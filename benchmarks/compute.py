@@ -84,7 +84,14 @@ def main(argv=None) -> None:
     p.add_argument("--matmul-size", type=int, help="default: 8192 on GPU, 2048 on CPU")
     p.add_argument("--serve-batch", type=int, default=16,
                    help="inference table: batch size compared with batch 1 (default: %(default)s)")
+    p.add_argument("--threads", type=int,
+                   help="CPU: torch threads (default: torch's, one per core; a Serve replica with "
+                        "num_cpus=1 runs 1)")
     args = p.parse_args(argv)
+    if args.threads:
+        if args.threads < 1:
+            p.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
@@ -110,7 +117,8 @@ def main(argv=None) -> None:
     # What dynamic batching can gain in a Serve replica: the model's own speed-up from batching.
     single = inference_rate(cfg, device, 1, args.steps * 4)
     batched = inference_rate(cfg, device, args.serve_batch, max(args.steps, 2))
-    print_table(f"compute: DeepCNN inference (fp32), {args.image_size} px, {device}", [
+    where = f"{device}, {torch.get_num_threads()} thread(s)" if device.type == "cpu" else str(device)
+    print_table(f"compute: DeepCNN inference (fp32), {args.image_size} px, {where}", [
         {"batch": 1, "images/s": single, "ms per image": 1000 / single, "vs batch 1": "1.00x"},
         {"batch": args.serve_batch, "images/s": batched, "ms per image": 1000 / batched,
          "vs batch 1": ratio(batched, single)}],

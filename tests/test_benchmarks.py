@@ -34,7 +34,8 @@ def test_input_benchmark_prints_ratios_against_the_workshop():
 def test_compute_benchmark_reports_a_fraction_of_the_matmul_peak():
     out = _table(run_script("benchmarks/compute.py", "--device", "cpu", "--image-size", 32,
                             "--batch-size", 2, "--steps", 1, "--matmul-size", 256,
-                            "--widths", "8,16"), "fp32")
+                            "--widths", "8,16", "--threads", 1), "fp32")
+    assert "inference (fp32), 32 px, cpu, 1 thread(s)" in out
     cells = _cells(out, "fp32")
     assert float(cells[2]) > 0 and cells[4].endswith("%")  # step GFLOP counted, % of peak
     assert _cells(out, "1")[-1] == "1.00x" and _cells(out, "16")[-1].endswith("x")  # inference

@@ -93,6 +93,8 @@ def check_space(args) -> None:
                         f"{args.workers_per_trial}")
     if args.cpus_per_worker <= 0:
         raise UserError(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker}")
+    if args.autoscale and not args.max_concurrent:
+        raise UserError("--autoscale needs --max-concurrent: the trials the cluster can grow to hold")
     if args.reduction_factor <= 1:
         raise UserError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
     if args.grid:
