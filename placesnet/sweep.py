@@ -59,12 +59,24 @@ def plan_sweep(workers_per_trial: int, use_gpu: bool, cpus_per_worker: float,
     return SweepPlan(resources, fits)
 
 
+def train_lr(lr: float, batch_size: int, scale_lr: int | None) -> float:
+    """The lr a trial trains with: the searched ``lr`` as is, or, with ``scale_lr`` (a reference
+    batch size), scaled linearly with the batch size (Goyal et al., 2017)."""
+    return lr * batch_size / scale_lr if scale_lr else lr
+
+
+def trial_config(tune_config: dict, base: dict) -> TrainConfig:
+    """The TrainConfig of one trial: the base config with its batch size and (scaled) lr."""
+    batch_size = int(tune_config["batch_size"])
+    lr = train_lr(float(tune_config["lr"]), batch_size, base.get("scale_lr"))
+    return TrainConfig.from_dict({**base["config"], "batch_size": batch_size, "lr": lr})
+
+
 def trial_driver(tune_config: dict, base: dict) -> None:
     """One Tune trial: a Ray Train run of the base config with this trial's batch size and lr."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = TrainConfig.from_dict({**base["config"], "batch_size": int(tune_config["batch_size"]),
-                                 "lr": float(tune_config["lr"])})
+    cfg = trial_config(tune_config, base)
     trial_id = tune.get_context().get_trial_id()
     trainer = make_trainer(cfg, Path(base["data_root"]), Resources(**base["resources"]),
                            storage_path=base["train_storage"], name=trial_id, max_failures=0, keep=1,
@@ -76,11 +88,11 @@ def trial_driver(tune_config: dict, base: dict) -> None:
 
 def make_tuner(cfg: TrainConfig, data_root: Path, plan: SweepPlan, *, storage_path: str, name: str,
                param_space: dict, num_samples: int, scheduler: str, grace_period: int,
-               reduction_factor: float) -> tune.Tuner:
+               reduction_factor: float, scale_lr: int | None = None) -> tune.Tuner:
     """A new Tuner, or the interrupted one restored (finished trials are not run again)."""
     exp_dir = str(Path(storage_path) / name)
     base = {"config": cfg.to_dict(), "data_root": str(data_root),
-            "train_storage": str(Path(exp_dir) / "train"),
+            "train_storage": str(Path(exp_dir) / "train"), "scale_lr": scale_lr,
             "resources": {"num_workers": plan.resources.num_workers, "use_gpu": plan.resources.use_gpu,
                           "cpus_per_worker": plan.resources.cpus_per_worker}}
     # The shared settings travel with the trainable, so Tune's tables show only the searched values.
@@ -104,8 +116,9 @@ def make_tuner(cfg: TrainConfig, data_root: Path, plan: SweepPlan, *, storage_pa
     )
 
 
-def collect_results(result_grid, exp_dir: Path, epochs: int) -> pd.DataFrame:
-    """One row per trial, from Tune's results and each trial's own Train run."""
+def collect_results(result_grid, exp_dir: Path, epochs: int, scale_lr: int | None = None) -> pd.DataFrame:
+    """One row per trial, from Tune's results and each trial's own Train run. ``lr`` is the
+    searched value, ``train_lr`` the one the trial trained with (they differ with ``scale_lr``)."""
     rows = []
     for r in result_grid:
         history = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
@@ -119,6 +132,8 @@ def collect_results(result_grid, exp_dir: Path, epochs: int) -> pd.DataFrame:
             "trial_id": trial_id,
             "batch_size": config.get("batch_size"),
             "lr": config.get("lr"),
+            "train_lr": (train_lr(float(config["lr"]), int(config["batch_size"]), scale_lr)
+                         if "lr" in config and "batch_size" in config else math.nan),
             "epochs_run": epochs_run,
             "best_val_top1": best_meta["val_top1"] if best_meta else math.nan,
             "best_val_top5": best_meta["val_top5"] if best_meta else math.nan,
@@ -169,8 +184,9 @@ def best_record(table: pd.DataFrame, base: TrainConfig) -> dict:
     if ok.empty:
         raise UserError("no trial produced a checkpoint: see the errors in results.csv")
     best = ok.iloc[0]
-    config = base.replace(batch_size=int(best["batch_size"]), lr=float(best["lr"])).to_dict()
+    config = base.replace(batch_size=int(best["batch_size"]), lr=float(best["train_lr"])).to_dict()
     return {"trial_id": best["trial_id"], "batch_size": int(best["batch_size"]), "lr": float(best["lr"]),
+            "train_lr": float(best["train_lr"]),
             "val_top1": float(best["best_val_top1"]), "val_top5": float(best["best_val_top5"]),
             "epochs_run": int(best["epochs_run"]), "best_checkpoint": best["best_checkpoint"],
             "config": config}

@@ -10,9 +10,11 @@ from placesnet.config import UserError
 
 pytestmark = pytest.mark.slow
 
+# --scale-lr 64 at batch 32: every trial trains at half the lr it is listed with.
 SWEEP = [*TINY_ARGS[:TINY_ARGS.index("--batch-size")], "--epochs", "2",
-         "--grid", "--batch-sizes", "32", "--lrs", "0.05,10000,0.000001", "--cpus-per-worker", "0.5",
-         "--max-concurrent", "2", "--grace-period", "1", "--reduction-factor", "2"]
+         "--grid", "--batch-sizes", "32", "--lrs", "0.05,10000,0.000001", "--scale-lr", "64",
+         "--cpus-per-worker", "0.5", "--max-concurrent", "2", "--grace-period", "1",
+         "--reduction-factor", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,7 @@ def test_results_table(sweep):
         assert col in table.columns, col
     assert sorted(table["lr"]) == [0.000001, 0.05, 10000]
     assert set(table["status"]) <= {"finished", "stopped early", "errored"}
+    assert (table["train_lr"] == table["lr"] / 2).all()  # --scale-lr 64 at batch 32
     # The grid runs in order, two at a time: when the lr=1e-6 trial (which learns nothing) reaches
     # epoch 1, the lr=0.05 one has been there, far ahead; ASHA stops it.
     too_small = table[table["lr"] == 0.000001].iloc[0]
@@ -60,7 +63,9 @@ def test_best_json_points_at_a_loadable_checkpoint(sweep):
     assert best["val_top1"] == pytest.approx(table["best_val_top1"].max())
     loaded = load_checkpoint(best["best_checkpoint"])
     assert loaded.meta["metrics"]["val_top1"] == pytest.approx(best["val_top1"])
-    assert loaded.config.lr == best["lr"] and loaded.config.batch_size == best["batch_size"]
+    # The checkpoint trained at the scaled lr, and best.json's config says so.
+    assert loaded.config.lr == best["train_lr"] == best["config"]["lr"] == pytest.approx(best["lr"] / 2)
+    assert loaded.config.batch_size == best["batch_size"]
     assert load_checkpoint(exp / "best.json").path == loaded.path  # Serve takes best.json too
     assert (exp / "sweep.png").read_bytes().startswith(b"\x89PNG")
 
@@ -86,6 +91,7 @@ def test_rerun_does_not_repeat_finished_trials(sweep, ray_head):
     (["--batch-sizes", "0,32"], "positive"),
     (["--num-samples", "0"], "--num-samples"),
     (["--grid", "--batch-sizes", "32"], "no pairs"),
+    (["--scale-lr", "0"], "--scale-lr must be a batch size"),
 ])
 def test_bad_search_space(args, fragment, tmp_path):
     proc = run_script("tuning/sweep.py", *args, "--storage-path", tmp_path, "--name", "bad")

@@ -7,6 +7,8 @@ options as rayjobs/train.py.
     python tuning/sweep.py --num-samples 8 --batch-sizes 32,64,128 --lr-min 0.005 --lr-max 0.5
     # grid: every (batch size, lr) pair
     python tuning/sweep.py --grid --batch-sizes 32,64 --lrs 0.01,0.05,0.2 --epochs 6
+    # lr per 256 images: batch 64 trains at lr/4, batch 512 at 2 x lr
+    python tuning/sweep.py --batch-sizes 64,128,256,512 --lr-min 0.02 --lr-max 0.4 --scale-lr 256
     # on a GPU cluster, 2 GPUs per trial, as a job (token auth: see README)
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python tuning/sweep.py \
         --dataset places365 --data-root /shared/places365 --workers-per-trial 2 --gpus-per-worker 1 \
@@ -59,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--grid", action="store_true", help="try every (batch size, lr) pair of "
                    "--batch-sizes x --lrs instead of sampling")
     g.add_argument("--lrs", type=float_list, default=[], help="learning rates for --grid, e.g. 0.01,0.05,0.2")
+    g.add_argument("--scale-lr", type=int, metavar="REF",
+                   help="the searched learning rates are for a global batch of REF images; each "
+                        "trial trains with lr x batch size / REF (the linear scaling rule), so one "
+                        "lr range suits every batch size (default: off, lr as given)")
     g = p.add_argument_group("early stopping")
     g.add_argument("--scheduler", choices=["asha", "none"], default="asha",
                    help="ASHA stops trials whose val top-1 trails at a rung (default: %(default)s)")
@@ -95,6 +101,8 @@ def check_space(args) -> None:
         raise UserError(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker}")
     if args.autoscale and not args.max_concurrent:
         raise UserError("--autoscale needs --max-concurrent: the trials the cluster can grow to hold")
+    if args.scale_lr is not None and args.scale_lr < 1:
+        raise UserError(f"--scale-lr must be a batch size >= 1, got {args.scale_lr}")
     if args.reduction_factor <= 1:
         raise UserError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
     if args.grid:
@@ -150,20 +158,22 @@ def main(argv=None) -> int:
           f"{' + 1 GPU' if use_gpu else ''}), scheduler {args.scheduler}")
     tuner = make_tuner(cfg, root, plan, storage_path=storage, name=name, param_space=space,
                        num_samples=num_samples, scheduler=args.scheduler,
-                       grace_period=args.grace_period, reduction_factor=args.reduction_factor)
+                       grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+                       scale_lr=args.scale_lr)
     grid = tuner.fit()
 
     exp_dir = Path(storage) / name
-    table = collect_results(grid, exp_dir, cfg.epochs)
+    table = collect_results(grid, exp_dir, cfg.epochs, args.scale_lr)
     table.drop(columns=["curve"]).to_csv(exp_dir / "results.csv", index=False)
     (exp_dir / "sweep.png").write_bytes(sweep_png(table))
     best = best_record(table, cfg)
     (exp_dir / "best.json").write_text(json.dumps(best, indent=2))
 
-    shown = table[["trial_id", "batch_size", "lr", "epochs_run", "best_val_top1", "best_val_top5",
+    shown = table[["trial_id", "batch_size", "lr", *(["train_lr"] if args.scale_lr else []), "epochs_run", "best_val_top1", "best_val_top5",
                    "final_train_loss", "status"]]
     print("\n" + shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"\nbest: batch {best['batch_size']}, lr {best['lr']:.4g}: val top-1 {best['val_top1']:.4f}, "
+    scaled = f" (trained at {best['train_lr']:.4g})" if args.scale_lr else ""
+    print(f"\nbest: batch {best['batch_size']}, lr {best['lr']:.4g}{scaled}: val top-1 {best['val_top1']:.4f}, "
           f"top-5 {best['val_top5']:.4f}")
     print(f"best checkpoint: {best['best_checkpoint']}")
     print(f"results:         {exp_dir / 'results.csv'}")
