@@ -61,14 +61,15 @@ def _finite_loss(loss: torch.Tensor, *, epoch: int, step: int, steps: int,
     It runs after the optimizer step, at the sync point the loss logging needs anyway, so it adds
     no GPU stall; the weights it leaves behind are not checkpointed.
     """
-    total = loss.detach().float().reshape(1).clone()
+    value = total = loss.item()
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-    value = loss.item()
-    if not math.isfinite(total.item()):
+        summed = loss.detach().float().reshape(1).clone()
+        dist.all_reduce(summed)
+        total = summed.item()
+    if not math.isfinite(total):
         lr = optimizer.param_groups[0]["lr"]
         raise TrainingDiverged(
-            f"training diverged: the loss is {total.item()} at epoch {epoch}, step {step}/{steps} "
+            f"training diverged: the loss is {total} at epoch {epoch}, step {step}/{steps} "
             f"(lr {lr:g}); lower --lr or warm it up with --warmup-epochs")
     return value
 
