@@ -88,7 +88,7 @@ def main(argv=None) -> None:
                    help="CPU: torch threads (default: torch's, one per core; a Serve replica with "
                         "num_cpus=1 runs 1)")
     args = p.parse_args(argv)
-    if args.threads:
+    if args.threads is not None:
         if args.threads < 1:
             p.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)

@@ -31,6 +31,12 @@ def test_input_benchmark_prints_ratios_against_the_workshop():
     assert float(project[-2].rstrip("x")) > 0
 
 
+def test_compute_benchmark_refuses_zero_threads():
+    proc = run_script("benchmarks/compute.py", "--device", "cpu", "--threads", 0)
+    assert proc.returncode == 2 and "--threads must be >= 1, got 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_compute_benchmark_reports_a_fraction_of_the_matmul_peak():
     out = _table(run_script("benchmarks/compute.py", "--device", "cpu", "--image-size", 32,
                             "--batch-size", 2, "--steps", 1, "--matmul-size", 256,
