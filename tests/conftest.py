@@ -7,6 +7,7 @@ which would end every Ray process of the user on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -56,6 +57,21 @@ def tiny_root(tiny_config):
     from placesnet.data import resolve_data_root
 
     return resolve_data_root(tiny_config)
+
+
+@contextlib.contextmanager
+def ray_driver(address: str):
+    """This test process as a driver of the cluster at ``address`` (the CLIs' own ray_init), for
+    checks run in-process; disconnected afterwards, the cluster left running."""
+    import ray
+
+    from placesnet.cli import ray_init
+
+    ray_init(address)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def _free_port() -> int:

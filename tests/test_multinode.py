@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, RayHead, TINY_ARGS, assert_user_error, run_script
+from conftest import BIN, RayHead, TINY_ARGS, assert_user_error, ray_driver, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -91,9 +91,6 @@ def test_one_worker_per_node_with_shared_storage(two_nodes, tmp_path):
 
 def test_paths_and_layouts_the_cluster_cannot_serve_are_refused_before_training(two_nodes, tiny_root,
                                                                                 tmp_path):
-    import ray
-
-    from placesnet.cli import ray_init
     from placesnet.config import UserError
     from placesnet.ray_train import check_cluster_paths, plan_resources
 
@@ -109,8 +106,7 @@ def test_paths_and_layouts_the_cluster_cannot_serve_are_refused_before_training(
         assert "epoch 1" not in proc.stdout
         shutil.copytree(tiny_root, private / "places365")
     # The same checks in-process (train.py and sweep.py call them).
-    ray_init(two_nodes.address)
-    try:
+    with ray_driver(two_nodes.address):
         # A third worker has no node of its own: refused at once instead of waiting forever.
         with pytest.raises(UserError, match="cannot place 3 workers"):
             plan_resources(3, False, 1.0, "STRICT_SPREAD")
@@ -124,5 +120,3 @@ def test_paths_and_layouts_the_cluster_cannot_serve_are_refused_before_training(
             check_cluster_paths(f"file://{private}/sweeps")
         with pytest.raises(UserError, match=f"--data-root {private / 'places365'} is missing on 1 of 2"):
             check_cluster_paths(str(tmp_path / "runs"), private / "places365")
-    finally:
-        ray.shutdown()

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import TINY_ARGS, assert_user_error, run_script
+from conftest import TINY_ARGS, assert_user_error, ray_driver, run_script
 from placesnet.config import UserError
 
 pytestmark = pytest.mark.slow
@@ -107,18 +107,12 @@ def test_trial_that_cannot_fit(ray_head, tmp_path):
                       "--name", "auto")  # refused before connecting to Ray
     assert_user_error(auto, "--max-concurrent")
     # The rest of the planning in-process (the CLI above shows how its refusals reach the user).
-    import ray
-
-    from placesnet.cli import ray_init
     from placesnet.sweep import plan_sweep
 
-    ray_init(ray_head.address)
-    try:
+    with ray_driver(ray_head.address):
         with pytest.raises(UserError, match="no node of the cluster has one"):
             plan_sweep(1, True, 1.0, None)
         assert plan_sweep(1, False, 0.5, None).max_concurrent == 7  # 4 CPUs: 0.5 + 0.01 each
         assert plan_sweep(2, False, 1.0, 5).max_concurrent == 1
         assert plan_sweep(1, True, 1.0, 3, autoscale=True).max_concurrent == 3  # no nodes yet
-    finally:
-        ray.shutdown()
     assert not list(tmp_path.iterdir())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import BIN, REPO, TINY_ARGS, assert_user_error, run_script, train_cli
+from conftest import BIN, REPO, TINY_ARGS, assert_user_error, ray_driver, run_script, train_cli
 
 pytestmark = pytest.mark.slow
 
@@ -126,21 +126,15 @@ def test_cluster_cannot_place_the_request(ray_head, tmp_path):
     assert_user_error(too_many, "cannot place 8 workers")
     assert not (tmp_path / "x").exists()  # nothing half-written
     # The other refusals in-process (the CLI above shows how they reach the user).
-    import ray
-
-    from placesnet.cli import ray_init
     from placesnet.config import UserError
     from placesnet.ray_train import plan_resources
 
-    ray_init(ray_head.address)
-    try:
+    with ray_driver(ray_head.address):
         with pytest.raises(UserError, match="--gpu asked for GPUs but the cluster has none"):
             plan_resources(None, True, None, "PACK")
         with pytest.raises(UserError, match="--autoscale needs an explicit --num-workers"):
             plan_resources(None, True, None, "PACK", autoscale=True)
         assert plan_resources(2, True, None, "PACK", autoscale=True).use_gpu  # GPU nodes come later
-    finally:
-        ray.shutdown()
 
 
 def test_ray_job_submit_with_token_auth(ray_head, tmp_path):
