@@ -42,15 +42,10 @@ def plain_loop(cfg: TrainConfig, root, cpus: int) -> list[dict]:
                               drop_last=len(train) >= cfg.batch_size, **plan.kwargs())
     val_loader = DataLoader(val, batch_size=cfg.batch_size * 2, **plan.kwargs())
     model = build_model(cfg, len(classes))
-    optimizer = engine.build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, CPU)
-    scheduler = engine.build_scheduler(optimizer, cfg.schedule, cfg.epochs, cfg.warmup_epochs)
-    history = []
-    for epoch in range(cfg.epochs):
+    history, t0 = [], time.perf_counter()
+    for row in engine.fit(model, train_loader, val_loader, cfg, CPU, num_classes=len(classes)):
+        history.append({**row, "epoch_time_s": time.perf_counter() - t0})  # with its evaluation
         t0 = time.perf_counter()
-        row = engine.train_one_epoch(model, train_loader, optimizer, CPU)
-        scheduler.step()
-        row.update(engine.evaluate(model, val_loader, CPU, num_classes=len(classes)))
-        history.append({**row, "epoch": epoch + 1, "epoch_time_s": time.perf_counter() - t0})
     return history
 
 

@@ -39,6 +39,7 @@ def save_checkpoint(directory: str | Path, *, model: nn.Module, config: TrainCon
         "optimizer": optimizer.state_dict() if optimizer else None,
         "scheduler": scheduler.state_dict() if scheduler else None,
         "scaler": scaler.state_dict() if scaler else None,
+        "schedule_unit": "step",  # the scheduler counts optimizer steps (before 2026-11-28: epochs)
     }, directory / STATE_FILE)
     (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
     meta = {"format": FORMAT, "epoch": epoch, "classes": list(classes), "metrics": metrics,

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .config import DATASET_DEFAULTS, DATASETS, MODELS, SCHEDULES, TrainConfig, UserError
+from .config import (DATASET_DEFAULTS, DATASETS, MODEL_LR, MODELS, REFERENCE_BATCH, SAMPLE_CLASSES,
+                     SAMPLE_DIFFICULTIES, SCHEDULES, TrainConfig, UserError, default_lr)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -34,6 +35,16 @@ def positive_float(text: str) -> float:
     if not value > 0:  # also rejects nan
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def lr_value(text: str) -> float | str:
+    """--lr: a positive float, or "auto" (run the LR range test first)."""
+    if text == "auto":
+        return text
+    try:
+        return positive_float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'auto', got {text!r}") from None
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -64,8 +75,13 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                         f"places365 {DATASET_DEFAULTS['places365']['image_size']})")
     g.add_argument("--augment", action="store_true",
                    help="random resized crop + horizontal flip on the training split")
-    g.add_argument("--sample-classes", type=positive_int, default=8,
-                   help="sample dataset: number of classes, 2-8 (default: %(default)s)")
+    g.add_argument("--sample-difficulty", choices=SAMPLE_DIFFICULTIES, default="easy",
+                   help="sample dataset: 'easy' (8 distinct scene kinds; about 99%% with any recipe) "
+                        "or 'hard' (16 look-alike categories with occlusion, zoom, colour changes "
+                        "and noise: where training recipes differ) (default: %(default)s)")
+    g.add_argument("--sample-classes", type=positive_int,
+                   help="sample dataset: number of classes, 2-8 easy, 2-16 hard (default: all: "
+                        f"{SAMPLE_CLASSES['easy']} easy, {SAMPLE_CLASSES['hard']} hard)")
     g.add_argument("--sample-train-per-class", type=positive_int, default=150,
                    help="sample dataset: training images per class (default: %(default)s)")
     g.add_argument("--sample-val-per-class", type=positive_int, default=40,
@@ -87,14 +103,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "workers so results do not depend on the worker count (default: sample "
                    f"{DATASET_DEFAULTS['sample']['batch_size']}, places365 "
                    f"{DATASET_DEFAULTS['places365']['batch_size']})")
-    g.add_argument("--lr", type=float, help="peak learning rate of SGD (default: sample "
-                   f"{DATASET_DEFAULTS['sample']['lr']}, places365 {DATASET_DEFAULTS['places365']['lr']})")
+    g.add_argument("--lr", type=lr_value, help="peak learning rate of SGD, or 'auto': run the LR "
+                   "range test (rayjobs/lr_find.py) first and train with its suggestion. Default: "
+                   f"the model's lr per {REFERENCE_BATCH} images ("
+                   + ", ".join(f"{m} {lr:g}" for m, lr in MODEL_LR.items())
+                   + ") x batch size / 256 (the linear scaling rule; see docs/recipe.md)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=5e-4, help="default: %(default)s")
     g.add_argument("--schedule", choices=SCHEDULES, default="cosine",
-                   help="per-epoch LR schedule (default: %(default)s)")
-    g.add_argument("--warmup-epochs", type=non_negative_int, default=0,
-                   help="linear LR warmup epochs (default: %(default)s)")
+                   help="LR decay after the warmup, evaluated every step: cosine to 0, step (/10 at "
+                        "50%% and 75%% of the steps) or none (default: %(default)s)")
+    warm = g.add_mutually_exclusive_group()
+    warm.add_argument("--warmup-steps", type=non_negative_int,
+                      help="linear LR warmup over this many optimizer steps (default: 5%% of all "
+                           "steps, at least 50 (at most a fifth of the run), at most 5000)")
+    warm.add_argument("--warmup-epochs", type=non_negative_int, default=0,
+                      help="linear LR warmup over this many epochs instead")
+    g.add_argument("--clip-grad-norm", type=positive_float, metavar="MAX",
+                   help="clip the global gradient norm to MAX before every step (default: off)")
     g.add_argument("--no-amp", action="store_true",
                    help="GPU: train in fp32 instead of bf16/fp16 mixed precision")
     g.add_argument("--no-channels-last", action="store_true",
@@ -118,17 +144,35 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         value = getattr(args, name, None)
         return defaults[name] if value is None else value
 
+    batch_size = pick("batch_size")
+    lr = getattr(args, "lr", None)
+    if lr is None or lr == "auto":  # "auto": a placeholder until the LR range test has run
+        lr = default_lr(args.model, max(batch_size, 1))
+    difficulty = getattr(args, "sample_difficulty", "easy")
+    warmup_steps = getattr(args, "warmup_steps", None)
     return TrainConfig(
         dataset=args.dataset, data_root=args.data_root, skip_verify=args.skip_verify,
         download=args.download, image_size=pick("image_size"), augment=args.augment,
-        sample_classes=args.sample_classes, sample_train_per_class=args.sample_train_per_class,
+        sample_difficulty=difficulty,
+        sample_classes=args.sample_classes or SAMPLE_CLASSES[difficulty],
+        sample_train_per_class=args.sample_train_per_class,
         sample_val_per_class=args.sample_val_per_class, model=args.model, widths=args.widths,
-        epochs=pick("epochs"), batch_size=pick("batch_size"), lr=pick("lr"),
+        epochs=pick("epochs"), batch_size=batch_size, lr=lr,
         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
-        warmup_epochs=args.warmup_epochs, amp=not args.no_amp,
+        warmup_steps=-1 if warmup_steps is None else warmup_steps,
+        warmup_epochs=args.warmup_epochs, clip_grad_norm=getattr(args, "clip_grad_norm", None) or 0.0,
+        amp=not args.no_amp,
         channels_last=not args.no_channels_last, compile=args.compile, loader_workers=args.loader_workers,
         log_every=args.log_every, seed=args.seed,
     ).validate()
+
+
+def lr_source(args: argparse.Namespace, cfg: TrainConfig) -> str:
+    """Where the lr of ``cfg`` came from, for the line train.py prints before training."""
+    if args.lr is not None and args.lr != "auto":
+        return "--lr"
+    return (f"{cfg.model} default {MODEL_LR[cfg.model]:g} per {REFERENCE_BATCH} images x "
+            f"{cfg.batch_size}/{REFERENCE_BATCH}")
 
 
 def ray_init(address: str | None = None, num_cpus: int | None = None) -> None:

@@ -28,9 +28,23 @@ DEFAULT_STORAGE = str(Path.home() / "ray_results")
 # Per-dataset defaults: the sample data is tiny so the default run fits 2 CPU cores in minutes;
 # Places365 uses the workshop's 256 px.
 DATASET_DEFAULTS = {
-    "sample": dict(image_size=64, epochs=8, batch_size=64, lr=0.05),
-    "places365": dict(image_size=256, epochs=30, batch_size=256, lr=0.1),
+    "sample": dict(image_size=64, epochs=8, batch_size=64),
+    "places365": dict(image_size=256, epochs=30, batch_size=256),
 }
+
+# Peak learning rate of each model's default recipe (SGD + Nesterov momentum 0.9, weight decay
+# 5e-4, per-step warmup + cosine) for a global batch of REFERENCE_BATCH images; other batch sizes
+# scale it linearly (Goyal et al., 2017). Chosen from `python benchmarks/recipe.py --lrs ...`:
+# the table that justified them is in docs/recipe.md.
+REFERENCE_BATCH = 256
+MODEL_LR = {"deepcnn": 0.05, "workshop": 0.02, "resnet18": 0.1}
+SAMPLE_DIFFICULTIES = ("easy", "hard")
+SAMPLE_CLASSES = {"easy": 8, "hard": 16}
+
+
+def default_lr(model: str, batch_size: int) -> float:
+    """The default peak lr of ``model`` at global ``batch_size``: MODEL_LR scaled linearly."""
+    return MODEL_LR[model] * batch_size / REFERENCE_BATCH
 
 
 class UserError(Exception):
@@ -47,6 +61,7 @@ class TrainConfig:
     image_size: int = 64
     augment: bool = False  # random resized crop + horizontal flip on the training split
     # sample-dataset shape (ignored for places365)
+    sample_difficulty: str = "easy"  # "hard": 16 look-alike classes where recipes differ
     sample_classes: int = 8
     sample_train_per_class: int = 150
     sample_val_per_class: int = 40
@@ -58,11 +73,13 @@ class TrainConfig:
     # --- optimisation ---
     epochs: int = 8
     batch_size: int = 64  # GLOBAL batch, split evenly across workers
-    lr: float = 0.05
+    lr: float = default_lr("deepcnn", 64)  # the PEAK lr; CLI default: default_lr(model, batch)
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    warmup_epochs: int = 0
+    schedule: str = "cosine"  # evaluated per optimizer step
+    warmup_steps: int = -1  # linear warmup steps; -1: automatic (engine.warmup_steps_for)
+    warmup_epochs: int = 0  # > 0: warm up over this many epochs instead
+    clip_grad_norm: float = 0.0  # > 0: clip the global gradient norm to this before each step
     label_smoothing: float = 0.0
     # --- speed ---
     amp: bool = True  # mixed precision on GPU (bf16 where supported, else fp16 + GradScaler)
@@ -110,11 +127,19 @@ class TrainConfig:
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
             (0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
              f"--warmup-epochs must be smaller than --epochs, got {self.warmup_epochs}"),
+            (self.warmup_steps >= -1, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
+            (self.clip_grad_norm >= 0, f"--clip-grad-norm must be > 0, got {self.clip_grad_norm}"),
+            (self.sample_difficulty in SAMPLE_DIFFICULTIES,
+             f"unknown sample difficulty {self.sample_difficulty!r}; choose one of "
+             f"{', '.join(SAMPLE_DIFFICULTIES)}"),
             (self.loader_workers is None or self.loader_workers >= 0,
              f"--loader-workers must be >= 0, got {self.loader_workers}"),
             (len(self.widths) >= 1 and all(w >= 1 for w in self.widths),
              f"--widths must be positive integers, got {list(self.widths)}"),
-            (self.sample_classes >= 2, f"sample_classes must be >= 2, got {self.sample_classes}"),
+            (self.dataset != "sample" or 2 <= self.sample_classes
+             <= SAMPLE_CLASSES.get(self.sample_difficulty, 0),
+             f"--sample-classes must be 2 to {SAMPLE_CLASSES.get(self.sample_difficulty)} for the "
+             f"{self.sample_difficulty} sample, got {self.sample_classes}"),
             (self.sample_train_per_class >= 1 and self.sample_val_per_class >= 1,
              "sample_train_per_class and sample_val_per_class must be >= 1"),
         ]

@@ -48,7 +48,7 @@ def resolve_data_root(config: TrainConfig) -> Path:
     if config.dataset == "sample":
         base = Path(config.data_root).expanduser().resolve() if config.data_root else None
         return ensure_sample(config.sample_classes, config.sample_train_per_class,
-                             config.sample_val_per_class, config.seed, base)
+                             config.sample_val_per_class, config.seed, base, config.sample_difficulty)
     root = Path(config.data_root or DEFAULT_PLACES365_ROOT).expanduser().resolve()
     if not root.is_dir() and not config.download:
         raise UserError(f"data root {root} does not exist; pass --data-root DIR with a Places365 "

@@ -114,3 +114,19 @@ def sweep_png(table) -> bytes:
     ax_curve.legend(fontsize=7)
     ax_curve.xaxis.get_major_locator().set_params(integer=True)
     return _png(fig)
+
+
+def lr_find_png(lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float) -> bytes:
+    """The LR range test: training loss against learning rate (log axis), the suggestion marked."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(lrs, losses, ".", color="tab:gray", alpha=0.5, label="loss per step")
+    ax.plot(lrs, smoothed, "-", color="tab:blue", label="smoothed loss")
+    ax.axvline(suggestion, color="tab:red", linestyle="--", label=f"suggested lr {suggestion:.3g}")
+    at = min(range(len(lrs)), key=lambda i: abs(lrs[i] - suggestion))
+    ax.plot([lrs[at]], [smoothed[at]], "o", color="tab:red", markersize=9)
+    top = max(smoothed[0], min(smoothed)) * 1.6  # keep the divergence from flattening the valley
+    ax.set(xscale="log", xlabel="learning rate (log scale)", ylabel="training loss",
+           title="LR range test", ylim=(min(smoothed) * 0.9, top))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return _png(fig)

@@ -267,7 +267,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     if cfg.compile:  # in place, so state_dict keys (and checkpoints) stay those of the plain model
         model.compile()
     optimizer = engine.build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, device)
-    scheduler = engine.build_scheduler(optimizer, cfg.schedule, cfg.epochs, cfg.warmup_epochs)
+    scheduler = engine.scheduler_for(optimizer, cfg, len(train_loader))  # per step
     amp_dtype = engine.amp_dtype_for(device, cfg.amp)
     scaler = engine.make_scaler(device, amp_dtype)
 
@@ -279,7 +279,10 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             getattr(model, "module", model).load_state_dict(load_model_state(ckpt_dir, device))
             state = load_train_state(ckpt_dir, device)
             optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            if state.get("schedule_unit") == "step":
+                scheduler.load_state_dict(state["scheduler"])
+            else:  # a checkpoint from before per-step schedules: continue at the epoch boundary
+                _move_scheduler(scheduler, (read_meta(ckpt_dir)["epoch"] + 1) * len(train_loader))
             if scaler and state["scaler"]:
                 scaler.load_state_dict(state["scaler"])
             meta = read_meta(ckpt_dir)
@@ -293,23 +296,25 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     for epoch in range(start_epoch, cfg.epochs):
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
         try:
             train = engine.train_one_epoch(model, train_loader, optimizer, device, amp_dtype=amp_dtype,
                                            scaler=scaler, channels_last=channels_last,
                                            label_smoothing=cfg.label_smoothing, log_every=log_every,
-                                           log=log, epoch=epoch + 1)
+                                           log=log, epoch=epoch + 1, scheduler=scheduler,
+                                           clip_grad_norm=cfg.clip_grad_norm or None,
+                                           rise_warning=engine.RISE_WARNING if epoch == 0 else 0.0)
         except engine.TrainingDiverged as e:
             # Every rank stops at the same step. Returning instead of raising ends the run without
             # Ray's restarts, which would only diverge again from the same checkpoint.
             if log:
                 log(str(e))
             return {"diverged": str(e)}
-        scheduler.step()
+        for key in ("first_step_loss", "peak_step_loss"):  # for the rise warning, not metrics.csv
+            train.pop(key)
         val = engine.evaluate(model, val_loader, device, num_classes=len(classes),
                               amp_dtype=amp_dtype, channels_last=channels_last)
-        metrics = {"epoch": epoch + 1, **train, **val, "lr": lr,
+        metrics = {"epoch": epoch + 1, **train, **val,
                    "epoch_time_s": time.perf_counter() - t0, "num_workers": world}
         history = [*history, metrics]
         if log:
@@ -327,6 +332,29 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
         _maybe_crash(loop_config, epoch + 1, rank)
+
+
+def run_lr_find(config: dict, data_root: str, cpus: float):
+    """--lr auto's Ray task: :func:`lr_find.find_lr` with one training worker's resources."""
+    from .lr_find import find_lr
+
+    cfg = TrainConfig.from_dict(config)
+    device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
+    plan = LoaderPlan.for_worker(cpus, device.type == "cuda", cfg.loader_workers)
+    if device.type == "cpu":
+        torch.set_num_threads(plan.threads)
+    root = Path(data_root)
+    if cfg.dataset == "sample" and not (root / "places365_val.txt").is_file():
+        root = resolve_data_root(cfg)  # another node: generate the same (seeded) sample here
+    return find_lr(cfg, root, device, loader_workers=plan.workers)
+
+
+def _move_scheduler(scheduler, step: int) -> None:
+    """Set a per-step scheduler (and its optimizer's lr) to optimizer step ``step``."""
+    scheduler.last_epoch = step
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                   scheduler.lr_lambdas):
+        group["lr"] = base * factor(step)
 
 
 def eval_loop_per_worker(loop_config: dict) -> dict | None:

@@ -33,6 +33,7 @@ from .config import CACHE_DIR
 SIZE = 128  # drawing resolution; pictures are upscaled to OUT_SIZE (drawing at 256 is 4x slower)
 OUT_SIZE = 256  # the "small" (256x256) Places365 images
 FORMAT_VERSION = 2  # bump when drawing changes, so caches regenerate
+HARD_FORMAT_VERSION = 1  # the same for sample_hard.py
 
 
 def official_categories() -> list[str]:
@@ -185,12 +186,30 @@ def _jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+DIFFICULTIES = ("easy", "hard")
+
+
+def scenes(difficulty: str = "easy") -> tuple[dict[str, Callable], Callable]:
+    """The (category -> drawing function) table and the picture function of a sample variant:
+    "easy" (8 distinct scene kinds, about 99 % with any recipe) or "hard" (16 look-alike
+    categories with occlusion, zoom, colour changes and noise; see ``sample_hard``)."""
+    if difficulty == "easy":
+        return SCENES, draw_scene
+    if difficulty == "hard":
+        from . import sample_hard
+
+        return sample_hard.SCENES, sample_hard.draw_scene
+    raise ValueError(f"unknown sample difficulty {difficulty!r}; choose one of {', '.join(DIFFICULTIES)}")
+
+
 def write_sample(root: Path, classes: int, train_per_class: int, val_per_class: int,
-                 seed: int = 0) -> Path:
+                 seed: int = 0, difficulty: str = "easy") -> Path:
     """Write the sample dataset into ``root`` (which must not exist yet) and return it."""
-    if not 2 <= classes <= len(SCENES):
-        raise ValueError(f"the sample dataset has 2 to {len(SCENES)} classes, asked for {classes}")
-    names = list(SCENES)[:classes]
+    table, draw = scenes(difficulty)
+    if not 2 <= classes <= len(table):
+        raise ValueError(f"the {difficulty} sample dataset has 2 to {len(table)} classes, "
+                         f"asked for {classes}")
+    names = list(table)[:classes]
     assert set(names) <= set(official_categories()), "sample classes must be official names"
     root = Path(root)
     root.mkdir(parents=True)
@@ -201,7 +220,7 @@ def write_sample(root: Path, classes: int, train_per_class: int, val_per_class: 
         class_dir = root / "data_256_standard" / name.lstrip("/")
         class_dir.mkdir(parents=True)
         for j in range(1, train_per_class + 1):
-            (class_dir / f"{j:08d}.jpg").write_bytes(_jpeg(draw_scene(name, rng)))
+            (class_dir / f"{j:08d}.jpg").write_bytes(_jpeg(draw(name, rng)))
             train_lines.append(f"{name}/{j:08d}.jpg {idx}\n")
     val_dir = root / "val_256"
     val_dir.mkdir()
@@ -209,7 +228,7 @@ def write_sample(root: Path, classes: int, train_per_class: int, val_per_class: 
     rng.shuffle(order)  # the real val list is not grouped by class either
     for j, idx in enumerate(order, start=1):
         file = f"Places365_val_{j:08d}.jpg"
-        (val_dir / file).write_bytes(_jpeg(draw_scene(names[idx], rng)))
+        (val_dir / file).write_bytes(_jpeg(draw(names[idx], rng)))
         val_lines.append(f"{file} {idx}\n")
     (root / "places365_train_standard.txt").write_text("".join(train_lines))
     (root / "places365_val.txt").write_text("".join(val_lines))
@@ -217,22 +236,23 @@ def write_sample(root: Path, classes: int, train_per_class: int, val_per_class: 
 
 
 def sample_root(classes: int, train_per_class: int, val_per_class: int, seed: int = 0,
-                base: Path | None = None) -> Path:
+                base: Path | None = None, difficulty: str = "easy") -> Path:
     """The cache directory for one set of sample parameters."""
-    key = f"v{FORMAT_VERSION}-c{classes}-t{train_per_class}-v{val_per_class}-s{seed}"
+    version = f"v{FORMAT_VERSION}" if difficulty == "easy" else f"{difficulty}-v{HARD_FORMAT_VERSION}"
+    key = f"{version}-c{classes}-t{train_per_class}-v{val_per_class}-s{seed}"
     return Path(base or CACHE_DIR / "sample") / key
 
 
 def ensure_sample(classes: int = 8, train_per_class: int = 150, val_per_class: int = 40,
-                  seed: int = 0, base: Path | None = None) -> Path:
+                  seed: int = 0, base: Path | None = None, difficulty: str = "easy") -> Path:
     """Return the sample dataset's root, generating it first if it is not there yet."""
-    root = sample_root(classes, train_per_class, val_per_class, seed, base)
+    root = sample_root(classes, train_per_class, val_per_class, seed, base, difficulty)
     if (root / "places365_val.txt").exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
-        write_sample(tmp / "data", classes, train_per_class, val_per_class, seed)
+        write_sample(tmp / "data", classes, train_per_class, val_per_class, seed, difficulty)
         try:
             os.rename(tmp / "data", root)  # atomic: readers never see half a dataset
         except OSError:

@@ -23,11 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for placesnet
 
-from placesnet.cli import add_data_args, add_model_args, config_from_args, positive_int, ray_init, run_cli  # noqa: E402
+from placesnet.cli import (add_data_args, add_model_args, config_from_args, lr_source, positive_int,  # noqa: E402
+                           ray_init, run_cli)
 from placesnet.config import DEFAULT_STORAGE, UserError  # noqa: E402
 
 # Fields that decide the shape of the weights: a resumed run must not change them.
-ARCHITECTURE = ("dataset", "model", "widths", "fc_hidden", "sample_classes")
+ARCHITECTURE = ("dataset", "model", "widths", "fc_hidden", "sample_difficulty", "sample_classes")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -100,12 +101,15 @@ def main(argv=None) -> int:
     print(f"data: train {describe(train_ds)}; val {len(val_ds)} images")
 
     previous = latest_checkpoint_config(run_dir) if "://" not in storage else None
+    source = lr_source(args, cfg)
     if previous:
         changed = [k for k in ARCHITECTURE if previous.get(k) != cfg.to_dict().get(k)]
         if changed:
             raise UserError(f"{run_dir} holds a run with a different {', '.join(changed)}; "
                             "resume it with the same settings or pick a new --name")
         print(f"resuming run {run_dir}")
+        if args.lr == "auto":  # the schedule continues: keep the lr the range test found before
+            cfg, source = cfg.replace(lr=previous["lr"]), "--lr auto, found when the run started"
 
     ray_init(args.address)
     import ray.train
@@ -114,9 +118,13 @@ def main(argv=None) -> int:
                          args.autoscale)
     check_batch(cfg.batch_size, res.num_workers)
     check_cluster_paths(storage, root if cfg.dataset == "places365" else None)
+    if args.lr == "auto" and not previous:
+        cfg, source = find_lr_on_cluster(cfg, root, res, storage, name), "--lr auto: LR range test"
     print(f"training {cfg.model} on {len(classes)} classes: {res.num_workers} worker(s) x "
           f"({res.cpus_per_worker:g} CPU{' + 1 GPU' if res.use_gpu else ''}), global batch "
-          f"{cfg.batch_size}, lr {cfg.lr}, {cfg.epochs} epochs, {cfg.image_size}px")
+          f"{cfg.batch_size}, {cfg.epochs} epochs, {cfg.image_size}px")
+    print(f"lr {cfg.lr:.4g} ({source}), warmup + {cfg.schedule} per step"
+          + (f", gradient norm clipped to {cfg.clip_grad_norm:g}" if cfg.clip_grad_norm else ""))
     trainer = make_trainer(cfg, root, res, storage_path=storage, name=name,
                            max_failures=args.max_failures, keep=args.keep_checkpoints,
                            fail_after_epoch=args.fail_after_epoch)
@@ -133,6 +141,41 @@ def main(argv=None) -> int:
     summary, history = summarize(result, storage, name)
     _print_results(summary, history)
     return 0
+
+
+def find_lr_on_cluster(cfg, root: Path, res, storage: str, name: str):
+    """--lr auto: the LR range test on one worker's resources (a GPU when training uses GPUs);
+    writes lr_find.png/.csv into the run dir and returns ``cfg`` with the suggested lr."""
+    import posixpath
+
+    import ray
+    from pyarrow import fs as pafs
+
+    from placesnet.ray_train import run_lr_find
+
+    print(f"--lr auto: running the LR range test on one worker (global batch {cfg.batch_size})")
+    task = ray.remote(run_lr_find).options(num_cpus=res.cpus_per_worker, num_gpus=1 if res.use_gpu else 0,
+                                           max_retries=0)
+    try:
+        result = ray.get(task.remote(cfg.to_dict(), str(root), res.cpus_per_worker))
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if isinstance(getattr(e, "cause", None), UserError) else None
+        raise UserError(str(cause) if cause else f"the LR range test failed: {e}") from None
+    filesystem, base = pafs.FileSystem.from_uri(storage if "://" in storage else f"file://{storage}")
+    run_dir = posixpath.join(base, name)
+    filesystem.create_dir(run_dir, recursive=True)
+
+    def write(file: str, data: bytes) -> None:
+        with filesystem.open_output_stream(posixpath.join(run_dir, file)) as f:
+            f.write(data)
+
+    from placesnet.lr_find import PNG_FILE, write_outputs
+
+    write_outputs(result, write)
+    label = f"{storage.rstrip('/')}/{name}/{PNG_FILE}"
+    print(f"LR range test: {len(result.lrs)} steps up to lr {result.lrs[-1]:.3g}; suggested lr "
+          f"{result.suggestion:.4g} (plot: {label})")
+    return cfg.replace(lr=result.suggestion)
 
 
 def check_batch(batch_size: int, num_workers: int, note: bool = True) -> None:

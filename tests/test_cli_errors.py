@@ -18,8 +18,10 @@ def train(*args, tmp_path):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["--lr", "0"], "--lr must be > 0"),
-    (["--lr", "-0.1"], "--lr must be > 0"),
+    (["--lr", "0"], "--lr: must be > 0"),
+    (["--lr", "-0.1"], "--lr: must be > 0"),
+    (["--lr", "fast"], "expected a number > 0 or 'auto'"),
+    (["--sample-difficulty", "hard", "--sample-classes", "20"], "2 to 16 for the hard sample"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--batch-size", "2", "--num-workers", "4"], "smaller than --num-workers"),
     (["--dataset", "imagenet"], "invalid choice"),

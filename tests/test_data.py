@@ -58,6 +58,43 @@ def test_generation_is_deterministic(tmp_path):
         (b / "val_256/Places365_val_00000003.jpg").read_bytes()
 
 
+def _tree(root):
+    """Every file under ``root`` with its bytes, by relative path."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_hard_sample_layout_and_determinism(tmp_path):
+    """--sample-difficulty hard: 16 official look-alike categories in the same Places365 layout,
+    read by torchvision's class; the same seed gives the same bytes, another seed other images."""
+    cfg = TrainConfig(sample_difficulty="hard", sample_classes=16, sample_train_per_class=3,
+                      sample_val_per_class=2, image_size=32, data_root=str(tmp_path / "cache"))
+    root = resolve_data_root(cfg)
+    assert root.name.startswith("hard-v1-c16-t3-v2")
+    train, val = open_split(cfg, "train", root), open_split(cfg, "val", root)
+    assert isinstance(train, Places365) and len(train) == 48 and len(val) == 32
+    names = class_names(train)
+    assert len(names) == 16 and set(names) <= set(official_categories()) and names == sorted(names)
+    assert {"/b/beach", "/c/coast", "/f/forest_path", "/g/glacier", "/m/mountain_snowy"} <= set(names)
+    assert sorted(set(val.targets)) == list(range(16))
+    image, _ = val[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
+    again = write_sample(tmp_path / "again", 16, 3, 2, seed=0, difficulty="hard")
+    assert _tree(again) == _tree(root)
+    other = write_sample(tmp_path / "other", 16, 3, 2, seed=1, difficulty="hard")
+    assert _tree(other).keys() == _tree(root).keys() and _tree(other) != _tree(root)
+    easy = resolve_data_root(cfg.replace(sample_difficulty="easy", sample_classes=8))
+    assert easy != root and class_names(open_split(cfg.replace(sample_difficulty="easy",
+                                                               sample_classes=8), "val", easy)) != names
+
+
+def test_sample_class_counts_are_checked():
+    with pytest.raises(UserError, match="2 to 16 for the hard sample, got 17"):
+        TrainConfig(sample_difficulty="hard", sample_classes=17).validate()
+    with pytest.raises(UserError, match="2 to 8 for the easy sample, got 9"):
+        TrainConfig(sample_classes=9).validate()
+    TrainConfig(dataset="places365", sample_classes=8).validate()  # ignored for places365
+
+
 def _workshop_batch(paths, transform):
     return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
 

@@ -24,11 +24,11 @@ def trained(tiny_config, tiny_root):
     classes = class_names(train)
     model = build_model(tiny_config, len(classes))
     opt = engine.build_optimizer(model, tiny_config.lr, 0.9, 5e-4, CPU)
-    sched = engine.build_scheduler(opt, "cosine", 5)
+    loader = DataLoader(train, 32, shuffle=True)
+    sched = engine.build_scheduler(opt, "cosine", 5 * len(loader), warmup_steps=2)
     history = []
     for epoch in range(5):
-        row = engine.train_one_epoch(model, DataLoader(train, 32, shuffle=True), opt, CPU)
-        sched.step()
+        row = engine.train_one_epoch(model, loader, opt, CPU, scheduler=sched)
         row.update(engine.evaluate(model, DataLoader(val, 64), CPU, num_classes=len(classes)))
         history.append({"epoch": epoch + 1, **row})
     return model, opt, sched, classes, history
@@ -103,14 +103,18 @@ def test_divergence_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert results[0] == results[1] and "loss is nan at epoch 1, step 2/4" in results[0]
 
 
-def test_scheduler_shapes():
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = engine.build_scheduler(opt, "cosine", epochs=4, warmup_epochs=1)
-    lrs = []
-    for _ in range(4):
-        lrs.append(opt.param_groups[0]["lr"])
-        sched.step()
-    assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[1] > lrs[2] > lrs[3]
+def test_plain_fit_runs_the_default_recipe(tiny_config, tiny_root):
+    """engine.fit (benchmarks, notebooks) trains with the config's per-step schedule: the lr
+    climbs through the warmup, peaks at config.lr and decays to near zero by the last step."""
+    torch.manual_seed(0)
+    train, val = open_split(tiny_config, "train", tiny_root), open_split(tiny_config, "val", tiny_root)
+    cfg = tiny_config.replace(epochs=3, warmup_steps=4)
+    history = list(engine.fit(build_model(cfg, 4), DataLoader(train, 32, shuffle=True), DataLoader(val, 64),
+                              cfg, CPU, num_classes=4))
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    lrs = [h["lr"] for h in history]  # the last step's lr of each epoch (5 steps per epoch)
+    assert lrs == pytest.approx([cfg.lr * engine.lr_factor(s, 15, 4, "cosine") for s in (4, 9, 14)])
+    assert history[-1]["val_top1"] > 0.25  # chance
 
 
 def test_checkpoint_round_trip(trained, tiny_config, tmp_path):

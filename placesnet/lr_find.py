@@ -1,0 +1,164 @@
+"""The learning-rate range test (Smith, 2015 / 2017), as fastai's and Lightning's ``lr_find``.
+
+Train a fresh model for ``steps`` optimizer steps while the learning rate grows exponentially
+from ``min_lr`` to ``max_lr``; record the loss of every step, smoothed with an exponential moving
+average; stop once the smoothed loss exceeds ``diverge`` times its minimum (the lr is too high from
+there on). The suggestion is fastai's "valley": the longest stretch over which the smoothed loss
+keeps falling, taken two thirds of the way down it (more robust than the steepest point, which a
+single noisy step can move). It is the PEAK lr for the same optimizer, batch size and data: the
+training run then warms up to it and decays from it.
+
+No Ray here: ``rayjobs/lr_find.py`` runs it in its own process, ``train.py --lr auto`` on one Ray
+worker with a training worker's resources.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import engine
+from .config import TrainConfig, UserError
+
+CSV_FILE, PNG_FILE = "lr_find.csv", "lr_find.png"
+
+
+@dataclass
+class LRFinderResult:
+    lrs: list[float]
+    losses: list[float]  # raw per-step training losses
+    smoothed: list[float]  # bias-corrected exponential moving average of ``losses``
+    suggestion: float
+    stopped_early: bool  # the loss diverged before max_lr (the usual, healthy case)
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"lrs": self.lrs, "losses": self.losses, "smoothed": self.smoothed,
+                "suggestion": self.suggestion, "stopped_early": self.stopped_early,
+                "settings": self.settings}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LRFinderResult":
+        return cls(**d)
+
+
+def lr_schedule(min_lr: float, max_lr: float, steps: int) -> list[float]:
+    """``steps`` learning rates spaced evenly on a log scale from ``min_lr`` to ``max_lr``."""
+    if steps < 2:
+        return [min_lr]
+    return [min_lr * (max_lr / min_lr) ** (i / (steps - 1)) for i in range(steps)]
+
+
+def valley(lrs: list[float], losses: list[float]) -> float:
+    """fastai's suggestion: the longest decreasing subsequence of ``losses``, 2/3 of the way along.
+
+    Quadratic in the number of points (at most a few hundred here)."""
+    n = len(losses)
+    if n < 3:
+        raise UserError(f"the LR range test needs at least 3 steps, it ran {n}")
+    longest = [1] * n
+    start = end = 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and longest[i] < longest[j] + 1:
+                longest[i] = longest[j] + 1
+        if longest[i] > longest[end]:
+            end, start = i, i - longest[i]
+    sections = (end - start) / 3
+    index = min(max(start + int(sections) + int(sections / 2), 0), n - 1)
+    return lrs[index]
+
+
+def lr_range_test(model: nn.Module, loader, optimizer: torch.optim.Optimizer, device: torch.device, *,
+                  min_lr: float = 1e-5, max_lr: float = 10.0, steps: int = 100, smoothing: float = 0.98,
+                  diverge: float = 4.0, amp_dtype: torch.dtype | None = None,
+                  channels_last: bool = False) -> LRFinderResult:
+    """Run the range test on ``model`` (its weights change: pass a fresh one and discard it).
+
+    ``loader`` is cycled if it has fewer than ``steps`` batches. Returns every lr and loss seen and
+    the :func:`valley` suggestion of the smoothed loss.
+    """
+    if not 0 < min_lr < max_lr:
+        raise UserError(f"need 0 < --min-lr < --max-lr, got [{min_lr}, {max_lr}]")
+    schedule = lr_schedule(min_lr, max_lr, steps)
+    lrs, losses, smoothed = [], [], []
+    average, best, stopped = 0.0, math.inf, False
+    model.train()
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+    for i, (lr, (images, targets)) in enumerate(zip(schedule, batches)):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, targets = engine._to_device(images, targets, device, channels_last)
+        with engine._autocast(device, amp_dtype):
+            loss = F.cross_entropy(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            stopped = True
+            break
+        average = smoothing * average + (1 - smoothing) * value
+        smooth = average / (1 - smoothing ** (i + 1))  # bias-corrected
+        lrs.append(lr)
+        losses.append(value)
+        smoothed.append(smooth)
+        best = min(best, smooth)
+        if i > 0 and smooth > diverge * best:
+            stopped = True
+            break
+    return LRFinderResult(lrs, losses, smoothed, valley(lrs, smoothed), stopped,
+                          {"min_lr": min_lr, "max_lr": max_lr, "steps": steps, "smoothing": smoothing,
+                           "diverge": diverge})
+
+
+def find_lr(config: TrainConfig, root: Path, device: torch.device, *, loader_workers: int = 0,
+            min_lr: float = 1e-5, max_lr: float = 10.0, steps: int = 100) -> LRFinderResult:
+    """The range test for ``config``'s model, data, batch size and optimizer settings: what
+    ``rayjobs/train.py`` would train, on one worker with the GLOBAL batch."""
+    from torch.utils.data import DataLoader
+
+    from .data import LoaderPlan, class_names, open_split
+    from .model import build_model
+
+    torch.manual_seed(config.seed)
+    train = open_split(config, "train", root)
+    plan = LoaderPlan(loader_workers, 1, device.type == "cuda")
+    loader = DataLoader(train, batch_size=config.batch_size, shuffle=True,
+                        drop_last=len(train) >= config.batch_size,
+                        generator=torch.Generator().manual_seed(config.seed), **plan.kwargs())
+    channels_last = config.channels_last and device.type == "cuda"
+    model = build_model(config, len(class_names(train))).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = engine.build_optimizer(model, min_lr, config.momentum, config.weight_decay, device)
+    amp_dtype = engine.amp_dtype_for(device, config.amp)
+    if amp_dtype == torch.float16:  # fp16 would need a GradScaler; the range test runs in fp32
+        amp_dtype = None
+    result = lr_range_test(model, loader, optimizer, device, min_lr=min_lr, max_lr=max_lr, steps=steps,
+                           amp_dtype=amp_dtype, channels_last=channels_last)
+    result.settings.update(model=config.model, batch_size=config.batch_size,
+                           momentum=config.momentum, weight_decay=config.weight_decay)
+    return result
+
+
+def write_outputs(result: LRFinderResult, write: "callable") -> list[str]:
+    """Write lr_find.csv and lr_find.png through ``write(name, bytes)``; returns the names."""
+    import io
+
+    import pandas as pd
+
+    from .plots import lr_find_png
+
+    buf = io.StringIO()
+    pd.DataFrame({"lr": result.lrs, "loss": result.losses, "smoothed_loss": result.smoothed}).to_csv(
+        buf, index=False)
+    write(CSV_FILE, buf.getvalue().encode())
+    write(PNG_FILE, lr_find_png(result.lrs, result.losses, result.smoothed, result.suggestion))
+    return [CSV_FILE, PNG_FILE]
