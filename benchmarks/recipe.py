@@ -5,6 +5,8 @@ recipes differ.
     python benchmarks/recipe.py --rows hard32-few      # one row
     python benchmarks/recipe.py --lrs 0.01,0.02,0.05,0.1,0.2   # + val top-1 of each lr per 256
     python benchmarks/recipe.py --model workshop --lrs 0.005,0.01,0.02,0.05
+    python benchmarks/recipe.py --rows easy32-few --seeds 4     # the mean of 4 seeds per cell
+    python benchmarks/recipe.py --rows hard32-few --lr-find     # + the LR range test's suggestions
 
 Each row trains, on the same files and in this process (no Ray):
 - **defaults**: ``--model`` (deepcnn) exactly as ``rayjobs/train.py`` would with no --lr: SGD +
@@ -129,6 +131,27 @@ def run_reference(row: Row, data, seed: int = 0) -> dict:
     return summary(history, 1e-3)
 
 
+def finder(row: Row, model_name: str) -> dict:
+    """The LR range test's suggestion by each rule, as an lr per 256 images (comparable with the
+    --lrs columns)."""
+    from placesnet.lr_find import SUGGESTIONS, find_lr
+
+    cfg = TrainConfig(model=model_name, sample_difficulty=row.difficulty,
+                      sample_classes=SAMPLE_CLASSES[row.difficulty], sample_train_per_class=row.train_per_class,
+                      sample_val_per_class=row.val_per_class, image_size=row.image_size,
+                      batch_size=row.batch_size)
+    result = find_lr(cfg, resolve_data_root(cfg), CPU)
+    return {f"finder {rule}/256": SUGGESTIONS[rule](result.lrs, result.smoothed) * REFERENCE_BATCH / row.batch_size
+            for rule in SUGGESTIONS}
+
+
+def mean(runs: list[dict]) -> dict:
+    """The mean of each value over the seeds, but the worst (largest) first-epoch loss rise."""
+    out = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+    out["rise"] = max(r["rise"] for r in runs)
+    return out
+
+
 def summary(history: list[dict], lr: float) -> dict:
     first = history[0]
     return {"val_top1": history[-1]["val_top1"], "best_val_top1": max(h["val_top1"] for h in history),
@@ -143,6 +166,10 @@ def main(argv=None) -> None:
     p.add_argument("--lrs", help="also train at these lrs per 256 images, e.g. 0.01,0.02,0.05")
     p.add_argument("--quick", action="store_true", help="tiny rows (16 px, 2 epochs): a smoke test")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="runs per cell with seeds 0..N-1; cells show the mean (default: %(default)s)")
+    p.add_argument("--lr-find", action="store_true",
+                   help="also run the LR range test per row: each rule's suggestion per 256 images")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,20 +185,25 @@ def main(argv=None) -> None:
     for row in rows:
         data = load(row, cache)
         steps = len(data[0]) // row.batch_size
-        ours, ref = run_defaults(row, data, args.model), run_reference(row, data)
+        seeds = range(max(args.seeds, 1))
+        ours = mean([run_defaults(row, data, args.model, seed=s) for s in seeds])
+        ref = mean([run_reference(row, data, seed=s) for s in seeds])
         line = {"row": row.name, "data": f"{row.difficulty} {row.image_size}px", "epochs": row.epochs,
                 "batch": row.batch_size, "steps/epoch": steps, "lr": ours["lr"],
                 "defaults top-1": ours["val_top1"], "reference top-1": ref["val_top1"],
                 "ratio": f"{ours['val_top1'] / max(ref['val_top1'], 1e-9):.2f}",
                 "ep1 loss/start": f"{ours['rise']:.2f}", "ref ep1 loss/start": f"{ref['rise']:.2f}"}
         for lr in lrs:
-            line[f"lr {lr:g}/256"] = run_defaults(row, data, args.model,
-                                                  lr * row.batch_size / REFERENCE_BATCH)["val_top1"]
+            line[f"lr {lr:g}/256"] = mean([run_defaults(row, data, args.model,
+                                                        lr * row.batch_size / REFERENCE_BATCH, seed=s)
+                                           for s in seeds])["val_top1"]
+        if args.lr_find:
+            line.update(finder(row, args.model))
         table.append(line)
         print(f"  {row.name}: {line} ({time.perf_counter() - start:.0f} s so far)", flush=True)
     print_table(f"Recipe: {args.model} defaults ({MODEL_LR[args.model]:g} per {REFERENCE_BATCH} images, "
                 "warmup + cosine per step) vs plain reference (small CNN, Adam 1e-3, batch 64)", table,
-                note="top-1: val top-1 after the last epoch; ratio: defaults / reference (goal >= 1.00); "
+                note=f"top-1: val top-1 after the last epoch (mean of {max(args.seeds, 1)} seed(s)); ratio: defaults / reference (goal >= 1.00); "
                      "ep1 loss/start: first epoch's mean train loss / first step's loss (goal <= 1).")
 
 

@@ -2,11 +2,22 @@
 
 Train a fresh model for ``steps`` optimizer steps while the learning rate grows exponentially
 from ``min_lr`` to ``max_lr``; record the loss of every step, smoothed with an exponential moving
-average; stop once the smoothed loss exceeds ``diverge`` times its minimum (the lr is too high from
-there on). The suggestion is fastai's "valley": the longest stretch over which the smoothed loss
-keeps falling, taken two thirds of the way down it (more robust than the steepest point, which a
-single noisy step can move). It is the PEAK lr for the same optimizer, batch size and data: the
-training run then warms up to it and decays from it.
+average (fastai's 0.98, bias-corrected); stop once the smoothed loss exceeds ``diverge`` times its
+minimum (the lr is too high from there on).
+
+The suggestion is the PEAK lr for the same optimizer, batch size and data: the run then warms up
+to it and decays from it. Three rules (``SUGGESTIONS``), all on the smoothed loss:
+
+- ``steepest`` (the default, Lightning's): where the loss falls fastest against log lr;
+- ``valley`` (fastai's default): two thirds of the way down the longest stretch of falling loss;
+- ``minimum`` (Smith's rule of thumb): the lr of the lowest loss, divided by 10.
+
+On convex problems with a measured good range (tests/test_recipe.py) steepest and valley both land
+in it. On the sample data with DeepCNN (docs/recipe.md, ``benchmarks/recipe.py --lr-find``) all
+three suggest less than the best peak lr of a warmup + cosine run, steepest the least so: the
+range test holds each lr for one step, and a schedule that warms up and anneals tolerates a
+higher peak. The defaults table (config.MODEL_LR) comes from full runs and is the better start;
+``--lr auto`` is for models and data it was not measured on.
 
 No Ray here: ``rayjobs/lr_find.py`` runs it in its own process, ``train.py --lr auto`` on one Ray
 worker with a training worker's resources.
@@ -75,17 +86,38 @@ def valley(lrs: list[float], losses: list[float]) -> float:
     return lrs[index]
 
 
+def minimum(lrs: list[float], losses: list[float], divisor: float = 10.0) -> float:
+    """The lr of the lowest loss, divided by ``divisor``."""
+    return lrs[min(range(len(losses)), key=losses.__getitem__)] / divisor
+
+
+def steepest(lrs: list[float], losses: list[float], skip: int = 10) -> float:
+    """Lightning's suggestion: the lr where the loss falls fastest against log lr, ignoring the
+    first ``skip`` points (fewer for short runs) and the last one."""
+    skip = min(skip, max(len(losses) // 10, 1))
+    slopes = [(losses[i + 1] - losses[i - 1]) / math.log(lrs[i + 1] / lrs[i - 1])
+              for i in range(skip, len(losses) - 1)]
+    if not slopes:
+        raise UserError(f"the LR range test needs at least 3 steps, it ran {len(losses)}")
+    return lrs[skip + min(range(len(slopes)), key=slopes.__getitem__)]
+
+
+SUGGESTIONS = {"steepest": steepest, "valley": valley, "minimum": minimum}
+
+
 def lr_range_test(model: nn.Module, loader, optimizer: torch.optim.Optimizer, device: torch.device, *,
                   min_lr: float = 1e-5, max_lr: float = 10.0, steps: int = 100, smoothing: float = 0.98,
                   diverge: float = 4.0, amp_dtype: torch.dtype | None = None,
-                  channels_last: bool = False) -> LRFinderResult:
+                  channels_last: bool = False, suggest: str = "steepest") -> LRFinderResult:
     """Run the range test on ``model`` (its weights change: pass a fresh one and discard it).
 
     ``loader`` is cycled if it has fewer than ``steps`` batches. Returns every lr and loss seen and
-    the :func:`valley` suggestion of the smoothed loss.
+    the ``suggest`` rule's suggestion (see SUGGESTIONS) from the smoothed loss.
     """
     if not 0 < min_lr < max_lr:
         raise UserError(f"need 0 < --min-lr < --max-lr, got [{min_lr}, {max_lr}]")
+    if suggest not in SUGGESTIONS:
+        raise UserError(f"unknown suggestion rule {suggest!r}; choose one of {', '.join(SUGGESTIONS)}")
     schedule = lr_schedule(min_lr, max_lr, steps)
     lrs, losses, smoothed = [], [], []
     average, best, stopped = 0.0, math.inf, False
@@ -113,13 +145,17 @@ def lr_range_test(model: nn.Module, loader, optimizer: torch.optim.Optimizer, de
         if i > 0 and smooth > diverge * best:
             stopped = True
             break
-    return LRFinderResult(lrs, losses, smoothed, valley(lrs, smoothed), stopped,
+    if len(lrs) < 3:
+        raise UserError(f"the LR range test diverged after {len(lrs)} step(s): lower --min-lr "
+                        f"(now {min_lr:g})")
+    return LRFinderResult(lrs, losses, smoothed, SUGGESTIONS[suggest](lrs, smoothed), stopped,
                           {"min_lr": min_lr, "max_lr": max_lr, "steps": steps, "smoothing": smoothing,
-                           "diverge": diverge})
+                           "diverge": diverge, "suggest": suggest})
 
 
 def find_lr(config: TrainConfig, root: Path, device: torch.device, *, loader_workers: int = 0,
-            min_lr: float = 1e-5, max_lr: float = 10.0, steps: int = 100) -> LRFinderResult:
+            min_lr: float = 1e-5, max_lr: float = 10.0, steps: int = 100,
+            suggest: str = "steepest") -> LRFinderResult:
     """The range test for ``config``'s model, data, batch size and optimizer settings: what
     ``rayjobs/train.py`` would train, on one worker with the GLOBAL batch."""
     from torch.utils.data import DataLoader
@@ -142,7 +178,7 @@ def find_lr(config: TrainConfig, root: Path, device: torch.device, *, loader_wor
     if amp_dtype == torch.float16:  # fp16 would need a GradScaler; the range test runs in fp32
         amp_dtype = None
     result = lr_range_test(model, loader, optimizer, device, min_lr=min_lr, max_lr=max_lr, steps=steps,
-                           amp_dtype=amp_dtype, channels_last=channels_last)
+                           amp_dtype=amp_dtype, channels_last=channels_last, suggest=suggest)
     result.settings.update(model=config.model, batch_size=config.batch_size,
                            momentum=config.momentum, weight_decay=config.weight_decay)
     return result

@@ -8,10 +8,11 @@
     python rayjobs/train.py --lr auto ...
 
 A fresh model trains for --steps steps while the lr grows exponentially from --min-lr to --max-lr;
-the run stops once the smoothed loss is 4x its minimum. It prints the suggested lr (fastai's
-"valley": two thirds down the longest stretch of falling loss) and writes lr_find.png (loss against
-lr on a log axis, the suggestion marked) and lr_find.csv to --out. The suggestion is the PEAK lr
-for that model, batch size and optimizer: train with `--lr <suggestion>` and the same --batch-size.
+the run stops once the smoothed loss is 4x its minimum. It prints the suggested lr (by default
+Lightning's: where the smoothed loss falls fastest; --suggest valley for fastai's, minimum for
+the lowest loss / 10; docs/recipe.md compares them) and writes lr_find.png (loss against lr on a log
+axis, the suggestion marked) and lr_find.csv to --out. The suggestion is the PEAK lr for that
+model, batch size and optimizer: train with `--lr <suggestion>` and the same --batch-size.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def add_finder_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-lr", type=positive_float, default=10.0, help="default: %(default)s")
     g.add_argument("--steps", type=positive_int, default=100,
                    help="optimizer steps at most (the data is cycled if needed; default: %(default)s)")
+    g.add_argument("--suggest", choices=["steepest", "valley", "minimum"], default="steepest",
+                   help="steepest: where the smoothed loss falls fastest (Lightning's); valley: "
+                        "fastai's; minimum: the lowest loss's lr / 10 (default: %(default)s)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,7 +78,7 @@ def main(argv=None) -> int:
         raise UserError(f"--out {out} is a file, not a directory")
     root = resolve_data_root(cfg)
     result = find_lr(cfg, root, device, loader_workers=args.workers, min_lr=args.min_lr,
-                     max_lr=args.max_lr, steps=args.steps)
+                     max_lr=args.max_lr, steps=args.steps, suggest=args.suggest)
     out.mkdir(parents=True, exist_ok=True)
     write_outputs(result, lambda name, data: (out / name).write_bytes(data))
     if args.json:

@@ -92,6 +92,7 @@ def test_rerun_does_not_repeat_finished_trials(sweep, ray_head):
     (["--num-samples", "0"], "--num-samples"),
     (["--grid", "--batch-sizes", "32"], "no pairs"),
     (["--scale-lr", "0"], "--scale-lr must be a batch size"),
+    (["--lr", "auto"], "--lr auto is for rayjobs/train.py"),
 ])
 def test_bad_search_space(args, fragment, tmp_path):
     proc = run_script("tuning/sweep.py", *args, "--storage-path", tmp_path, "--name", "bad")

@@ -103,6 +103,9 @@ def check_space(args) -> None:
         raise UserError("--autoscale needs --max-concurrent: the trials the cluster can grow to hold")
     if args.scale_lr is not None and args.scale_lr < 1:
         raise UserError(f"--scale-lr must be a batch size >= 1, got {args.scale_lr}")
+    if args.lr == "auto":
+        raise UserError("--lr auto is for rayjobs/train.py: a sweep searches the lr itself "
+                        "(--lr-min/--lr-max, or --grid --lrs)")
     if args.reduction_factor <= 1:
         raise UserError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
     if args.grid:
