@@ -37,7 +37,7 @@ DATASET_DEFAULTS = {
 # scale it linearly (Goyal et al., 2017). Chosen from `python benchmarks/recipe.py --lrs ...`:
 # the table that justified them is in docs/recipe.md.
 REFERENCE_BATCH = 256
-MODEL_LR = {"deepcnn": 0.02, "workshop": 0.02, "resnet18": 0.1}
+MODEL_LR = {"deepcnn": 0.02, "workshop": 0.05, "resnet18": 0.05}
 SAMPLE_DIFFICULTIES = ("easy", "hard")
 SAMPLE_CLASSES = {"easy": 8, "hard": 16}
 
