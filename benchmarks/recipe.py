@@ -16,7 +16,9 @@ Each row trains, on the same files and in this process (no Ray):
   Adam at lr 1e-3 and batch 64, the settings of a typical PyTorch tutorial, for the same epochs.
 
 It prints val top-1 of both and their ratio (goal: >= 1.00 on every row), and the first epoch's
-mean train loss over the first step's loss (goal: <= 1, no blow-up). ``--lrs`` adds one column per
+mean train loss over the first step's loss (goal: <= 1, no blow-up). The **before** columns are
+the recipe this project had until 2026-11-28 (what `--dataset places365` ran: lr 0.1 whatever the
+batch, no warmup, cosine stepped per epoch). ``--lrs`` adds one column per
 lr (per 256 images, scaled to the row's batch): the table behind ``MODEL_LR`` in
 placesnet/config.py. Rows mix the easy and hard sample data, 32 and 64 px, short and long runs,
 and few (batch 256) and many (batch 32) steps per epoch. Images are decoded once per dataset and
@@ -26,6 +28,7 @@ kept in memory, so every run sees identical tensors.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import dataclass
 
@@ -117,6 +120,26 @@ def run_defaults(row: Row, data, model_name: str, lr: float | None = None, seed:
     return summary(history, cfg.lr)
 
 
+def run_before(row: Row, data, model_name: str, seed: int = 0) -> dict:
+    """The recipe before 2026-11-28, as `train.py --dataset places365` ran it on a user's data:
+    lr 0.1 whatever the batch size, no warmup, cosine stepped once per epoch."""
+    train, val, classes = data
+    cfg = TrainConfig(model=model_name, image_size=row.image_size, epochs=row.epochs,
+                      batch_size=row.batch_size, lr=0.1, seed=seed)
+    torch.manual_seed(seed)
+    model = build_model(cfg, classes)
+    optimizer = engine.build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, CPU)
+    per_epoch = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / row.epochs)))
+    train_loader, val_loader = loaders(train, val, row.batch_size, seed)
+    history = []
+    for epoch in range(1, row.epochs + 1):
+        stats = engine.train_one_epoch(model, train_loader, optimizer, CPU, epoch=epoch)
+        per_epoch.step()
+        history.append({**stats, **engine.evaluate(model, val_loader, CPU, num_classes=classes)})
+    return summary(history, cfg.lr)
+
+
 def run_reference(row: Row, data, seed: int = 0) -> dict:
     """The plain PyTorch loop: ReferenceCNN, Adam(1e-3), batch 64, no schedule."""
     train, val, classes = data
@@ -188,11 +211,13 @@ def main(argv=None) -> None:
         seeds = range(max(args.seeds, 1))
         ours = mean([run_defaults(row, data, args.model, seed=s) for s in seeds])
         ref = mean([run_reference(row, data, seed=s) for s in seeds])
+        before = mean([run_before(row, data, args.model, seed=s) for s in seeds])
         line = {"row": row.name, "data": f"{row.difficulty} {row.image_size}px", "epochs": row.epochs,
                 "batch": row.batch_size, "steps/epoch": steps, "lr": ours["lr"],
                 "defaults top-1": ours["val_top1"], "reference top-1": ref["val_top1"],
                 "ratio": f"{ours['val_top1'] / max(ref['val_top1'], 1e-9):.2f}",
-                "ep1 loss/start": f"{ours['rise']:.2f}", "ref ep1 loss/start": f"{ref['rise']:.2f}"}
+                "ep1 loss/start": f"{ours['rise']:.2f}", "ref ep1 loss/start": f"{ref['rise']:.2f}",
+                "before top-1": before["val_top1"], "before ep1 loss/start": f"{before['rise']:.2f}"}
         for lr in lrs:
             line[f"lr {lr:g}/256"] = mean([run_defaults(row, data, args.model,
                                                         lr * row.batch_size / REFERENCE_BATCH, seed=s)
@@ -204,7 +229,8 @@ def main(argv=None) -> None:
     print_table(f"Recipe: {args.model} defaults ({MODEL_LR[args.model]:g} per {REFERENCE_BATCH} images, "
                 "warmup + cosine per step) vs plain reference (small CNN, Adam 1e-3, batch 64)", table,
                 note=f"top-1: val top-1 after the last epoch (mean of {max(args.seeds, 1)} seed(s)); ratio: defaults / reference (goal >= 1.00); "
-                     "ep1 loss/start: first epoch's mean train loss / first step's loss (goal <= 1).")
+                     "ep1 loss/start: first epoch's mean train loss / first step's loss (goal <= 1); "
+                     "before: the recipe before 2026-11-28 (lr 0.1 at any batch, no warmup, per-epoch cosine).")
 
 
 if __name__ == "__main__":

@@ -87,3 +87,15 @@ def test_serve_benchmark_compares_batching_and_plain_fastapi(ray_head):
         assert cell["errors"] == "0", row  # no failed requests
         assert float(cell["CPU ms/req"]) > 0, row  # busy CPU measured (Linux /proc/stat)
     assert re.search(r"ceiling .* echo / batching off = \d+\.\d\dx", out), out
+
+
+def test_recipe_benchmark_compares_the_defaults_with_a_plain_reference():
+    out = _table(run_script("benchmarks/recipe.py", "--quick", "--lrs", "0.1"), "quick-easy", "quick-hard")
+    header = _cells(out, "row")
+    for row in ("quick-easy", "quick-hard"):
+        cells = dict(zip(header, _cells(out, row)))
+        assert cells["steps/epoch"] == "3" and float(cells["lr"]) > 0
+        ours, ref = float(cells["defaults top-1"]), float(cells["reference top-1"])
+        assert cells["ratio"] == f"{ours / ref:.2f}"
+        assert 0 <= float(cells["lr 0.1/256"]) <= 1 and float(cells["ep1 loss/start"]) > 0
+        assert float(cells["before ep1 loss/start"]) > 0
