@@ -73,7 +73,8 @@ def test_help_documents_the_flags():
     for flag in ["--dataset", "--data-root", "--skip-verify", "--download", "--image-size", "--model",
                  "--epochs", "--batch-size", "--lr", "--num-workers", "--gpu", "--cpu",
                  "--loader-workers", "--storage-path", "--name", "--max-failures", "--seed",
-                 "ray job submit"]:
+                 "--warmup-steps", "--clip-grad-norm", "--sample-difficulty", "'auto'",
+                 "linear scaling rule", "ray job submit"]:
         assert flag in proc.stdout, flag
 
 

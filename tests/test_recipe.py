@@ -267,3 +267,16 @@ def test_no_warning_when_the_loss_falls_or_when_off():
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     engine.train_one_epoch(model, _rising_batches(), opt, CPU, log=lines.append, epoch=2)
     assert not lines
+
+
+def test_a_checkpoint_from_before_per_step_schedules_resumes_at_its_epoch_boundary():
+    """Older checkpoints counted scheduler steps in epochs: they resume at epochs x steps."""
+    from placesnet.ray_train import _move_scheduler
+
+    opt = _optimizer(0.1)
+    sched = engine.build_scheduler(opt, "cosine", 30, 6)
+    _move_scheduler(sched, 12)  # 2 epochs of 6 steps done
+    opt_ref = _optimizer(0.1)
+    ref = engine.build_scheduler(opt_ref, "cosine", 30, 6)
+    _lrs(ref, opt_ref, 12)
+    assert _lrs(sched, opt, 18) == pytest.approx(_lrs(ref, opt_ref, 18))
