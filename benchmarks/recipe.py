@@ -120,6 +120,19 @@ def run_defaults(row: Row, data, model_name: str, lr: float | None = None, seed:
     return summary(history, cfg.lr)
 
 
+def plain_epochs(model, optimizer, train_loader, val_loader, epochs: int, classes: int,
+                 per_epoch_scheduler=None) -> list[dict]:
+    """A loop without the project's recipe: train and evaluate each epoch, step an optional
+    per-epoch scheduler."""
+    history = []
+    for epoch in range(1, epochs + 1):
+        stats = engine.train_one_epoch(model, train_loader, optimizer, CPU, epoch=epoch)
+        if per_epoch_scheduler is not None:
+            per_epoch_scheduler.step()
+        history.append({**stats, **engine.evaluate(model, val_loader, CPU, num_classes=classes)})
+    return history
+
+
 def run_before(row: Row, data, model_name: str, seed: int = 0) -> dict:
     """The recipe before 2026-11-28, as `train.py --dataset places365` ran it on a user's data:
     lr 0.1 whatever the batch size, no warmup, cosine stepped once per epoch."""
@@ -131,12 +144,8 @@ def run_before(row: Row, data, model_name: str, seed: int = 0) -> dict:
     optimizer = engine.build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, CPU)
     per_epoch = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / row.epochs)))
-    train_loader, val_loader = loaders(train, val, row.batch_size, seed)
-    history = []
-    for epoch in range(1, row.epochs + 1):
-        stats = engine.train_one_epoch(model, train_loader, optimizer, CPU, epoch=epoch)
-        per_epoch.step()
-        history.append({**stats, **engine.evaluate(model, val_loader, CPU, num_classes=classes)})
+    history = plain_epochs(model, optimizer, *loaders(train, val, row.batch_size, seed), row.epochs,
+                           classes, per_epoch)
     return summary(history, cfg.lr)
 
 
@@ -146,11 +155,7 @@ def run_reference(row: Row, data, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     model = ReferenceCNN(classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    train_loader, val_loader = loaders(train, val, 64, seed)
-    history = []
-    for epoch in range(1, row.epochs + 1):
-        stats = engine.train_one_epoch(model, train_loader, optimizer, CPU, epoch=epoch)
-        history.append({**stats, **engine.evaluate(model, val_loader, CPU, num_classes=classes)})
+    history = plain_epochs(model, optimizer, *loaders(train, val, 64, seed), row.epochs, classes)
     return summary(history, 1e-3)
 
 

@@ -252,7 +252,7 @@ def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: 
 # --- the learning-rate schedule, evaluated per optimizer step -----------------------------------
 # Warmup when --warmup-steps/--warmup-epochs are not given: 5 % of all steps, at least
 # WARMUP_FLOOR steps (but never more than a fifth of the run) and at most WARMUP_CAP steps.
-# A 6-step tiny epoch trained 8 epochs warms up over 10 steps; a 7,000-step Places365 epoch
+# A 6-step tiny epoch trained 8 epochs warms up over 9 steps; a 7,000-step Places365 epoch
 # trained 30 epochs over 5,000 (0.7 epoch).
 WARMUP_FRACTION, WARMUP_FLOOR, WARMUP_CAP = 0.05, 50, 5000
 

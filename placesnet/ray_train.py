@@ -219,6 +219,15 @@ def _maybe_crash(loop_config: dict, epoch: int, rank: int) -> None:
     os._exit(1)
 
 
+def _data_root_here(cfg: TrainConfig, data_root: str) -> Path:
+    """The driver's resolved data root, as seen on this worker's node: a node that lacks the
+    generated sample data generates the same (seeded) copy."""
+    root = Path(data_root)
+    if cfg.dataset == "sample" and not (root / "places365_val.txt").is_file():
+        root = resolve_data_root(cfg)
+    return root
+
+
 def train_loop_per_worker(loop_config: dict) -> dict | None:
     """Ray Train's per-worker function: DDP-train ``loop_config["config"]``, report every epoch.
 
@@ -241,9 +250,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     _log(f"rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()} ({device})")
 
     # --- data: each worker reads its shard; val is sharded without padding for exact metrics ---
-    root = Path(loop_config["data_root"])
-    if cfg.dataset == "sample" and not (root / "places365_val.txt").is_file():
-        root = resolve_data_root(cfg)  # another node: generate the same (seeded) sample here
+    root = _data_root_here(cfg, loop_config["data_root"])
     train_ds, val_ds = open_split(cfg, "train", root), open_split(cfg, "val", root)
     classes = class_names(train_ds)
     per_worker = max(cfg.batch_size // world, 1)
@@ -343,10 +350,7 @@ def run_lr_find(config: dict, data_root: str, cpus: float):
     plan = LoaderPlan.for_worker(cpus, device.type == "cuda", cfg.loader_workers)
     if device.type == "cpu":
         torch.set_num_threads(plan.threads)
-    root = Path(data_root)
-    if cfg.dataset == "sample" and not (root / "places365_val.txt").is_file():
-        root = resolve_data_root(cfg)  # another node: generate the same (seeded) sample here
-    return find_lr(cfg, root, device, loader_workers=plan.workers)
+    return find_lr(cfg, _data_root_here(cfg, data_root), device, loader_workers=plan.workers)
 
 
 def _move_scheduler(scheduler, step: int) -> None:
