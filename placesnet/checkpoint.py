@@ -5,14 +5,19 @@ A checkpoint is a directory::
     model.pt        model state_dict (unwrapped from DDP), tensors only
     train_state.pt  optimizer, scheduler and GradScaler state, tensors and plain values only
     config.json     the TrainConfig that built the model
-    meta.json       format version, epoch, class names, this epoch's metrics, metrics history
+    meta.json       format version, epoch, class names, this epoch's metrics, metrics history,
+                    and the size and sha256 of each file above
 
-Everything loads with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+Everything loads with ``torch.load(weights_only=True)``: a checkpoint cannot run code. Each file
+is written to a temporary name and renamed, meta.json last, so a checkpoint whose meta.json is
+there is complete; :func:`verify_checkpoint` checks the files against their checksums.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,18 +39,74 @@ def save_checkpoint(directory: str | Path, *, model: nn.Module, config: TrainCon
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # unwrap DDP
-    torch.save(model.state_dict(), directory / MODEL_FILE)
-    torch.save({
+    _atomic(directory / MODEL_FILE, lambda f: torch.save(model.state_dict(), f))
+    _atomic(directory / STATE_FILE, lambda f: torch.save({
         "optimizer": optimizer.state_dict() if optimizer else None,
         "scheduler": scheduler.state_dict() if scheduler else None,
         "scaler": scaler.state_dict() if scaler else None,
         "schedule_unit": "step",  # the scheduler counts optimizer steps (before 2026-11-28: epochs)
-    }, directory / STATE_FILE)
-    (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+    }, f))
+    _atomic(directory / CONFIG_FILE, lambda f: f.write(json.dumps(config.to_dict(), indent=2).encode()))
     meta = {"format": FORMAT, "epoch": epoch, "classes": list(classes), "metrics": metrics,
-            "history": history}
-    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+            "history": history,
+            "files": {name: _fingerprint(directory / name) for name in (MODEL_FILE, STATE_FILE, CONFIG_FILE)}}
+    _atomic(directory / META_FILE, lambda f: f.write(json.dumps(meta, indent=2).encode()))
     return directory
+
+
+def _atomic(path: Path, write) -> None:
+    """``write(file)`` into a temporary name next to ``path``, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fingerprint(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def verify_checkpoint(directory: str | Path) -> str | None:
+    """What is wrong with a checkpoint directory, or None when it is complete and intact.
+
+    meta.json must parse and name this format; each file it lists must have its size and sha256
+    (checkpoints from before 2026-11-28 list none: their files must load instead).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return "the directory is missing"
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except FileNotFoundError:
+        return f"no {META_FILE} (an unfinished write?)"
+    except (OSError, ValueError, UnicodeDecodeError):
+        return f"{META_FILE} is not valid JSON"
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return f"{META_FILE} does not describe a {FORMAT} checkpoint"
+    files = meta.get("files")
+    if files is None:  # an older checkpoint: no checksums, so load what it holds
+        try:
+            json.loads((directory / CONFIG_FILE).read_text())
+            for name in (MODEL_FILE, STATE_FILE):
+                _torch_load(directory / name)
+        except (OSError, ValueError, UnicodeDecodeError, UserError) as e:
+            return str(e)
+        return None
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected.get("bytes"):
+            return f"{name} has {path.stat().st_size} bytes, {expected.get('bytes')} were written (truncated?)"
+        if _fingerprint(path)["sha256"] != expected.get("sha256"):
+            return f"{name} does not match its sha256 (changed or corrupted since it was written)"
+    return None
 
 
 @dataclass
@@ -123,9 +184,9 @@ def _best_in_run(run_dir: Path) -> Path:
     summary = run_dir / SUMMARY_FILE
     if summary.is_file():
         best = _read_json(summary).get("best_checkpoint")
-        if best and (Path(best) / MODEL_FILE).is_file():
+        if best and verify_checkpoint(best) is None:
             return Path(best)
-    candidates = [d for d in run_dir.glob("checkpoint_*") if (d / META_FILE).is_file()]
+    candidates = [d for d in run_dir.glob("checkpoint_*") if verify_checkpoint(d) is None]
     if not candidates:
         raise UserError(f"no checkpoint in {run_dir}: expected a checkpoint directory (with "
                         f"{MODEL_FILE}), a training run directory or a sweep's best.json")

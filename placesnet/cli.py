@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
 
-from .config import (DATASET_DEFAULTS, DATASETS, MODEL_LR, MODELS, REFERENCE_BATCH, SAMPLE_CLASSES,
-                     SAMPLE_DIFFICULTIES, SCHEDULES, TrainConfig, UserError, default_lr)
+from .config import (BAD_IMAGE_POLICIES, DATASET_DEFAULTS, DATASETS, MODEL_LR, MODELS, REFERENCE_BATCH, SAMPLE_CLASSES,
+                     SAMPLE_DIFFICULTIES, SCHEDULES, Interrupted, TrainConfig, UserError, default_lr)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -75,6 +76,14 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                         f"places365 {DATASET_DEFAULTS['places365']['image_size']})")
     g.add_argument("--augment", action="store_true",
                    help="random resized crop + horizontal flip on the training split")
+    g.add_argument("--bad-images", choices=BAD_IMAGE_POLICIES, default="fail",
+                   help="an image file that cannot be decoded during training: 'fail' stops the run "
+                        "at once, naming the file and its list line (no retries); 'skip' leaves it "
+                        "out, logs its path and counts it in metrics.csv's skipped_images "
+                        "(default: %(default)s)")
+    g.add_argument("--no-check-files", dest="check_files", action="store_false",
+                   help="before training, check only the list files, not that every listed image "
+                        "exists and is non-empty (a stat per file: for slow network filesystems)")
     g.add_argument("--sample-difficulty", choices=SAMPLE_DIFFICULTIES, default="easy",
                    help="sample dataset: 'easy' (8 distinct scene kinds; about 99%% with any recipe) "
                         "or 'hard' (16 look-alike categories with occlusion, zoom, colour changes "
@@ -153,6 +162,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         dataset=args.dataset, data_root=args.data_root, skip_verify=args.skip_verify,
         download=args.download, image_size=pick("image_size"), augment=args.augment,
+        bad_images=getattr(args, "bad_images", "fail"),
         sample_difficulty=difficulty,
         sample_classes=args.sample_classes or SAMPLE_CLASSES[difficulty],
         sample_train_per_class=args.sample_train_per_class,
@@ -197,14 +207,24 @@ def ray_init(address: str | None = None, num_cpus: int | None = None) -> None:
         raise UserError(f"cannot connect to the Ray cluster at {address}: {e}") from None
 
 
-def run_cli(main: Callable[[], int | None]) -> None:
-    """Run ``main``; a UserError or Ctrl-C becomes one line on stderr and a non-zero exit."""
+def _sigterm_as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def run_cli(main: Callable[[], int | None], resumable: bool = False) -> None:
+    """Run ``main``; a UserError becomes one line on stderr and exit 2, Ctrl-C or SIGTERM one line
+    and exit 130 (``resumable``: the line says the same command resumes)."""
     prog = Path(sys.argv[0]).name
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         sys.exit(main() or 0)
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted" + (": resume with the same command" if resumable else ""),
+              file=sys.stderr)
         sys.exit(130)

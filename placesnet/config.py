@@ -19,6 +19,7 @@ METRIC_MODE = "max"
 DATASETS = ("sample", "places365")
 MODELS = ("deepcnn", "workshop", "resnet18")
 SCHEDULES = ("cosine", "step", "none")
+BAD_IMAGE_POLICIES = ("fail", "skip")
 
 # Where generated data and run outputs go by default. Absolute on purpose: under
 # `ray job submit --working-dir` the driver runs in a temporary copy of the tree.
@@ -51,6 +52,10 @@ class UserError(Exception):
     """A mistake in what the user asked for: shown as one line, never as a traceback."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped a run; the message says how to go on. Exit status 130."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # --- data ---
@@ -60,6 +65,7 @@ class TrainConfig:
     download: bool = False
     image_size: int = 64
     augment: bool = False  # random resized crop + horizontal flip on the training split
+    bad_images: str = "fail"  # an image that cannot be decoded: "fail" stops the run, "skip" leaves it out
     # sample-dataset shape (ignored for places365)
     sample_difficulty: str = "easy"  # "hard": 16 look-alike classes where recipes differ
     sample_classes: int = 8
@@ -115,6 +121,9 @@ class TrainConfig:
             raise UserError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
         if self.model not in MODELS:
             raise UserError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.bad_images not in BAD_IMAGE_POLICIES:
+            raise UserError(f"unknown --bad-images {self.bad_images!r}; choose one of "
+                            f"{', '.join(BAD_IMAGE_POLICIES)}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         checks = [

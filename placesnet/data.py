@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -56,15 +58,84 @@ def resolve_data_root(config: TrainConfig) -> Path:
     return root
 
 
+class BadImageFile(UserError):
+    """A listed image file that cannot be read or decoded (truncated, empty, not an image)."""
+
+
 def read_image_uint8(path: str) -> torch.Tensor:
     """Places365's ``loader=``: decode an image file straight to a (3, H, W) uint8 RGB tensor.
 
     Skips PIL and the float conversion of ToTensor; grayscale and CMYK files come out as RGB.
+    Raises :class:`BadImageFile` for a file that cannot be read or decoded.
     """
     try:
         return decode_image(path, mode=ImageReadMode.RGB)
-    except RuntimeError as e:
-        raise UserError(f"cannot decode image {path}: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = re.sub(r"^\w+, \S+\.cpp:\d+, ", "", reason)  # torchvision's C++ source location
+        raise BadImageFile(f"cannot decode image {path}: {reason}") from None
+
+
+class MarkBadImages(Dataset):
+    """A dataset whose samples that cannot be decoded come out as a blank image with the target
+    ``-(index + 1)`` instead of an exception, so the training process (not a DataLoader
+    process) decides what to do about them: see :class:`BadImages`."""
+
+    def __init__(self, dataset: Places365, image_size: int) -> None:
+        self.dataset, self.image_size = dataset, image_size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except BadImageFile:
+            return torch.zeros((3, self.image_size, self.image_size), dtype=torch.uint8), -(index + 1)
+
+
+def list_file_name(ds: Places365) -> str:
+    """The list file a Places365 split reads, e.g. ``places365_val.txt``."""
+    return ds._FILE_LIST_META[ds.split][0]
+
+
+@dataclass
+class BadImages:
+    """What the epoch loop does with the samples :class:`MarkBadImages` marked.
+
+    ``fail``: raise a :class:`BadImageFile` naming the file, its list line and the reason, at the
+    step that meets it. ``skip``: leave it out of the loss and metrics and ``warn`` its path once.
+    """
+
+    mode: str
+    dataset: Places365
+    warn: Callable[[str], None] = print
+    seen: set = field(default_factory=set)
+
+    def describe(self, index: int) -> str:
+        path = self.dataset.imgs[index][0]
+        try:  # decode it again here: the reason was lost in the DataLoader process
+            read_image_uint8(path)
+            reason = "it failed to decode while loading"
+        except BadImageFile as e:
+            reason = str(e).split(f"{path}: ", 1)[-1]
+        return (f"cannot decode image {path} (line {index + 1} of "
+                f"{os.path.join(self.dataset.root, list_file_name(self.dataset))}): {reason}")
+
+    def check(self, targets: torch.Tensor) -> int:
+        """How many samples of a (CPU) target batch are marked bad; raises in ``fail`` mode."""
+        marked = targets < 0
+        if not bool(marked.any()):
+            return 0
+        indices = (-targets[marked] - 1).tolist()
+        if self.mode == "fail":
+            raise BadImageFile(f"{self.describe(indices[0])}; fix or remove the file, or pass "
+                               "--bad-images skip to train without it")
+        for index in indices:
+            if index not in self.seen:
+                self.seen.add(index)
+                self.warn(f"skipping a bad image: {self.describe(index)}")
+        return len(indices)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -107,6 +107,7 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     clip_grad_norm: float | None = None,
     rise_warning: float = 0.0,
+    bad_images=None,
 ) -> dict:
     """One pass over ``loader``; returns global ``train_loss``, ``train_top1``, ``train_images``,
     ``train_time_s``, ``images_per_s``, the ``lr`` of the last step, and this rank's
@@ -120,8 +121,13 @@ def train_one_epoch(
     learning rate too high, seen before the loss becomes NaN.
 
     ``log`` (rank 0 only, typically) gets a progress line every ``log_every`` steps.
+
+    ``bad_images`` (a :class:`data.BadImages`, for a loader over :class:`data.MarkBadImages`)
+    decides about samples that could not be decoded: raise at once, or leave them out of the loss
+    and the counts; ``skipped_images`` is how many were left out on all ranks.
     """
     model.train()
+    skipped = 0
     steps = len(loader)
     loss_sum = correct = seen = 0.0
     first_loss = peak_loss = math.nan
@@ -129,10 +135,18 @@ def train_one_epoch(
     start = window_start = time.perf_counter()
     window_seen = 0
     for step, (images, targets) in enumerate(loader, start=1):
+        bad = bad_images.check(targets) if bad_images is not None else 0  # on the CPU: no sync
+        n = targets.numel() - bad
+        skipped += bad
+        if bad:
+            targets = targets.clamp(min=-1)  # -1: ignored by the loss, never a correct prediction
         images, targets = _to_device(images, targets, device, channels_last)
         with _autocast(device, amp_dtype):
             logits = model(images)
-            loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+            if n:
+                loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing, ignore_index=-1)
+            else:  # every sample of this rank's batch was bad: a zero loss keeps DDP in step
+                loss = logits.sum() * 0.0
         optimizer.zero_grad(set_to_none=True)
         lr = optimizer.param_groups[0]["lr"]
         if scaler is not None:
@@ -149,7 +163,6 @@ def train_one_epoch(
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        n = targets.numel()
         # .item() syncs with the GPU; fine at this granularity and keeps the code readable.
         value = _finite_loss(loss, epoch=epoch, step=step, steps=steps, optimizer=optimizer)
         loss_sum += value * n
@@ -170,7 +183,8 @@ def train_one_epoch(
                 f"top1 {correct / seen:.4f} {window_seen / (now - window_start):.0f} img/s per worker")
             window_start, window_seen = now, 0
     elapsed = time.perf_counter() - start
-    loss_sum, correct, seen, elapsed_sum = _all_reduce([loss_sum, correct, seen, elapsed], device)
+    loss_sum, correct, seen, elapsed_sum, skipped = _all_reduce([loss_sum, correct, seen, elapsed, skipped],
+                                                                device)
     # Ranks run in lockstep under DDP, so the mean of their times is the epoch's wall time.
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     wall = elapsed_sum / world
@@ -181,6 +195,7 @@ def train_one_epoch(
         "train_time_s": wall,
         "images_per_s": seen / wall if wall > 0 else 0.0,
         "lr": lr,  # the last step's
+        "skipped_images": int(skipped),
         "first_step_loss": first_loss,
         "peak_step_loss": peak_loss,
     }
@@ -196,18 +211,28 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     confusion: bool = False,
+    bad_images=None,
 ) -> dict:
     """Loss, top-1 and top-5 over everything ``loader`` yields on all ranks together.
 
     Returns ``val_loss``, ``val_top1``, ``val_top5``, ``val_images`` and, with ``confusion=True``,
-    ``confusion``: an (num_classes, num_classes) int64 tensor, rows = true class.
+    ``confusion``: an (num_classes, num_classes) int64 tensor, rows = true class. With
+    ``bad_images`` (see :func:`train_one_epoch`), samples that could not be decoded raise or are
+    left out; ``val_skipped`` counts them.
     """
     model.eval()
     k = min(5, num_classes)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    counts = torch.zeros(3, dtype=torch.int64, device=device)  # top1, topk, seen
+    counts = torch.zeros(4, dtype=torch.int64, device=device)  # top1, topk, seen, skipped
     matrix = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     for images, targets in loader:
+        bad = bad_images.check(targets) if bad_images is not None else 0
+        if bad:
+            counts[3] += bad
+            keep = targets >= 0
+            images, targets = images[keep], targets[keep]
+            if not targets.numel():
+                continue
         images, targets = _to_device(images, targets, device, channels_last)
         with _autocast(device, amp_dtype):
             logits = model(images)
@@ -215,8 +240,8 @@ def evaluate(
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
         topk = logits.topk(k, dim=1).indices  # (B, k)
         hits = topk == targets[:, None]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(targets.numel(),
-                                                                                 device=device)])
+        counts[:3] += torch.stack([hits[:, 0].sum(), hits.any(1).sum(),
+                                   torch.tensor(targets.numel(), device=device)])
         if confusion:
             matrix += torch.bincount(targets * num_classes + topk[:, 0],
                                      minlength=num_classes * num_classes)
@@ -229,6 +254,7 @@ def evaluate(
         "val_top1": int(counts[0]) / seen,
         "val_top5": int(counts[1]) / seen,
         "val_images": int(counts[2]),
+        "val_skipped": int(counts[3]),
     }
     if confusion:
         out["confusion"] = matrix.view(num_classes, num_classes).cpu()

@@ -111,7 +111,8 @@ def sweep_png(table) -> bytes:
     ax_curve.set(xlabel="epoch", ylabel="val top-1", ylim=(0, 1.02),
                  title="learning curves (dashed: stopped early by ASHA)")
     ax_curve.grid(alpha=0.3)
-    ax_curve.legend(fontsize=7)
+    if ax_curve.get_legend_handles_labels()[0]:  # an interrupted sweep may have no curve yet
+        ax_curve.legend(fontsize=7)
     ax_curve.xaxis.get_major_locator().set_params(integer=True)
     return _png(fig)
 

@@ -8,6 +8,7 @@ import logging
 import os
 import posixpath
 import secrets
+import signal
 import sys
 import tempfile
 import time
@@ -19,17 +20,77 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import engine
-from .checkpoint import load_checkpoint, load_model_state, load_train_state, read_meta, save_checkpoint
-from .config import METRIC, METRIC_MODE, TrainConfig, UserError
-from .data import LoaderPlan, ShardSampler, class_names, open_split, resolve_data_root
+from .checkpoint import (load_checkpoint, load_model_state, load_train_state, read_meta, save_checkpoint,
+                         verify_checkpoint)
+from .config import METRIC, METRIC_MODE, Interrupted, TrainConfig, UserError
+from .data import BadImages, LoaderPlan, MarkBadImages, ShardSampler, class_names, open_split, resolve_data_root
 from .evaluation import evaluate_checkpoint
 from .model import build_model
 from .plots import curves_png
 
 METRICS_FILE, CURVES_FILE = "metrics.csv", "curves.png"
+RESUME_HINT = "resume with the same command"
+
+
+class StopOnUserErrors(DefaultFailurePolicy):
+    """Ray Train's failure policy, except that a worker error that is the user's to fix
+    (a :class:`UserError`: bad data, a corrupt checkpoint, a bad setting) ends the run at once: a
+    restart would only meet it again. Lost workers and nodes still restart, up to --max-failures.
+
+    (Ray 2.60 hands each worker's own exception to the policy in ``worker_failures``.)
+    """
+
+    def make_decision(self, training_failed_error) -> FailureDecision:
+        failures = getattr(training_failed_error, "worker_failures", None) or {}
+        if any(isinstance(e, UserError) for e in failures.values()):
+            return FailureDecision.RAISE
+        return super().make_decision(training_failed_error=training_failed_error)
+
+
+class Trainer(ray.train.torch.TorchTrainer):
+    """TorchTrainer with :class:`StopOnUserErrors` and a Ctrl-C / SIGTERM that ends in
+    :class:`Interrupted` (exit 130, "resume with the same command") instead of Ray's own handler,
+    which aborts the run but exits 1 with nothing said."""
+
+    def _initialize_and_run_controller(self, **kwargs):
+        kwargs["failure_policy"] = StopOnUserErrors(self.run_config.failure_config)
+        return super()._initialize_and_run_controller(**kwargs)
+
+    _signal: str = "Ctrl-C"
+
+    def fit(self):
+        try:
+            return super().fit()
+        except KeyboardInterrupt:  # (Ray's get() lets only KeyboardInterrupt out of a handler)
+            raise Interrupted(f"interrupted by {self._signal}: {RESUME_HINT}") from None
+
+    def _register_sigint_handler(self, controller) -> None:
+        def stop(signum, frame):
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            self._signal = signal.Signals(signum).name
+            try:  # stop the workers; the checkpoints already committed stay
+                ray.get(controller.abort.remote(), timeout=60)
+            except Exception:  # noqa: BLE001 - the controller exits as it aborts
+                pass
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+
+
+def failure_message(error: "ray.train.TrainingFailedError") -> tuple[str, bool]:
+    """(one line, is it the user's to fix) for a failed run: a worker's UserError verbatim, else
+    the most telling line of Ray's error."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for rank, e in sorted(failures.items()):
+        if isinstance(e, UserError):
+            return str(e), True
+    return last_line(error), False
 
 
 @dataclass(frozen=True)
@@ -97,6 +158,27 @@ def plan_resources(num_workers: int | None, gpu: bool | None, cpus_per_worker: f
             + ("" if use_gpu else " or --cpus-per-worker")
             + (" (STRICT_SPREAD: one worker per node)" if placement_strategy == "STRICT_SPREAD" else ""))
     return Resources(num_workers, use_gpu, cpus_per_worker, placement_strategy)
+
+
+def check_storage_writable(storage_path: str) -> None:
+    """Write and delete a probe file under ``storage_path`` (a local path or a URI) from the
+    driver, so an unwritable place fails in one line before anything starts, on any cluster size.
+    (On clusters of 2+ nodes :func:`check_cluster_paths` also checks every node sees it.)"""
+    from pyarrow import fs as pafs
+
+    try:
+        if "://" in storage_path:
+            filesystem, base = pafs.FileSystem.from_uri(storage_path)
+        else:
+            filesystem, base = pafs.LocalFileSystem(), storage_path
+        filesystem.create_dir(base, recursive=True)
+        probe = posixpath.join(base, f".placesnet-write-check-{secrets.token_hex(4)}")
+        with filesystem.open_output_stream(probe) as f:
+            f.write(b"ok")
+        filesystem.delete_file(probe)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid, ...
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot write to --storage-path {storage_path}: {reason}") from None
 
 
 def _sees(path: str, token: str | None) -> bool:
@@ -192,10 +274,33 @@ def _log(message: str) -> None:
     print(message, file=sys.__stdout__, flush=True)
 
 
+class _UserErrorTracebacks(logging.Filter):
+    """Drops Ray's "Error in training function" traceback for a UserError raised in this worker
+    (see :func:`_user_error`): the driver prints its one line, and a traceback of bad data or a
+    corrupt checkpoint only hides it. Tracebacks of real bugs still show."""
+
+    pending = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _UserErrorTracebacks.pending and "Error in training function" in record.getMessage():
+            _UserErrorTracebacks.pending = False
+            return False
+        return True
+
+
+def _user_error(error: UserError) -> UserError:
+    """Mark ``error`` as the user's before it leaves the training function (``raise _user_error(e)``)."""
+    _UserErrorTracebacks.pending = True
+    return error
+
+
 def _quiet_ray_train() -> None:
     # Ray Train logs every report() at INFO ("Reporting training result ..."), a screenful per
     # epoch; LoggingConfig(log_level) does not reach that logger in 2.60, so quiet it here.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    util_logger = logging.getLogger("ray.train.v2._internal.util")
+    if not any(isinstance(f, _UserErrorTracebacks) for f in util_logger.filters):
+        util_logger.addFilter(_UserErrorTracebacks())
     try:  # that message's logger is named after its file path, not its module
         from ray.train.v2._internal.execution import context
 
@@ -229,6 +334,14 @@ def _data_root_here(cfg: TrainConfig, data_root: str) -> Path:
 
 
 def train_loop_per_worker(loop_config: dict) -> dict | None:
+    """Ray Train's per-worker function (see :func:`_train_worker`); a UserError leaves it as one line."""
+    try:
+        return _train_worker(loop_config)
+    except UserError as e:
+        raise _user_error(e) from None
+
+
+def _train_worker(loop_config: dict) -> dict | None:
     """Ray Train's per-worker function: DDP-train ``loop_config["config"]``, report every epoch.
 
     Returns ``{"diverged": message}`` if the loss became NaN or infinite (see :func:`diverged`).
@@ -253,6 +366,9 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     root = _data_root_here(cfg, loop_config["data_root"])
     train_ds, val_ds = open_split(cfg, "train", root), open_split(cfg, "val", root)
     classes = class_names(train_ds)
+    warn = (lambda message: _log(f"[rank {rank}] {message}"))
+    bad_train, bad_val = BadImages(cfg.bad_images, train_ds, warn), BadImages(cfg.bad_images, val_ds, warn)
+    train_ds, val_ds = MarkBadImages(train_ds, cfg.image_size), MarkBadImages(val_ds, cfg.image_size)
     per_worker = max(cfg.batch_size // world, 1)
     kw = plan.kwargs()
     sampler = (DistributedSampler(train_ds, world, rank, shuffle=True, seed=cfg.seed)
@@ -283,6 +399,10 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
+            problem = verify_checkpoint(ckpt_dir)
+            if problem:  # a UserError: Ray does not restart on it (see StopOnUserErrors)
+                raise UserError(f"cannot resume from {checkpoint.path}: {problem}; run the same "
+                                "command again to resume from the newest intact checkpoint")
             getattr(model, "module", model).load_state_dict(load_model_state(ckpt_dir, device))
             state = load_train_state(ckpt_dir, device)
             optimizer.load_state_dict(state["optimizer"])
@@ -310,7 +430,8 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                                            label_smoothing=cfg.label_smoothing, log_every=log_every,
                                            log=log, epoch=epoch + 1, scheduler=scheduler,
                                            clip_grad_norm=cfg.clip_grad_norm or None,
-                                           rise_warning=engine.RISE_WARNING if epoch == 0 else 0.0)
+                                           rise_warning=engine.RISE_WARNING if epoch == 0 else 0.0,
+                                           bad_images=bad_train)
         except engine.TrainingDiverged as e:
             # Every rank stops at the same step. Returning instead of raising ends the run without
             # Ray's restarts, which would only diverge again from the same checkpoint.
@@ -320,7 +441,8 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         for key in ("first_step_loss", "peak_step_loss"):  # for the rise warning, not metrics.csv
             train.pop(key)
         val = engine.evaluate(model, val_loader, device, num_classes=len(classes),
-                              amp_dtype=amp_dtype, channels_last=channels_last)
+                              amp_dtype=amp_dtype, channels_last=channels_last, bad_images=bad_val)
+        train["skipped_images"] += val.pop("val_skipped")  # --bad-images skip; 0 otherwise
         metrics = {"epoch": epoch + 1, **train, **val,
                    "epoch_time_s": time.perf_counter() - t0, "num_workers": world}
         history = [*history, metrics]
@@ -364,6 +486,13 @@ def _move_scheduler(scheduler, step: int) -> None:
 def eval_loop_per_worker(loop_config: dict) -> dict | None:
     """Evaluate a checkpoint on this worker's shard; rank 0 returns the exact totals."""
     _quiet_ray_train()
+    try:
+        return _eval_worker(loop_config)
+    except UserError as e:
+        raise _user_error(e) from None
+
+
+def _eval_worker(loop_config: dict) -> dict | None:
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     plan = LoaderPlan.for_worker(loop_config["cpus_per_worker"], device.type == "cuda")
@@ -393,7 +522,7 @@ def distributed_evaluate(checkpoint: Path, data_root: Path, resources: Resources
             return distributed_evaluate(checkpoint, data_root, resources, split=split,
                                         batch_size=batch_size, skip_verify=skip_verify,
                                         storage_path=tmp)
-    trainer = ray.train.torch.TorchTrainer(
+    trainer = Trainer(
         eval_loop_per_worker,
         train_loop_config={"checkpoint": str(checkpoint), "data_root": str(data_root),
                            "split": split, "batch_size": batch_size, "skip_verify": skip_verify,
@@ -406,7 +535,8 @@ def distributed_evaluate(checkpoint: Path, data_root: Path, resources: Resources
     try:
         result = trainer.fit().return_value
     except ray.train.TrainingFailedError as e:
-        raise UserError(f"evaluation failed: {last_line(e)}") from None
+        message, users = failure_message(e)
+        raise UserError(message if users else f"evaluation failed: {message}") from None
     result["confusion"] = torch.tensor(result["confusion"], dtype=torch.int64)
     return result
 
@@ -435,7 +565,7 @@ def make_trainer(cfg: TrainConfig, data_root: Path, resources: Resources, *, sto
     if fail_after_epoch:
         loop_config.update(fail_after_epoch=fail_after_epoch,
                            fail_marker=str(Path(storage_path) / name / ".fault_injected"))
-    return ray.train.torch.TorchTrainer(
+    return Trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=resources.scaling_config(),
@@ -492,13 +622,3 @@ def summarize(result: "ray.train.Result", storage_path: str, name: str) -> tuple
                                               "summary.json")) as f:
         f.write(json.dumps(summary, indent=2).encode())
     return summary, latest_meta["history"]
-
-
-def latest_checkpoint_config(run_dir: Path) -> dict | None:
-    """The config.json of the newest checkpoint in an existing run dir, if any."""
-    ckpts = sorted(run_dir.glob("checkpoint_*/config.json"))
-    if not ckpts:
-        return None
-    newest = max(ckpts, key=lambda p: p.stat().st_mtime)
-    return json.loads(newest.read_text())
-

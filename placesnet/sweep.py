@@ -116,10 +116,14 @@ def make_tuner(cfg: TrainConfig, data_root: Path, plan: SweepPlan, *, storage_pa
     )
 
 
-def collect_results(result_grid, exp_dir: Path, epochs: int, scale_lr: int | None = None) -> pd.DataFrame:
+def collect_results(result_grid, exp_dir: Path, epochs: int, scale_lr: int | None = None,
+                    interrupted: bool = False) -> pd.DataFrame:
     """One row per trial, from Tune's results and each trial's own Train run. ``lr`` is the
-    searched value, ``train_lr`` the one the trial trained with (they differ with ``scale_lr``)."""
+    searched value, ``train_lr`` the one the trial trained with (they differ with ``scale_lr``).
+    ``interrupted``: the sweep was stopped; trials that the saved experiment state has not ended
+    (those a rerun continues) are ``interrupted``."""
     rows = []
+    ended = unended_trials(exp_dir) if interrupted else set()
     for r in result_grid:
         history = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
         trial_id = (r.metrics or {}).get("trial_id") or _trial_id_from_dir(r.path)
@@ -127,7 +131,8 @@ def collect_results(result_grid, exp_dir: Path, epochs: int, scale_lr: int | Non
         epochs_run = int(history["epoch"].max()) if "epoch" in history and len(history) else 0
         best_ckpt, best_meta = _best_checkpoint(train_dir, epochs_run)
         config, error = _config_and_error(r)
-        status = ("errored" if error else "finished" if epochs_run >= epochs else "stopped early")
+        status = ("errored" if error else "finished" if epochs_run >= epochs
+                  else "interrupted" if trial_id in ended else "stopped early")
         rows.append({
             "trial_id": trial_id,
             "batch_size": config.get("batch_size"),
@@ -144,6 +149,17 @@ def collect_results(result_grid, exp_dir: Path, epochs: int, scale_lr: int | Non
             "curve": json.dumps([float(v) for v in history.get(METRIC, [])]),
         })
     return pd.DataFrame(rows).sort_values("best_val_top1", ascending=False, na_position="last")
+
+
+def unended_trials(exp_dir: Path) -> set[str]:
+    """Ids of the trials an interrupted sweep's saved state has not ended (pending or running)."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        trials = ExperimentAnalysis(str(exp_dir)).trials
+    except Exception:  # noqa: BLE001 - no state saved yet: nothing had started
+        return set()
+    return {t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")}
 
 
 def _config_and_error(result) -> tuple[dict, str]:

@@ -79,8 +79,10 @@ def main(argv=None) -> int:
 
     # Imports that pull in Ray and torch come after argument checks, so --help and typos are fast.
     from placesnet.data import class_names, describe, open_split, resolve_data_root
-    from placesnet.ray_train import (check_cluster_paths, diverged, last_line, latest_checkpoint_config,
-                                     make_trainer, plan_resources, summarize)
+    from placesnet.ray_train import (RESUME_HINT, check_cluster_paths, check_storage_writable, diverged,
+                                     failure_message, make_trainer, plan_resources, summarize)
+    from placesnet.resume import prepare_resume
+    from placesnet.validate import check_dataset
 
     storage = args.storage_path
     if "://" not in storage:
@@ -90,24 +92,32 @@ def main(argv=None) -> int:
         raise UserError(f"--name must be a plain directory name, got {name!r}")
     run_dir = Path(storage) / name  # local storage; messages below also name remote ones
     run_label = f"{storage.rstrip('/')}/{name}"
+    check_storage_writable(storage)  # before the data check and Ray: one line if it cannot work
 
-    # Resolve the data on the driver: layout errors surface here, before any worker starts.
+    # Resolve and check the data on the driver: layout errors, bad list lines and missing or empty
+    # images surface here, before any worker starts.
     root = resolve_data_root(cfg)
     if cfg.dataset == "places365":
         cfg = cfg.replace(data_root=str(root))
+    if cfg.download:  # torchvision fetches what is missing; then the copy is checked like any other
+        open_split(cfg, "train", root), open_split(cfg, "val", root)
+        cfg = cfg.replace(download=False)  # workers only read
+    print(check_dataset(root, files=args.check_files))
     train_ds, val_ds = open_split(cfg, "train", root), open_split(cfg, "val", root)
     classes = class_names(train_ds)
-    cfg = cfg.replace(download=False)  # downloaded now if asked; workers only read
     print(f"data: train {describe(train_ds)}; val {len(val_ds)} images")
 
-    previous = latest_checkpoint_config(run_dir) if "://" not in storage else None
+    resume = prepare_resume(run_dir) if "://" not in storage else None
+    for note in resume.notes if resume else []:
+        print(note)
+    previous = resume.config if resume else None
     source = lr_source(args, cfg)
     if previous:
         changed = [k for k in ARCHITECTURE if previous.get(k) != cfg.to_dict().get(k)]
         if changed:
             raise UserError(f"{run_dir} holds a run with a different {', '.join(changed)}; "
                             "resume it with the same settings or pick a new --name")
-        print(f"resuming run {run_dir}")
+        print(f"resuming run {run_dir} from {resume.checkpoint.name} (epoch {resume.epoch})")
         if args.lr == "auto":  # the schedule continues: keep the lr the range test found before
             cfg, source = cfg.replace(lr=previous["lr"]), "--lr auto, found when the run started"
 
@@ -131,8 +141,11 @@ def main(argv=None) -> int:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise UserError(f"training failed after {args.max_failures} restart(s): {last_line(e)} "
-                        f"(run dir: {run_label}; re-run with the same --name to resume)") from None
+        message, users = failure_message(e)
+        if users:  # the same data or checkpoint would fail again: no restarts were spent on it
+            raise UserError(f"{message} (run dir: {run_label}; fix it and {RESUME_HINT})") from None
+        raise UserError(f"training failed after {args.max_failures} restart(s): {message} "
+                        f"(run dir: {run_label}; {RESUME_HINT})") from None
 
     message = diverged(result)
     if message:
@@ -203,4 +216,4 @@ def _print_results(summary: dict, history: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, resumable=True)

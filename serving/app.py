@@ -22,13 +22,14 @@ from typing import Any
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve import Application
 
 from placesnet.images import MAX_PIXELS
 
 DEFAULTS: dict[str, Any] = {
-    "min_replicas": 1,
+    "min_replicas": 2,  # where the cluster has room (see replicas_with_room); else 1
     "max_replicas": 2,
     "target_ongoing_requests": 8,
     "num_cpus": 1.0,
@@ -55,6 +56,22 @@ class ClientError(Exception):
 @app.exception_handler(ClientError)
 async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """404 (no such route), 405 (wrong method), ...: the same ``{"error": ...}`` as every other error."""
+    return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"},
+                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+@app.exception_handler(Exception)
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug or a failing device on the replica: 500, still as JSON (the traceback goes to the
+    replica's log). Requests a crashed replica was holding are answered by Serve's proxy instead,
+    in plain text: see docs/reliability.md."""
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}: {str(exc)[:200]}"},
+                        status_code=500)
 
 
 @app.exception_handler(RequestValidationError)
@@ -206,10 +223,25 @@ def _number(args: dict, key: str, kind):
     return value
 
 
+def replicas_with_room(opts: dict, resources: dict | None = None) -> int:
+    """``opts["min_replicas"]`` (default 2, so a crashed replica costs ~0.1 s instead of seconds
+    of outage), lowered to what fits: the connected cluster's CPUs and GPUs, or, before Ray is
+    connected (``serve run`` builds the app first), this machine's CPUs. At least 1."""
+    if resources is None:
+        import ray
+
+        resources = (ray.cluster_resources() if ray.is_initialized()
+                     else {"CPU": float(os.cpu_count() or 1), "GPU": float(opts["num_gpus"] and 1e9)})
+    fits = resources.get("CPU", 0) // opts["num_cpus"] if opts["num_cpus"] else 10**9
+    if opts["num_gpus"]:
+        fits = min(fits, resources.get("GPU", 0) // opts["num_gpus"])
+    return int(max(1, min(opts["min_replicas"], opts["max_replicas"], fits)))
+
+
 def build_app(args: dict) -> Application:
     """Serve's app builder: ``serve run serving.app:build_app checkpoint=PATH [key=value ...]``.
 
-    Keys: checkpoint (required), min_replicas, max_replicas, target_ongoing_requests, num_cpus,
+    Keys: checkpoint (required), min_replicas (default: 2 where the cluster has room), max_replicas, target_ongoing_requests, num_cpus,
     num_gpus (fractions allowed), max_batch_size, batch_wait_timeout_s, top_k, max_body_bytes,
     max_pixels. Raises ValueError with a clear message for a missing/corrupt checkpoint or bad values.
     """
@@ -222,6 +254,8 @@ def build_app(args: dict) -> Application:
     if not args.get("checkpoint"):
         raise ValueError("missing checkpoint=PATH (a checkpoint dir, a run dir or a best.json)")
     opts = {k: _number(args, k, type(v)) for k, v in DEFAULTS.items()}
+    if "min_replicas" not in args:
+        opts["min_replicas"] = replicas_with_room(opts)
     if opts["min_replicas"] > opts["max_replicas"]:
         raise ValueError(f"min_replicas {opts['min_replicas']} > max_replicas {opts['max_replicas']}")
     try:

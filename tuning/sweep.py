@@ -23,7 +23,10 @@ val top-1/top-5 and absolute best_checkpoint: serve it with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for placesnet
 
 from placesnet.cli import add_data_args, add_model_args, config_from_args, positive_int, ray_init, run_cli  # noqa: E402
-from placesnet.config import DEFAULT_STORAGE, UserError  # noqa: E402
+from placesnet.config import DEFAULT_STORAGE, Interrupted, UserError  # noqa: E402
 
 
 def float_list(text: str) -> list[float]:
@@ -120,6 +123,30 @@ def check_space(args) -> None:
             raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
 
 
+@contextlib.contextmanager
+def stop_on_signals():
+    """Ctrl-C or SIGTERM during ``tuner.fit()``: Tune stops the trials and saves its state (its
+    SIGUSR1 handler does that), and the yielded list records the signal, so the sweep does not
+    report an unfinished search as done. Tune's own SIGINT handler would hide the interruption."""
+    stopped: list[str] = []
+
+    def stop(signum, frame):
+        if stopped:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        stopped.append(signal.Signals(signum).name)
+        print(f"{signal.Signals(signum).name}: stopping the trials; results so far go to results.csv",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stopped
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_space(args)
@@ -129,14 +156,20 @@ def main(argv=None) -> int:
 
     from placesnet.data import describe, open_split, resolve_data_root
     from placesnet.plots import sweep_png
-    from placesnet.ray_train import check_cluster_paths
+    from placesnet.ray_train import check_cluster_paths, check_storage_writable
+    from placesnet.validate import check_dataset
     from placesnet.sweep import best_record, collect_results, make_tuner, plan_sweep
 
     storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).expanduser().resolve())
     name = args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_storage_writable(storage)
     root = resolve_data_root(cfg)
     if cfg.dataset == "places365":
         cfg = cfg.replace(data_root=str(root))
+    if cfg.download:  # torchvision fetches what is missing; then the copy is checked like any other
+        open_split(cfg, "train", root), open_split(cfg, "val", root)
+        cfg = cfg.replace(download=False)
+    print(check_dataset(root, files=args.check_files))
     train_ds = open_split(cfg, "train", root)
     open_split(cfg, "val", root)
     cfg = cfg.replace(download=False)
@@ -163,12 +196,20 @@ def main(argv=None) -> int:
                        num_samples=num_samples, scheduler=args.scheduler,
                        grace_period=args.grace_period, reduction_factor=args.reduction_factor,
                        scale_lr=args.scale_lr)
-    grid = tuner.fit()
+    with stop_on_signals() as stopped:
+        grid = tuner.fit()
 
     exp_dir = Path(storage) / name
-    table = collect_results(grid, exp_dir, cfg.epochs, args.scale_lr)
+    table = collect_results(grid, exp_dir, cfg.epochs, args.scale_lr, interrupted=bool(stopped))
     table.drop(columns=["curve"]).to_csv(exp_dir / "results.csv", index=False)
     (exp_dir / "sweep.png").write_bytes(sweep_png(table))
+    if stopped:
+        done = int((table["status"] != "interrupted").sum())
+        print("\n" + table[["trial_id", "batch_size", "lr", "best_val_top1", "status"]]
+              .to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print(f"results so far: {exp_dir / 'results.csv'}")
+        raise Interrupted(f"interrupted by {stopped[0]} with {done} of {count} trial(s) done: "
+                          "resume with the same command")
     best = best_record(table, cfg)
     (exp_dir / "best.json").write_text(json.dumps(best, indent=2))
 
@@ -187,4 +228,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, resumable=True)
