@@ -68,6 +68,7 @@ def main(argv=None) -> int:
 
     from placesnet.data import resolve_data_root
     from placesnet.lr_find import find_lr, write_outputs
+    from placesnet.validate import check_dataset
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: this machine has no CUDA GPU")
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory")
     root = resolve_data_root(cfg)
+    print(check_dataset(root, ("train",), files=args.check_files), file=sys.stderr if args.json else sys.stdout)
     result = find_lr(cfg, root, device, loader_workers=args.workers, min_lr=args.min_lr,
                      max_lr=args.max_lr, steps=args.steps, suggest=args.suggest)
     out.mkdir(parents=True, exist_ok=True)

@@ -206,6 +206,10 @@ def _print_results(summary: dict, history: list[dict]) -> None:
     cols = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
             "images_per_s", "epoch_time_s", "lr"]
     print("\n" + pd.DataFrame(history)[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    skipped = max((int(row.get("skipped_images", 0)) for row in history), default=0)
+    if skipped:
+        print(f"\nnote: {skipped} image(s) per epoch could not be decoded and were skipped "
+              "(--bad-images skip; their paths are in the log, the counts in metrics.csv)")
     print(f"\nbest val top-1 {summary['val_top1']:.4f} (top-5 {summary['val_top5']:.4f}) at epoch "
           f"{summary['best_epoch']} of {summary['epochs_completed']}; "
           f"chance is {1 / len(summary['classes']):.4f}")

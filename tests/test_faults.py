@@ -153,6 +153,7 @@ def test_skipped_images_are_logged_and_counted(ray_head, tmp_path, copy):
     out = run.text()
     assert f"skipping a bad image: cannot decode image {bad}" in out
     assert "Places365_val_00000002.jpg (line 2 of" in out
+    assert "note: 2 image(s) per epoch could not be decoded and were skipped" in out
     metrics = pd.read_csv(tmp_path / "skip" / "metrics.csv")
     assert list(metrics["skipped_images"]) == [2, 2]  # one train + one val image, every epoch
     assert list(metrics["train_images"]) == [159, 159] and list(metrics["val_images"]) == [47, 47]
