@@ -32,3 +32,4 @@ bench: setup
 	$(PY) benchmarks/train_overhead.py
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/gpu_train.py
+	$(PY) benchmarks/data_check.py

@@ -99,3 +99,14 @@ def test_recipe_benchmark_compares_the_defaults_with_a_plain_reference():
         assert cells["ratio"] == f"{ours / ref:.2f}"
         assert 0 <= float(cells["lr 0.1/256"]) <= 1 and float(cells["ep1 loss/start"]) > 0
         assert float(cells["before ep1 loss/start"]) > 0
+
+
+def test_data_check_benchmark_times_the_check_against_a_sequential_loop(tmp_path):
+    proc = run_script("benchmarks/data_check.py", "--lines", 2000, "--root", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {c[0]: c for c in (_cells(proc.stdout, name) for name in (
+        "baseline: sequential parse + stat", "check_dataset (parse + 32 stat threads)",
+        "check_dataset --no-check-files"))}
+    assert rows["baseline: sequential parse + stat"][2] == "1.00x"
+    assert all(float(c[2].rstrip("x")) > 0 for c in rows.values())
+    assert not list(tmp_path.iterdir())  # the generated dataset is removed
