@@ -6,13 +6,14 @@ PY := $(VENV)/bin/python
 export VENV
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test test-fast bench help
+.PHONY: setup demo test test-fast bench mutate help
 
 help:
 	@echo "make demo   - set up and train on the embedded sample data (ARGS='...' adds flags)"
 	@echo "make test   - set up and run the tests (PYTEST_ARGS='...' adds pytest flags)"
 	@echo "make setup  - only create/update the virtual environment in $(VENV)"
 	@echo "make bench  - run every benchmark in benchmarks/ (tables for docs/benchmarks.md)"
+	@echo "make mutate - deliberate bugs in a fresh clone each, against their tests (MUTATE_ARGS='--fast')"
 
 setup:
 	@scripts/setup.sh
@@ -33,3 +34,7 @@ bench: setup
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/gpu_train.py
 	$(PY) benchmarks/data_check.py
+
+# Not part of `make test`: each mutation clones the repo (HEAD) and runs the tests that guard it.
+mutate: setup
+	$(PY) scripts/mutate.py $(MUTATE_ARGS)

@@ -39,6 +39,8 @@ def test_two_worker_ddp_learns_and_writes_outputs(run):
                 "epoch_time_s", "lr", "num_workers"]:
         assert col in metrics.columns, col
     assert (metrics["num_workers"] == 2).all() and (metrics["val_images"] == 48).all()
+    # 160 images, global batch 32 = 16 per worker: 5 full steps on each worker's 80, none dropped
+    assert (metrics["train_images"] == 160).all()
     assert metrics["val_top1"].max() == pytest.approx(summary["val_top1"])
     assert (run_dir / "curves.png").read_bytes().startswith(PNG)
     assert str(run_dir / "summary.json") in proc.stdout  # the job says where its outputs are

@@ -1,0 +1,193 @@
+"""`make mutate`: small deliberate bugs in the product's promises, each in a fresh clone, each run
+against the tests that guard it. A mutation the tests miss ("survived") is a hole in the suite.
+
+    python scripts/mutate.py                 # every mutation (slow: Ray tests take minutes each)
+    python scripts/mutate.py --fast          # only mutations whose guarding tests need no Ray
+    python scripts/mutate.py -k checkpoint   # mutations whose name contains "checkpoint"
+    python scripts/mutate.py --list          # the list, without running anything
+
+Each mutation replaces one exact piece of text in one file (it must occur exactly once, so the
+list breaks loudly when the code moves: "does not apply"). The clone is of the committed HEAD,
+so commit before running. Exit status 1 if any mutation survived or no longer applies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: files, -k expressions
+    ray: bool = False  # the guarding tests start a Ray head (minutes)
+
+
+M = Mutation
+MUTATIONS = [
+    # --- checkpoints -------------------------------------------------------------------------
+    M("checkpoint: weights_only off", "placesnet/checkpoint.py",
+      "torch.load(path, map_location=device, weights_only=True)",
+      "torch.load(path, map_location=device, weights_only=False)",
+      ("tests/test_promises.py", "-k", "pickle")),
+    M("checkpoint: best of a run dir is the worst", "placesnet/checkpoint.py",
+      "return max(candidates, key=lambda d: (read_meta(d)", "return min(candidates, key=lambda d: (read_meta(d)",
+      ("tests/test_reliability.py", "-k", "best_checkpoint")),
+    M("checkpoint: sha256 not compared", "placesnet/checkpoint.py",
+      'if _fingerprint(path)["sha256"] != expected.get("sha256"):', "if False:",
+      ("tests/test_reliability.py", "-k", "checksums")),
+    M("checkpoint: size not compared", "placesnet/checkpoint.py",
+      'if path.stat().st_size != expected.get("bytes"):', "if False:",
+      ("tests/test_reliability.py", "-k", "checksums")),
+    M("resume: broken checkpoints not set aside", "placesnet/resume.py",
+      "        d.rename(target)\n", "",
+      ("tests/test_reliability.py", "-k", "broken_newest")),
+    M("resume: Ray's snapshot not rewritten", "placesnet/resume.py",
+      "        _write_snapshot(run_dir, intact)\n", "        pass\n",
+      ("tests/test_reliability.py", "-k", "broken_newest or garbage_snapshot")),
+    M("resume: newest intact is the oldest", "placesnet/resume.py",
+      "    epoch, newest, _ = intact[-1]", "    epoch, newest, _ = intact[0]",
+      ("tests/test_reliability.py", "-k", "broken_newest or intact_run")),
+    # --- the epoch loop ----------------------------------------------------------------------
+    M("divergence: inf not caught", "placesnet/engine.py",
+      "if not math.isfinite(total):", "if math.isnan(total):",
+      ("tests/test_promises.py", "-k", "infinite")),
+    M("divergence: local verdict only", "placesnet/engine.py",
+      "        dist.all_reduce(summed)\n        total = summed.item()", "        total = value",
+      ("tests/test_engine.py", "-k", "one_rank")),
+    M("metrics: train sums not all-reduced", "placesnet/engine.py",
+      "    loss_sum, correct, seen, elapsed_sum, skipped = _all_reduce(",
+      "    loss_sum, correct, seen, elapsed_sum, skipped = (lambda v, d: v)(",
+      ("tests/test_promises.py", "-k", "two_ranks")),
+    M("metrics: confusion matrix not all-reduced", "placesnet/engine.py",
+      "        for t in (loss_sum, counts, matrix):", "        for t in (loss_sum, counts):",
+      ("tests/test_promises.py", "-k", "two_ranks")),
+    M("metrics: top-5 is top-1", "placesnet/engine.py",
+      "hits.any(1).sum()", "hits[:, 0].sum()",
+      ("tests/test_engine.py", "-k", "evaluate_counts")),
+    M("eval: DistributedSampler padding", "placesnet/evaluation.py",
+      "sampler=ShardSampler(ds, rank, world_size)",
+      "sampler=__import__('torch').utils.data.DistributedSampler(ds, world_size, rank, shuffle=False)",
+      ("tests/test_promises.py", "-k", "two_ranks")),
+    M("bad images: fail policy skips", "placesnet/data.py",
+      '        if self.mode == "fail":', '        if self.mode == "never":',
+      ("tests/test_reliability.py", "-k", "fail_policy")),
+    M("bad images: skipped ones counted as seen", "placesnet/engine.py",
+      "        n = targets.numel() - bad", "        n = targets.numel()",
+      ("tests/test_reliability.py", "-k", "skip_policy or only_bad")),
+    # --- recipe ------------------------------------------------------------------------------
+    M("schedule: warmup starts at the peak", "placesnet/engine.py",
+      "        return (step + 1) / (warmup_steps + 1)", "        return 1.0",
+      ("tests/test_recipe.py",)),
+    M("schedule: cosine never decays", "placesnet/engine.py",
+      "return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))", "return 1.0",
+      ("tests/test_recipe.py",)),
+    M("lr: no linear scaling", "placesnet/config.py",
+      "return MODEL_LR[model] * batch_size / REFERENCE_BATCH", "return MODEL_LR[model]",
+      ("tests/test_recipe.py",)),
+    # --- data --------------------------------------------------------------------------------
+    M("data check: label == classes accepted", "placesnet/validate.py",
+      "elif not 0 <= int(label) < num_classes:", "elif not 0 <= int(label) <= num_classes:",
+      ("tests/test_reliability.py", "-k", "bad_list_lines")),
+    M("data check: duplicates accepted", "placesnet/validate.py",
+      "            if image in seen:", "            if False:",
+      ("tests/test_reliability.py", "-k", "bad_list_lines")),
+    M("data check: empty files accepted", "placesnet/validate.py",
+      'return "is empty (0 bytes)" if size == 0 else None', "return None",
+      ("tests/test_reliability.py", "-k", "missing_and_empty")),
+    M("normalize: wrong scale", "placesnet/data.py",
+      "return images.float().div_(255).sub_(MEAN[0]).div_(STD[0])",
+      "return images.float().div_(256).sub_(MEAN[0]).div_(STD[0])",
+      ("tests/test_data.py",)),
+    # --- retries -------------------------------------------------------------------------------
+    M("retries: user errors retried", "placesnet/ray_train.py",
+      "            return FailureDecision.RAISE\n        return super()",
+      "            pass\n        return super()",
+      ("tests/test_reliability.py", "-k", "retried")),
+    # --- serve ---------------------------------------------------------------------------------
+    M("serve: 404 as {'detail'}", "serving/app.py",
+      '    return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"},',
+      '    return JSONResponse({"detail": exc.detail},',
+      ("tests/test_promises.py", "-k", "json_errors")),
+    M("serve: no room check for 2 replicas", "serving/app.py",
+      "    return int(max(1, min(opts[\"min_replicas\"], opts[\"max_replicas\"], fits)))",
+      "    return int(opts[\"min_replicas\"])",
+      ("tests/test_promises.py", "-k", "replicas")),
+    # --- Ray end to end (minutes each) -----------------------------------------------------------
+    M("ddp: every worker takes the whole global batch", "placesnet/ray_train.py",
+      "    per_worker = max(cfg.batch_size // world, 1)", "    per_worker = cfg.batch_size",
+      ("tests/test_train_ray.py", "-k", "two_worker_ddp"), ray=True),
+    M("train: resume ignores the checkpoint", "placesnet/ray_train.py",
+      "    checkpoint = ray.train.get_checkpoint()\n", "    checkpoint = None\n",
+      ("tests/test_train_ray.py", "-k", "crash_recovery"), ray=True),
+]
+
+
+def run_one(m: Mutation, python: str, keep: bool) -> tuple[str, float, str]:
+    start = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="mutate-"))
+    try:
+        clone = tmp / "repo"
+        subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+        path = clone / m.file
+        text = path.read_text()
+        if text.count(m.old) != 1:
+            return "does not apply", time.monotonic() - start, f"{m.old!r} occurs {text.count(m.old)} times"
+        path.write_text(text.replace(m.old, m.new))
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        proc = subprocess.run([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests],
+                              cwd=clone, env=env, capture_output=True, text=True)
+        last = (proc.stdout.strip().splitlines() or [""])[-1]
+        if proc.returncode == 1:
+            return "caught", time.monotonic() - start, last
+        if proc.returncode == 0:
+            return "SURVIVED", time.monotonic() - start, last
+        return "error", time.monotonic() - start, f"pytest exit {proc.returncode}: {last}"
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-k", dest="match", default="", help="only mutations whose name contains this")
+    p.add_argument("--fast", action="store_true", help="skip mutations guarded by Ray tests")
+    p.add_argument("--list", action="store_true", help="print the mutations and exit")
+    p.add_argument("--keep", action="store_true", help="keep the mutated clones (for debugging)")
+    args = p.parse_args()
+    chosen = [m for m in MUTATIONS if args.match in m.name and not (args.fast and m.ray)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:50s} {m.file:28s} {' '.join(m.tests)}{'  [ray]' if m.ray else ''}")
+        return 0
+    if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                      capture_output=True, text=True).stdout.strip():
+        print("note: uncommitted changes are not in the clones (they are of HEAD)", file=sys.stderr)
+    results = []
+    print("| mutation | file | result | seconds | tests say |\n|---|---|---|---|---|", flush=True)
+    for m in chosen:
+        verdict, seconds, detail = run_one(m, sys.executable, args.keep)
+        results.append(verdict)
+        print(f"| {m.name} | {m.file} | {verdict} | {seconds:.0f} | {detail[:90]} |", flush=True)
+    caught = results.count("caught")
+    print(f"\nscore: {caught}/{len(results)} caught"
+          + "".join(f", {results.count(v)} {v}" for v in ("SURVIVED", "does not apply", "error")
+                    if results.count(v)))
+    return 0 if caught == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Promises that a mutation run found unguarded (issue #15), each tested so that the bug it
+names fails here: see scripts/mutate.py (`make mutate`) for the mutations and their guards."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import shutil
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from placesnet import engine
+from placesnet.checkpoint import load_checkpoint, save_checkpoint
+from placesnet.config import UserError
+from placesnet.model import build_model
+
+
+# --- a checkpoint cannot run code ------------------------------------------------------------------
+
+class _Payload:
+    """Unpickling this creates a marker file: the side effect a malicious checkpoint would have."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["model.pt", "train_state.pt"])
+def test_a_pickle_payload_in_a_checkpoint_never_runs(tiny_config, tmp_path, name):
+    ckpt = tmp_path / "ckpt"
+    model = build_model(tiny_config, 4)
+    save_checkpoint(ckpt, model=model, config=tiny_config, classes=list("abcd"), epoch=0,
+                    metrics={"epoch": 1, "val_top1": 0.5}, history=[])
+    marker = tmp_path / "pwned"
+    torch.save({"weights": _Payload(str(marker))}, ckpt / name, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(UserError, match="corrupt checkpoint"):
+        if name == "model.pt":
+            load_checkpoint(ckpt)
+        else:
+            from placesnet.checkpoint import load_train_state
+
+            load_train_state(ckpt)
+    assert not marker.exists()  # the payload did not run
+
+
+# --- divergence on inf, not only NaN -------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_an_infinite_or_nan_loss_stops_training(value):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(engine.TrainingDiverged, match=f"the loss is {value}"):
+        engine._finite_loss(torch.tensor(value), epoch=2, step=3, steps=5, optimizer=opt)
+    assert engine._finite_loss(torch.tensor(1e30), epoch=2, step=3, steps=5, optimizer=opt) == pytest.approx(1e30)
+
+
+# --- two ranks give the one-rank numbers, on a split that does not divide evenly ------------------
+
+def _rank(rank: int, world: int, init: str, root: str, ckpt: str, out: str) -> None:
+    from torch.utils.data import DataLoader
+
+    from placesnet.data import ShardSampler, open_split
+    from placesnet.evaluation import evaluate_checkpoint
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        loaded = load_checkpoint(ckpt)
+        result = evaluate_checkpoint(loaded, __import__("pathlib").Path(root), torch.device("cpu"),
+                                     batch_size=5, rank=rank, world_size=world)
+        ds = open_split(loaded.config, "val", __import__("pathlib").Path(root))
+        loader = DataLoader(ds, batch_size=4, sampler=ShardSampler(ds, rank, world))
+        opt = torch.optim.SGD(loaded.model.parameters(), lr=0.0)
+        train = engine.train_one_epoch(loaded.model, loader, opt, torch.device("cpu"))
+        if rank == 0:
+            result["confusion"] = result["confusion"].tolist()
+            result["train"] = {k: train[k] for k in ("train_images", "train_top1", "train_loss")}
+            with open(out, "w") as f:
+                json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(world: int, tmp_path, root, ckpt) -> dict:
+    out = tmp_path / f"w{world}.json"
+    init = f"file://{tmp_path / f'store{world}'}"
+    mp.spawn(_rank, args=(world, init, str(root), str(ckpt), str(out)), nprocs=world, join=True)
+    return json.loads(out.read_text())
+
+
+def test_two_ranks_count_every_sample_once_and_match_one_rank(tiny_config, tiny_root, tmp_path):
+    root = tmp_path / "p365"
+    shutil.copytree(tiny_root, root)
+    lines = (root / "places365_val.txt").read_text().splitlines(keepends=True)
+    (root / "places365_val.txt").write_text("".join(lines[:-1]))  # 47 images: shards of 24 and 23
+    cfg = tiny_config.replace(dataset="places365", skip_verify=True, data_root=str(root))
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, model=build_model(cfg, 4), config=cfg, classes=["/b/beach", "/d/desert/sand",
+                                                                              "/f/field/wild", "/f/forest/broadleaf"],
+                    epoch=0, metrics={"epoch": 1, "val_top1": 0.0}, history=[])
+    one, two = _run(1, tmp_path, root, ckpt), _run(2, tmp_path, root, ckpt)
+    assert one["val_images"] == two["val_images"] == 47  # no padding, nothing dropped
+    assert two["val_top1"] == one["val_top1"] and two["val_top5"] == one["val_top5"]
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+    assert two["confusion"] == one["confusion"] and sum(map(sum, two["confusion"])) == 47
+    assert two["train"]["train_images"] == one["train"]["train_images"] == 47  # summed over ranks
+    assert two["train"]["train_top1"] == pytest.approx(one["train"]["train_top1"])
+
+
+# --- Serve: every error is JSON, 2 replicas only where they fit -------------------------------------
+
+def test_json_errors_for_unknown_routes_wrong_methods_and_internal_failures():
+    from fastapi.testclient import TestClient
+
+    from serving.app import app
+
+    if not any(getattr(r, "path", "") == "/_test_boom" for r in app.routes):
+        @app.get("/_test_boom")
+        async def _boom():
+            raise RuntimeError("kaput")
+
+    client = TestClient(app, raise_server_exceptions=False)
+    for method, path, status, text in (("GET", "/nope", 404, "Not Found: GET /nope"),
+                                       ("GET", "/predict", 405, "Method Not Allowed: GET /predict"),
+                                       ("GET", "/_test_boom", 500, "internal error: RuntimeError: kaput")):
+        r = client.request(method, path)
+        assert r.status_code == status and r.headers["content-type"] == "application/json"
+        assert r.json() == {"error": text}
+
+
+def test_two_replicas_by_default_only_where_they_fit():
+    from serving.app import DEFAULTS, replicas_with_room
+
+    opts = dict(DEFAULTS)
+    assert opts["min_replicas"] == 2
+    assert replicas_with_room(opts, {"CPU": 8}) == 2
+    assert replicas_with_room(opts, {"CPU": 1}) == 1  # one replica of 1 CPU fits
+    assert replicas_with_room({**opts, "num_cpus": 0.5}, {"CPU": 1}) == 2
+    assert replicas_with_room({**opts, "num_gpus": 1.0}, {"CPU": 8, "GPU": 1}) == 1
+    assert replicas_with_room({**opts, "max_replicas": 1}, {"CPU": 8}) == 1
+    assert replicas_with_room(opts, {"CPU": 0}) == 1  # never 0
