@@ -6,7 +6,8 @@ garbage ``meta.json`` or ``config.json``) every restart and every rerun fails on
 deleted checkpoint directory stops Ray before any worker starts. :func:`prepare_resume` checks
 every checkpoint of the run (:func:`checkpoint.verify_checkpoint`), moves the broken ones aside as
 ``broken-<name>`` (nothing is deleted), and when Ray's snapshot names a broken or missing one,
-rewrites the snapshot from the intact checkpoints, so the run resumes from the newest of them.
+or lacks an intact one (a run stopped between writing a checkpoint and recording it), rewrites
+the snapshot from the intact checkpoints, so the run resumes from the newest of them.
 
 The snapshot format is Ray 2.60's (``ray.train.v2``'s ``_CheckpointManagerState``); the old one is
 kept as ``checkpoint_manager_snapshot.json.broken``. Local and shared-filesystem storage only:
@@ -107,11 +108,15 @@ def prepare_resume(run_dir: Path) -> ResumePlan:
                             f"({'; '.join(plan.notes) or 'none written yet'}); start again with a "
                             "new --name, or delete the directory")
         return plan  # a snapshot without checkpoints: Ray starts from scratch
-    broken_names = {d.name for d, _ in broken}
-    if listed is None or missing or any(name in broken_names for name in listed):
+    unlisted = [d.name for _, d, _ in intact if d.name not in (listed or [])]
+    if listed is None or missing or broken or unlisted:
+        # Also when intact checkpoints are missing from Ray's list: a run stopped (Ctrl-C, a
+        # killed driver) after a checkpoint was committed but before Ray recorded it, or before
+        # Ray wrote its snapshot at all; without them Ray would start again from scratch.
+        for name in unlisted:
+            if listed is not None:
+                plan.notes.append(f"adding checkpoint {name}: complete, but not yet recorded by Ray")
         _write_snapshot(run_dir, intact)
-    elif listed:  # Ray's snapshot is sound: it resumes from the newest checkpoint it lists
-        intact = [t for t in intact if t[1].name in listed] or intact
     epoch, newest, _ = intact[-1]
     plan.checkpoint, plan.epoch = newest, epoch + 1
     plan.config = json.loads((newest / CONFIG_FILE).read_text())

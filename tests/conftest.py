@@ -129,10 +129,20 @@ class RayHead:
 
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
-    """A real local Ray cluster (4 logical CPUs, dashboard + jobs API, token auth) for the session."""
-    head = RayHead(tmp_path_factory.mktemp("rayhead"))
+    """A real local Ray cluster (4 logical CPUs, dashboard + jobs API, token auth) for the session.
+
+    Its ports come from the OS and are free when picked, but another process may take one before
+    Ray binds it: a head that fails to start is retried on new ports (3 tries)."""
+    for attempt in range(3):
+        head = RayHead(tmp_path_factory.mktemp("rayhead"))
+        try:
+            head.wait_ready()
+            break
+        except RuntimeError:
+            head.stop()
+            if attempt == 2:
+                raise
     try:
-        head.wait_ready()
         yield head
     finally:
         head.stop()

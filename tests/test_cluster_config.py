@@ -35,14 +35,16 @@ def test_cluster_yaml_is_valid(config):
 def test_typo_in_a_field_fails(config):
     broken = copy.deepcopy(config)
     broken["available_node_types"]["gpu_worker"]["max_wokers"] = 4  # typo
-    with pytest.raises(Exception):
+    from jsonschema.exceptions import ValidationError
+
+    with pytest.raises(ValidationError, match="'max_wokers' was unexpected"):
         _validate(broken)
 
 
 def test_wrong_head_node_type_fails(config):
     broken = copy.deepcopy(config)
     broken["head_node_type"] = "no_such_type"
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="`head_node_type` must be one of `available_node_types`"):
         _validate(broken)
 
 

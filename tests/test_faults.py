@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -82,13 +83,15 @@ def test_interrupt_driver_kill_corrupt_checkpoint_and_worker_kill_lose_no_epoch(
     assert first.finish(120) == 130, first.text()[-3000:]
     assert "train.py: interrupted by SIGINT: resume with the same command" in first.text()
     assert "Traceback" not in first.text()
-    done = _epochs(run_dir)  # (epoch 2 may or may not have been committed when the signal came)
-    assert done == list(range(1, len(done) + 1)) and len(done) >= 1
+    # Checkpoints of epochs 1-2 are written; Ray may not have recorded them, nor metrics.csv, when
+    # the signal came: the rerun must still resume from them.
+    assert [d for d in run_dir.glob("checkpoint_*") if d.is_dir()]
 
     # 2. The same command resumes; SIGKILL its driver after one more epoch (no chance to clean up).
     second = _train(ray_head, tmp_path, "f", tmp_path / "2.log")
-    second.wait_for(f"resuming run {run_dir}")
-    second.wait_for("resuming from")
+    second.wait_for(f"resuming run {run_dir} from checkpoint_")
+    epoch = int(re.search(r"resuming run \S+ from checkpoint_\S+ \(epoch (\d+)\)", second.text()).group(1))
+    second.wait_for(f"at epoch {epoch + 1}/6")  # Ray resumes where the driver said it would
     second.wait_for("val_top1")  # an epoch trained in this run
     second.proc.kill()
     second.finish(60)

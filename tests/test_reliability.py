@@ -273,6 +273,24 @@ def test_a_broken_newest_checkpoint_resumes_from_the_one_before(tmp_path, damage
     assert prepare_resume(run).notes == []  # repaired once: a second look finds nothing wrong
 
 
+def test_checkpoints_ray_had_not_recorded_are_resumed_from(tmp_path):
+    # A run stopped after writing checkpoints but before Ray recorded them (or wrote its snapshot)
+    run, ckpts = _run_dir(tmp_path, snapshot=False)
+    plan = prepare_resume(run)
+    assert plan.checkpoint == ckpts[-1] and plan.epoch == 3
+    state = json.loads((run / SNAPSHOT).read_text())
+    assert [r["checkpoint_dir_name"] for r in state["checkpoint_results"]] == [c.name for c in ckpts]
+    # ... or recorded only some of them
+    state["checkpoint_results"] = state["checkpoint_results"][:2]
+    state["checkpoint_report_indices"] = [0, 1]
+    state["latest_checkpoint_result"] = state["checkpoint_results"][1]
+    (run / SNAPSHOT).write_text(json.dumps(state))
+    plan = prepare_resume(run)
+    assert plan.checkpoint == ckpts[-1] and plan.notes == [f"adding checkpoint {ckpts[-1].name}: complete, "
+                                                            "but not yet recorded by Ray"]
+    assert json.loads((run / SNAPSHOT).read_text())["latest_checkpoint_result"]["checkpoint_dir_name"] == ckpts[-1].name
+
+
 def test_a_garbage_snapshot_is_rebuilt_from_the_checkpoints(tmp_path):
     run, ckpts = _run_dir(tmp_path)
     (run / SNAPSHOT).write_text("not json")

@@ -111,6 +111,10 @@ def _bad_requests(jpeg):
         ("truncated jpeg", dict(content=jpeg[: len(jpeg) // 2], headers={"Content-Type": "image/jpeg"}), 400),
         ("unsupported type", dict(content=b'{"a": 1}', headers={"Content-Type": "application/json"}), 415),
         ("too large", dict(content=big, headers={"Content-Type": "image/jpeg"}), 413),
+        ("too large, chunked: no Content-Length", dict(content=iter([big[:200_000], big[200_000:]]),
+                                                       headers={"Content-Type": "image/jpeg"}), 413),
+        ("malformed multipart", dict(content=b"--x\r\nnot a part header\r\n--x",
+                                     headers={"Content-Type": "multipart/form-data; boundary=x"}), 400),
         ("decompression bomb", dict(content=_png_header_only(100_000, 100_000),
                                     headers={"Content-Type": "image/png"}), 400),
         ("multipart without file", dict(data={"other": "x"}, files={"nope": ("a.jpg", jpeg)}), 422),
@@ -141,6 +145,15 @@ def test_unusual_modes_are_converted(endpoint, mode):
     r = httpx.post(f"{base}/predict", content=buf.getvalue(), timeout=60,
                    headers={"Content-Type": "image/jpeg" if mode == "CMYK" else "image/png"})
     assert r.status_code == 200, r.text
+    _check(r.json())  # a full, well-formed answer, not only a 200
+    # the same pixels as the project's decoder gives for that file: the answer of predict_images
+    from placesnet.checkpoint import load_checkpoint
+    from placesnet.evaluation import predict_images
+    from placesnet.images import decode_image
+
+    _, run_dir, _ = endpoint
+    expected = predict_images(load_checkpoint(run_dir), [decode_image(buf.getvalue())], top_k=4)[0]
+    assert [p["label"] for p in r.json()["predictions"]] == [p["label"] for p in expected]
 
 
 def test_200_concurrent_requests(endpoint, tiny_root):
