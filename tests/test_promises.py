@@ -110,7 +110,7 @@ def test_two_ranks_count_every_sample_once_and_match_one_rank(tiny_config, tiny_
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
     assert two["confusion"] == one["confusion"] and sum(map(sum, two["confusion"])) == 47
     assert two["train"]["train_images"] == one["train"]["train_images"] == 47  # summed over ranks
-    assert two["train"]["train_top1"] == pytest.approx(one["train"]["train_top1"])
+    # (train top-1 and loss differ: BatchNorm in train mode sees other batches on 2 ranks)
 
 
 # --- Serve: every error is JSON, 2 replicas only where they fit -------------------------------------
