@@ -126,7 +126,13 @@ MUTATIONS = [
       "    return int(max(1, min(opts[\"min_replicas\"], opts[\"max_replicas\"], fits)))",
       "    return int(opts[\"min_replicas\"])",
       ("tests/test_promises.py", "-k", "replicas")),
+    M("summary: best checkpoint is the latest", "placesnet/ray_train.py",
+      "    best = result.get_best_checkpoint(METRIC, METRIC_MODE)", "    best = result.checkpoint",
+      ("tests/test_reliability.py", "-k", "summary")),
     # --- Ray end to end (minutes each) -----------------------------------------------------------
+    M("train: val padded by DistributedSampler", "placesnet/ray_train.py",
+      "sampler=ShardSampler(val_ds, rank, world)", "sampler=DistributedSampler(val_ds, world, rank, shuffle=False)",
+      ("tests/test_faults.py", "-k", "skipped"), ray=True),
     M("ddp: every worker takes the whole global batch", "placesnet/ray_train.py",
       "    per_worker = max(cfg.batch_size // world, 1)", "    per_worker = cfg.batch_size",
       ("tests/test_train_ray.py", "-k", "two_worker_ddp"), ray=True),

@@ -206,15 +206,17 @@ def _run_dir(tmp_path, epochs=3, snapshot=True):
     run = tmp_path / "run"
     model = _tiny_model()
     cfg = TrainConfig()
-    names = []
+    names, reported = [], []
     for epoch in range(epochs):
         name = f"checkpoint_2026-11-28_10-00-0{epoch}.000000"
-        metrics = {"epoch": epoch + 1, "val_top1": [0.5, 0.9, 0.7, 0.6][epoch]}
+        top1 = [0.5, 0.9, 0.7, 0.6][epoch]
+        metrics = {"epoch": epoch + 1, "val_top1": top1, "val_top5": 1.0, "val_loss": 1 - top1}
         save_checkpoint(run / name, model=model, config=cfg, classes=list("abcd"), epoch=epoch,
                         metrics=metrics, history=[metrics])
         names.append(name)
+        reported.append(metrics)
     if snapshot:
-        results = [{"version": 0, "checkpoint_dir_name": n, "metrics": {"epoch": i + 1}} for i, n in enumerate(names)]
+        results = [{"version": 0, "checkpoint_dir_name": n, "metrics": m} for n, m in zip(names, reported)]
         (run / SNAPSHOT).write_text(json.dumps({
             "ray_version": "2.60.0", "checkpoint_results": results,
             "checkpoint_report_indices": list(range(epochs)), "latest_checkpoint_result": results[-1],
@@ -341,3 +343,17 @@ def test_interrupted_cli_says_how_to_resume():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 130
     assert proc.stderr.strip().endswith("interrupted: resume with the same command")
+
+
+def test_the_summary_names_the_best_epoch_not_the_latest(tmp_path):
+    """summary.json's best checkpoint is the best val top-1 (0.9 at epoch 2), not the last epoch's."""
+    import ray.train
+
+    from placesnet.ray_train import summarize
+
+    run, ckpts = _run_dir(tmp_path)  # val top-1 0.5, 0.9, 0.7
+    summary, history = summarize(ray.train.Result.from_path(str(run)), str(tmp_path), "run")
+    assert summary["best_epoch"] == 2 and summary["val_top1"] == 0.9
+    assert summary["best_checkpoint"] == str(ckpts[1]) and summary["latest_checkpoint"] == str(ckpts[2])
+    assert summary["epochs_completed"] == 3
+    assert json.loads((run / "summary.json").read_text())["best_checkpoint"] == str(ckpts[1])
