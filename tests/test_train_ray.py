@@ -44,8 +44,13 @@ def test_two_worker_ddp_learns_and_writes_outputs(run):
     assert metrics["val_top1"].max() == pytest.approx(summary["val_top1"])
     assert (run_dir / "curves.png").read_bytes().startswith(PNG)
     assert str(run_dir / "summary.json") in proc.stdout  # the job says where its outputs are
-    # best k (2) by val top-1 plus the latest are kept
-    assert 1 <= len(list(run_dir.glob("checkpoint_*"))) <= 3
+    # --keep-checkpoints 2: the best 2 by val top-1 plus the latest are kept, the others deleted
+    kept = {json.loads((d / "meta.json").read_text())["metrics"]["epoch"]
+            for d in run_dir.glob("checkpoint_*") if d.is_dir()}
+    assert 4 in kept and 2 <= len(kept) <= 3, kept
+    top1 = dict(zip(metrics["epoch"], metrics["val_top1"]))
+    dropped = set(top1) - kept
+    assert dropped and all(top1[k] >= top1[d] for k in kept - {4} for d in dropped), (kept, top1)
 
 
 def test_val_metrics_identical_for_one_and_two_workers(run, ray_head, tmp_path):
