@@ -113,9 +113,8 @@ def prepare_resume(run_dir: Path) -> ResumePlan:
         # Also when intact checkpoints are missing from Ray's list: a run stopped (Ctrl-C, a
         # killed driver) after a checkpoint was committed but before Ray recorded it, or before
         # Ray wrote its snapshot at all; without them Ray would start again from scratch.
-        for name in unlisted:
-            if listed is not None:
-                plan.notes.append(f"adding checkpoint {name}: complete, but not yet recorded by Ray")
+        if listed is not None:  # (an unreadable snapshot has its own note above)
+            plan.notes += [f"adding checkpoint {name}: complete, but not yet recorded by Ray" for name in unlisted]
         _write_snapshot(run_dir, intact)
     epoch, newest, _ = intact[-1]
     plan.checkpoint, plan.epoch = newest, epoch + 1

@@ -168,3 +168,16 @@ def check_dataset(root: Path, splits=("train", "val"), *, files: bool = True) ->
     what = "every listed image present and non-empty" if files else "image files not checked"
     return (f"data check: {counts}, {num_classes} classes: lists well-formed, {what} "
             f"({time.perf_counter() - start:.1f} s)")
+
+
+def fetch_and_check(cfg, root: Path, *, files: bool = True):
+    """The driver's data step before any worker starts: with ``--download`` torchvision first
+    fetches what is missing, then the copy is checked like any other (the summary is printed).
+    Returns ``cfg`` with ``download`` off: workers only read."""
+    from .data import open_split
+
+    if cfg.download:
+        open_split(cfg, "train", root), open_split(cfg, "val", root)
+        cfg = cfg.replace(download=False)
+    print(check_dataset(root, files=files))
+    return cfg

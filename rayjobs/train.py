@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     from placesnet.ray_train import (RESUME_HINT, check_cluster_paths, check_storage_writable, diverged,
                                      failure_message, make_trainer, plan_resources, summarize)
     from placesnet.resume import prepare_resume
-    from placesnet.validate import check_dataset
+    from placesnet.validate import fetch_and_check
 
     storage = args.storage_path
     if "://" not in storage:
@@ -99,10 +99,7 @@ def main(argv=None) -> int:
     root = resolve_data_root(cfg)
     if cfg.dataset == "places365":
         cfg = cfg.replace(data_root=str(root))
-    if cfg.download:  # torchvision fetches what is missing; then the copy is checked like any other
-        open_split(cfg, "train", root), open_split(cfg, "val", root)
-        cfg = cfg.replace(download=False)  # workers only read
-    print(check_dataset(root, files=args.check_files))
+    cfg = fetch_and_check(cfg, root, files=args.check_files)
     train_ds, val_ds = open_split(cfg, "train", root), open_split(cfg, "val", root)
     classes = class_names(train_ds)
     print(f"data: train {describe(train_ds)}; val {len(val_ds)} images")

@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     from placesnet.data import describe, open_split, resolve_data_root
     from placesnet.plots import sweep_png
     from placesnet.ray_train import check_cluster_paths, check_storage_writable
-    from placesnet.validate import check_dataset
+    from placesnet.validate import fetch_and_check
     from placesnet.sweep import best_record, collect_results, make_tuner, plan_sweep
 
     storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).expanduser().resolve())
@@ -166,13 +166,9 @@ def main(argv=None) -> int:
     root = resolve_data_root(cfg)
     if cfg.dataset == "places365":
         cfg = cfg.replace(data_root=str(root))
-    if cfg.download:  # torchvision fetches what is missing; then the copy is checked like any other
-        open_split(cfg, "train", root), open_split(cfg, "val", root)
-        cfg = cfg.replace(download=False)
-    print(check_dataset(root, files=args.check_files))
+    cfg = fetch_and_check(cfg, root, files=args.check_files)
     train_ds = open_split(cfg, "train", root)
     open_split(cfg, "val", root)
-    cfg = cfg.replace(download=False)
     print(f"data: train {describe(train_ds)}")
 
     ray_init(args.address)
