@@ -7,6 +7,7 @@ recipes differ.
     python benchmarks/recipe.py --model workshop --lrs 0.005,0.01,0.02,0.05
     python benchmarks/recipe.py --rows easy32-few --seeds 4     # the mean of 4 seeds per cell
     python benchmarks/recipe.py --rows hard32-few --lr-find     # + the LR range test's suggestions
+    python benchmarks/recipe.py --rows easy32-few --seeds 4 --variant label_smoothing=0.1 --variant schedule=none
 
 Each row trains, on the same files and in this process (no Ray):
 - **defaults**: ``--model`` (deepcnn) exactly as ``rayjobs/train.py`` would with no --lr: SGD +
@@ -108,11 +109,14 @@ def loaders(train, val, batch_size: int, seed: int):
             DataLoader(val, 256))
 
 
-def run_defaults(row: Row, data, model_name: str, lr: float | None = None, seed: int = 0) -> dict:
-    """The project's recipe (train.py with no --lr, or with ``lr``), in this process."""
+def run_defaults(row: Row, data, model_name: str, lr: float | None = None, seed: int = 0,
+                 changes: dict | None = None) -> dict:
+    """The project's recipe (train.py with no --lr, or with ``lr``; ``changes``: other TrainConfig
+    fields), in this process."""
     train, val, classes = data
     cfg = TrainConfig(model=model_name, image_size=row.image_size, epochs=row.epochs,
                       batch_size=row.batch_size, lr=lr or default_lr(model_name, row.batch_size), seed=seed)
+    cfg = cfg.replace(**(changes or {})).validate()
     torch.manual_seed(seed)
     model = build_model(cfg, classes)
     history = list(engine.fit(model, *loaders(train, val, row.batch_size, seed), cfg, CPU,
@@ -186,6 +190,23 @@ def summary(history: list[dict], lr: float) -> dict:
             "rise": first["train_loss"] / first["first_step_loss"], "lr": lr}
 
 
+def variant(text: str) -> tuple[str, dict]:
+    """'label_smoothing=0.1,schedule=none' -> (the text, {field: value typed like the default})."""
+    import argparse as _argparse
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    defaults = TrainConfig()
+    changes = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise _argparse.ArgumentTypeError(f"expected FIELD=VALUE with a TrainConfig field, got {item!r}")
+        kind = type(getattr(defaults, key))
+        changes[key] = kind(value) if kind in (int, float, str) else value
+    return text, changes
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=MODELS, default="deepcnn", help="default: %(default)s")
@@ -196,6 +217,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
     p.add_argument("--seeds", type=int, default=1,
                    help="runs per cell with seeds 0..N-1; cells show the mean (default: %(default)s)")
+    p.add_argument("--variant", action="append", default=[], type=variant, metavar="FIELD=VALUE[,...]",
+                   help="also train the defaults with these TrainConfig fields changed, one column "
+                        "per --variant, e.g. --variant label_smoothing=0.1 --variant schedule=none")
     p.add_argument("--lr-find", action="store_true",
                    help="also run the LR range test per row: each rule's suggestion per 256 images")
     args = p.parse_args(argv)
@@ -227,6 +251,9 @@ def main(argv=None) -> None:
             line[f"lr {lr:g}/256"] = mean([run_defaults(row, data, args.model,
                                                         lr * row.batch_size / REFERENCE_BATCH, seed=s)
                                            for s in seeds])["val_top1"]
+        for name, changes in args.variant:
+            line[name] = mean([run_defaults(row, data, args.model, seed=s, changes=changes)
+                               for s in seeds])["val_top1"]
         if args.lr_find:
             line.update(finder(row, args.model))
         table.append(line)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import METRIC, TrainConfig, UserError
+from .config import TrainConfig, UserError, checkpoint_score
 from .model import build_model
 
 FORMAT = "placesnet-checkpoint/1"
@@ -123,6 +123,29 @@ class Loaded:
     def epoch(self) -> int:
         return int(self.meta["epoch"])
 
+    @property
+    def note(self) -> str | None:
+        """What a user must know before trusting a prediction: see :func:`scope_note`."""
+        return scope_note(self.config, self.classes)
+
+
+PLACES365_CLASSES = 365
+
+
+def scope_note(config: TrainConfig, classes: list[str]) -> str | None:
+    """One line saying what a model cannot know, or None for a model of all 365 Places365 classes.
+
+    A model trained on the embedded sample data knows only its few drawn scene kinds: it gives
+    any real photo one of them, often with high confidence."""
+    n = len(classes)
+    if config.dataset == "sample":
+        return (f"this model was trained on the embedded sample data and knows only its {n} classes "
+                f"of drawn scenes; its answer for a real photo is one of them, however confident. "
+                f"Train with --dataset places365 for real photos")
+    if n < PLACES365_CLASSES:
+        return f"this model knows only {n} of Places365's {PLACES365_CLASSES} scene classes"
+    return None
+
 
 def _read_json(path: Path) -> dict:
     try:
@@ -180,7 +203,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
 
 
 def _best_in_run(run_dir: Path) -> Path:
-    """The best checkpoint of a training run dir: summary.json's, else the best by METRIC."""
+    """The best checkpoint of a training run dir: summary.json's, else the best by val top-1
+    (ties: the lower val loss)."""
     summary = run_dir / SUMMARY_FILE
     if summary.is_file():
         best = _read_json(summary).get("best_checkpoint")
@@ -190,7 +214,7 @@ def _best_in_run(run_dir: Path) -> Path:
     if not candidates:
         raise UserError(f"no checkpoint in {run_dir}: expected a checkpoint directory (with "
                         f"{MODEL_FILE}), a training run directory or a sweep's best.json")
-    return max(candidates, key=lambda d: (read_meta(d)["metrics"].get(METRIC, -1), d.name))
+    return max(candidates, key=lambda d: (checkpoint_score(read_meta(d)["metrics"]), d.name))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

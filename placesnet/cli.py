@@ -145,6 +145,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="default: %(default)s")
 
 
+def data_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A validated TrainConfig from add_data_args' flags alone (the other fields at defaults)."""
+    difficulty = getattr(args, "sample_difficulty", "easy")
+    image_size = args.image_size or DATASET_DEFAULTS[args.dataset]["image_size"]
+    return TrainConfig(
+        dataset=args.dataset, data_root=args.data_root, skip_verify=args.skip_verify,
+        download=args.download, image_size=image_size, augment=args.augment,
+        bad_images=getattr(args, "bad_images", "fail"),
+        sample_difficulty=difficulty,
+        sample_classes=args.sample_classes or SAMPLE_CLASSES[difficulty],
+        sample_train_per_class=args.sample_train_per_class,
+        sample_val_per_class=args.sample_val_per_class,
+    ).validate()
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A validated TrainConfig from parsed flags, with per-dataset defaults filled in."""
     defaults = DATASET_DEFAULTS[args.dataset]
@@ -157,16 +172,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     lr = getattr(args, "lr", None)
     if lr is None or lr == "auto":  # "auto": a placeholder until the LR range test has run
         lr = default_lr(args.model, max(batch_size, 1))
-    difficulty = getattr(args, "sample_difficulty", "easy")
     warmup_steps = getattr(args, "warmup_steps", None)
-    return TrainConfig(
-        dataset=args.dataset, data_root=args.data_root, skip_verify=args.skip_verify,
-        download=args.download, image_size=pick("image_size"), augment=args.augment,
-        bad_images=getattr(args, "bad_images", "fail"),
-        sample_difficulty=difficulty,
-        sample_classes=args.sample_classes or SAMPLE_CLASSES[difficulty],
-        sample_train_per_class=args.sample_train_per_class,
-        sample_val_per_class=args.sample_val_per_class, model=args.model, widths=args.widths,
+    return data_config_from_args(args).replace(
+        model=args.model, widths=args.widths,
         epochs=pick("epochs"), batch_size=batch_size, lr=lr,
         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
         warmup_steps=-1 if warmup_steps is None else warmup_steps,

@@ -212,25 +212,33 @@ def evaluate(
     channels_last: bool = False,
     confusion: bool = False,
     bad_images=None,
+    mistakes: int = 0,
 ) -> dict:
     """Loss, top-1 and top-5 over everything ``loader`` yields on all ranks together.
 
     Returns ``val_loss``, ``val_top1``, ``val_top5``, ``val_images`` and, with ``confusion=True``,
     ``confusion``: an (num_classes, num_classes) int64 tensor, rows = true class. With
     ``bad_images`` (see :func:`train_one_epoch`), samples that could not be decoded raise or are
-    left out; ``val_skipped`` counts them.
+    left out; ``val_skipped`` counts them. With ``mistakes`` = N > 0, ``mistakes`` lists this
+    rank's N most confident wrong top-1 predictions, most confident first, as dicts with
+    ``position`` (the sample's place in this rank's loader order), ``true``, ``predicted`` and
+    ``probability`` (of the predicted class).
     """
     model.eval()
+    wrong: list[tuple[float, int, int, int]] = []  # (probability, position, true, predicted)
+    position = 0
     k = min(5, num_classes)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     counts = torch.zeros(4, dtype=torch.int64, device=device)  # top1, topk, seen, skipped
     matrix = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     for images, targets in loader:
+        positions = torch.arange(position, position + len(targets))
+        position += len(targets)
         bad = bad_images.check(targets) if bad_images is not None else 0
         if bad:
             counts[3] += bad
             keep = targets >= 0
-            images, targets = images[keep], targets[keep]
+            images, targets, positions = images[keep], targets[keep], positions[keep]
             if not targets.numel():
                 continue
         images, targets = _to_device(images, targets, device, channels_last)
@@ -245,6 +253,13 @@ def evaluate(
         if confusion:
             matrix += torch.bincount(targets * num_classes + topk[:, 0],
                                      minlength=num_classes * num_classes)
+        if mistakes:
+            miss = ~hits[:, 0]
+            if miss.any():  # a host sync, only when asked for (evaluate.py's gallery)
+                probs = torch.softmax(logits[miss], dim=1).max(1)
+                wrong += zip(probs.values.tolist(), positions[miss.cpu()].tolist(),
+                             targets[miss].tolist(), probs.indices.tolist())
+                wrong = sorted(wrong, reverse=True)[:mistakes]
     if dist.is_available() and dist.is_initialized():
         for t in (loss_sum, counts, matrix):
             dist.all_reduce(t)
@@ -258,6 +273,9 @@ def evaluate(
     }
     if confusion:
         out["confusion"] = matrix.view(num_classes, num_classes).cpu()
+    if mistakes:
+        out["mistakes"] = [{"position": pos, "true": t, "predicted": p, "probability": prob}
+                           for prob, pos, t, p in wrong]
     return out
 
 

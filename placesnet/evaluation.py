@@ -21,10 +21,12 @@ from .engine import amp_dtype_for, evaluate
 
 def evaluate_checkpoint(loaded: Loaded, root: Path, device: torch.device, *, split: str = "val",
                         batch_size: int = 256, loader_workers: int = 0, rank: int = 0,
-                        world_size: int = 1) -> dict:
+                        world_size: int = 1, mistakes: int = 0) -> dict:
     """Loss, top-1, top-5 and the confusion matrix of ``loaded.model`` on ``split``.
 
     Each rank evaluates its shard; the result is the exact total over the split on every rank.
+    With ``mistakes`` = N, ``mistakes`` holds the N most confident wrong predictions over all
+    ranks (``index`` in the split, ``image`` path, ``true``, ``predicted``, ``probability``).
     """
     cfg = loaded.config
     ds = open_split(cfg, split, root, transform=eval_transform(cfg.image_size))
@@ -37,9 +39,20 @@ def evaluate_checkpoint(loaded: Loaded, root: Path, device: torch.device, *, spl
     model = loaded.model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return evaluate(model, loader, device, num_classes=len(loaded.classes),
-                    amp_dtype=amp_dtype_for(device, cfg.amp), channels_last=channels_last,
-                    confusion=True)
+    result = evaluate(model, loader, device, num_classes=len(loaded.classes),
+                      amp_dtype=amp_dtype_for(device, cfg.amp), channels_last=channels_last,
+                      confusion=True, mistakes=mistakes)
+    if mistakes:
+        found = [{"index": loader.sampler.indices[m.pop("position")], **m} for m in result["mistakes"]]
+        if world_size > 1:
+            import torch.distributed as dist
+
+            everyone = [None] * world_size
+            dist.all_gather_object(everyone, found)
+            found = [m for part in everyone for m in part]
+        found = sorted(found, key=lambda m: (-m["probability"], m["index"]))[:mistakes]
+        result["mistakes"] = [{**m, "image": ds.imgs[m["index"]][0]} for m in found]
+    return result
 
 
 def per_class_table(confusion: torch.Tensor, classes: list[str]) -> pd.DataFrame:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from . import engine
 from .checkpoint import (load_checkpoint, load_model_state, load_train_state, read_meta, save_checkpoint,
                          verify_checkpoint)
-from .config import METRIC, METRIC_MODE, Interrupted, TrainConfig, UserError
+from .config import SCORE, Interrupted, TrainConfig, UserError, checkpoint_score
 from .data import BadImages, LoaderPlan, MarkBadImages, ShardSampler, class_names, open_split, resolve_data_root
 from .evaluation import evaluate_checkpoint
 from .model import build_model
@@ -459,7 +459,7 @@ def _train_worker(loop_config: dict) -> dict | None:
                                 metrics=metrics, history=history, optimizer=optimizer,
                                 scheduler=scheduler, scaler=scaler)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+            ray.train.report({**metrics, SCORE: checkpoint_score(metrics)}, checkpoint=ckpt)
         _maybe_crash(loop_config, epoch + 1, rank)
 
 
@@ -503,7 +503,8 @@ def _eval_worker(loop_config: dict) -> dict | None:
     result = evaluate_checkpoint(loaded, Path(loop_config["data_root"]), device,
                                  split=loop_config["split"], batch_size=loop_config["batch_size"],
                                  loader_workers=plan.workers,
-                                 rank=ctx.get_world_rank(), world_size=ctx.get_world_size())
+                                 rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                                 mistakes=loop_config.get("mistakes", 0))
     if ctx.get_world_rank() != 0:
         return None
     result["confusion"] = result["confusion"].tolist()  # Ray refuses to return tensors
@@ -511,7 +512,8 @@ def _eval_worker(loop_config: dict) -> dict | None:
 
 
 def distributed_evaluate(checkpoint: Path, data_root: Path, resources: Resources, *, split: str,
-                         batch_size: int, skip_verify: bool, storage_path: str | None = None) -> dict:
+                         batch_size: int, skip_verify: bool, storage_path: str | None = None,
+                         mistakes: int = 0) -> dict:
     """Run :func:`eval_loop_per_worker` on ``resources.num_workers`` Ray Train workers.
 
     Ray Train needs a storage path even though nothing is checkpointed: by default a temporary
@@ -521,12 +523,12 @@ def distributed_evaluate(checkpoint: Path, data_root: Path, resources: Resources
         with tempfile.TemporaryDirectory(prefix="placesnet-eval-") as tmp:
             return distributed_evaluate(checkpoint, data_root, resources, split=split,
                                         batch_size=batch_size, skip_verify=skip_verify,
-                                        storage_path=tmp)
+                                        storage_path=tmp, mistakes=mistakes)
     trainer = Trainer(
         eval_loop_per_worker,
         train_loop_config={"checkpoint": str(checkpoint), "data_root": str(data_root),
                            "split": split, "batch_size": batch_size, "skip_verify": skip_verify,
-                           "cpus_per_worker": resources.cpus_per_worker},
+                           "cpus_per_worker": resources.cpus_per_worker, "mistakes": mistakes},
         scaling_config=resources.scaling_config(),
         run_config=ray.train.RunConfig(name=f"eval-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
                                        storage_path=storage_path,
@@ -573,8 +575,8 @@ def make_trainer(cfg: TrainConfig, data_root: Path, resources: Resources, *, sto
             name=name,
             storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=keep, checkpoint_score_attribute=METRIC,
-                checkpoint_score_order=METRIC_MODE),
+                num_to_keep=keep, checkpoint_score_attribute=SCORE,
+                checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             callbacks=[RunOutputs(), *(callbacks or [])],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
@@ -599,7 +601,7 @@ def summarize(result: "ray.train.Result", storage_path: str, name: str) -> tuple
     """summary.json content for a finished fit (written next to the checkpoints, on any storage),
     and the metrics history."""
     run_dir = f"{storage_path.rstrip('/')}/{name}"
-    best = result.get_best_checkpoint(METRIC, METRIC_MODE)
+    best = result.get_best_checkpoint(SCORE, "max")
     if best is None or result.checkpoint is None:
         raise UserError(f"the run in {run_dir} produced no checkpoint")
     best_meta, latest_meta = _checkpoint_meta(best), _checkpoint_meta(result.checkpoint)

@@ -49,7 +49,10 @@ def _write_snapshot(run_dir: Path, intact: list[tuple[int, Path, dict]]) -> None
     """Ray's checkpoint-manager snapshot for the intact checkpoints (epoch, dir, meta), oldest first."""
     import ray
 
-    results = [{"version": 0, "checkpoint_dir_name": d.name, "metrics": meta["metrics"]}
+    from .config import SCORE, checkpoint_score
+
+    results = [{"version": 0, "checkpoint_dir_name": d.name,
+                "metrics": {**meta["metrics"], SCORE: checkpoint_score(meta["metrics"])}}
                for _, d, meta in intact]
     state = {
         "ray_version": ray.__version__,

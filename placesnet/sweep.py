@@ -17,7 +17,7 @@ import pandas as pd
 from ray import tune
 
 from .checkpoint import read_meta
-from .config import METRIC, METRIC_MODE, TrainConfig, UserError
+from .config import METRIC, METRIC_MODE, TrainConfig, UserError, checkpoint_score
 from .engine import TrainingDiverged
 from .ray_train import Resources, alive_nodes, diverged, make_trainer, worker_slots
 
@@ -186,7 +186,7 @@ def _best_checkpoint(train_dir: Path, epochs_run: int) -> tuple[Path | None, dic
     seen = [(d, m) for d, m in found if m["epoch"] <= epochs_run] or found
     if not seen:
         return None, None
-    return max(seen, key=lambda dm: dm[1][METRIC])
+    return max(seen, key=lambda dm: checkpoint_score(dm[1]))
 
 
 def _trial_id_from_dir(path: str | None) -> str | None:

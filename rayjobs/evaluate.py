@@ -11,8 +11,15 @@ summary.json/best.json. The dataset comes from the checkpoint's config (--data-r
 With --num-workers 1 (default) it runs in this process without Ray; more workers shard the split
 over Ray Train workers, with identical results.
 
-Writes to --out (default: RUN_DIR/eval_<checkpoint name>/): per_class.csv, confused_pairs.png,
-evaluation.json.
+Writes to --out (default: RUN_DIR/eval_<checkpoint name>/):
+- per_class.csv and per_class.png: accuracy of every class (the lowest and highest 40 when there
+  are more), with correct/images on each bar;
+- confused_pairs.png: the most confused pairs as image counts ("3 of 40"), and for up to 20
+  classes the confusion matrix with the count in each cell;
+- misclassified.png: the --gallery most confident mistakes, each image with its true and
+  predicted class;
+- evaluation.json: every number above, the mistakes' paths, and the model's note (a model of the
+  sample data says it knows only those classes).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for placesnet
 
-from placesnet.cli import positive_int, ray_init, run_cli  # noqa: E402
+from placesnet.cli import non_negative_int, positive_int, ray_init, run_cli  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="output directory (default: RUN_DIR/eval_<checkpoint name>)")
     p.add_argument("--top-pairs", type=positive_int, default=15,
                    help="confused class pairs to draw (default: %(default)s)")
+    p.add_argument("--gallery", type=non_negative_int, default=24,
+                   help="most confident mistakes shown in misclassified.png (0: none; default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--storage-path", help="with --num-workers > 1 on a multi-node cluster: a shared "
                    "path (NFS or s3://) for Ray Train's run state (default: a temporary directory)")
@@ -59,9 +68,10 @@ def main(argv=None) -> int:
 
     from placesnet.checkpoint import load_checkpoint
     from placesnet.config import UserError
-    from placesnet.data import SPLITS, resolve_data_root
+    from placesnet.data import SPLITS, pretty, resolve_data_root
     from placesnet.evaluation import evaluate_checkpoint, per_class_table
-    from placesnet.plots import confused_pairs, confusion_png
+    from placesnet.plots import (confused_pairs, confusion_figure, misclassified_figure, per_class_figure,
+                                 save_png)
 
     if args.split not in SPLITS:
         raise UserError(f"unknown split {args.split!r}; choose one of {', '.join(SPLITS)}")
@@ -77,7 +87,8 @@ def main(argv=None) -> int:
         if use_gpu and not torch.cuda.is_available():
             raise UserError("--gpu asked for a GPU but torch sees none")
         device = torch.device("cuda" if use_gpu else "cpu")
-        result = evaluate_checkpoint(loaded, root, device, split=args.split, batch_size=args.batch_size)
+        result = evaluate_checkpoint(loaded, root, device, split=args.split, batch_size=args.batch_size,
+                                     mistakes=args.gallery)
     else:
         ray_init(args.address)
         from placesnet.ray_train import distributed_evaluate, plan_resources
@@ -85,31 +96,42 @@ def main(argv=None) -> int:
         res = plan_resources(args.num_workers, args.gpu, None)
         result = distributed_evaluate(loaded.path, root, res, split=args.split,
                                       batch_size=args.batch_size, skip_verify=cfg.skip_verify,
-                                      storage_path=args.storage_path)
+                                      storage_path=args.storage_path, mistakes=args.gallery)
 
     confusion = result.pop("confusion")
     out = Path(args.out).expanduser() if args.out else loaded.path.parent / f"eval_{loaded.path.name}"
     out.mkdir(parents=True, exist_ok=True)
     table = per_class_table(confusion, loaded.classes)
     table.to_csv(out / "per_class.csv", index=False)
-    (out / "confused_pairs.png").write_bytes(confusion_png(confusion, loaded.classes, args.top_pairs))
-    report = {"checkpoint": str(loaded.path), "split": args.split, "data_root": str(root),
+    save_png(per_class_figure(table), out / "per_class.png")
+    save_png(confusion_figure(confusion, loaded.classes, args.top_pairs), out / "confused_pairs.png")
+    mistakes = result.pop("mistakes", [])
+    if args.gallery:
+        save_png(misclassified_figure(mistakes, loaded.classes), out / "misclassified.png")
+    report = {"checkpoint": str(loaded.path), "note": loaded.note, "split": args.split, "data_root": str(root),
               "num_workers": args.num_workers, **result,
               "confused_pairs": confused_pairs(confusion, loaded.classes, args.top_pairs),
-              "per_class_csv": str(out / "per_class.csv"),
-              "confused_pairs_png": str(out / "confused_pairs.png")}
+              "mistakes": [{**m, "true": pretty(loaded.classes[m["true"]]),
+                            "predicted": pretty(loaded.classes[m["predicted"]])} for m in mistakes],
+              "per_class_csv": str(out / "per_class.csv"), "per_class_png": str(out / "per_class.png"),
+              "confused_pairs_png": str(out / "confused_pairs.png"),
+              "misclassified_png": str(out / "misclassified.png") if args.gallery else None}
     (out / "evaluation.json").write_text(json.dumps(report, indent=2))
 
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+    if loaded.note:
+        print(f"note: {loaded.note}")
     print(f"{args.split}: {result['val_images']} images, top-1 {result['val_top1']:.4f}, "
           f"top-5 {result['val_top5']:.4f}, loss {result['val_loss']:.4f}")
     worst = table.sort_values("accuracy").head(10)
     print("\nlowest per-class accuracy:\n" + worst[["class", "images", "accuracy", "most_confused_with"]]
           .to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"\nper-class accuracy: {out / 'per_class.csv'}")
+    print(f"\nper-class accuracy: {out / 'per_class.csv'}, {out / 'per_class.png'}")
     print(f"confused pairs:     {out / 'confused_pairs.png'}")
+    if args.gallery:
+        print(f"mistakes:           {out / 'misclassified.png'}")
     print(f"report:             {out / 'evaluation.json'}")
     return 0
 

@@ -2,6 +2,7 @@
 
     python rayjobs/predict.py --checkpoint ~/ray_results/deepcnn-sample-20261127-120000 photo.jpg
     python rayjobs/predict.py --checkpoint RUN_DIR/summary.json --json --top-k 3 a.png b.jpg
+    python rayjobs/predict.py --checkpoint RUN_DIR photo.jpg other.png --plot predictions.png
 
 Any JPEG/PNG/WebP/BMP/TIFF of any size and mode (grayscale, RGBA, palette, 16-bit, CMYK) is
 converted to RGB and put through the same eval transform as training. An unreadable image gets an
@@ -29,6 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="classes per image (default: 5, or all classes if the model has fewer)")
     p.add_argument("--json", action="store_true", help="print one JSON document for machines")
     p.add_argument("--gpu", action="store_true", help="run the model on the GPU")
+    p.add_argument("--plot", metavar="OUT.png", help="also draw each image next to its top-k bars")
     return p.parse_args(argv)
 
 
@@ -41,6 +43,9 @@ def main(argv=None) -> int:
     from placesnet.evaluation import predict_images
     from placesnet.images import BadImage, load_image_file
 
+    plot = Path(args.plot).expanduser().resolve() if args.plot else None
+    if plot and (plot.suffix.lower() != ".png" or not plot.parent.is_dir()):
+        raise UserError(f"--plot {args.plot}: give a .png path in an existing directory")
     if args.gpu and not torch.cuda.is_available():
         raise UserError("--gpu asked for a GPU but torch sees none")
     device = torch.device("cuda" if args.gpu else "cpu")
@@ -57,18 +62,28 @@ def main(argv=None) -> int:
         except BadImage as e:
             errors[path] = str(e)
     predictions = dict(zip(images, predict_images(loaded, list(images.values()), args.top_k, device)))
+    if args.plot:
+        from placesnet.plots import predictions_figure, save_png
+
+        if predictions:
+            save_png(predictions_figure([(Path(p).name, images[p], predictions[p]) for p in predictions],
+                                        loaded.note), plot)
 
     if args.json:
-        doc = {"checkpoint": str(loaded.path), "results": [
+        doc = {"checkpoint": str(loaded.path), "note": loaded.note, "results": [
             {"image": p, "predictions": predictions[p]} if p in predictions else {"image": p, "error": errors[p]}
             for p in args.images]}
         print(json.dumps(doc, indent=2))
     else:
+        if loaded.note:
+            print(f"note: {loaded.note}")
         for path in args.images:
             if path in predictions:
                 print(path)
                 for rank, pred in enumerate(predictions[path], start=1):
                     print(f"  {rank}. {pred['label']:<28} {pred['probability']:7.2%}")
+    if args.plot and predictions:
+        print(f"plot: {plot}", file=sys.stderr if args.json else sys.stdout)
     for path in args.images:
         if path in errors:
             print(f"predict.py: error: {errors[path]}", file=sys.stderr)

@@ -80,6 +80,19 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return JSONResponse({"error": f"invalid request: {problems}"}, status_code=422)
 
 
+# /predict reads its body itself (raw bytes or a multipart form, with streaming size limits), so
+# FastAPI cannot infer it: this documents both forms, and /docs' "Try it out" can send an image.
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+PREDICT_BODY = {"requestBody": {"required": True, "description": (
+    "The image: its raw bytes (Content-Type image/jpeg, image/png, image/webp, ...) or a "
+    "multipart form whose field `file` holds it."), "content": {
+    "image/jpeg": _BINARY, "image/png": _BINARY, "image/webp": _BINARY,
+    "application/octet-stream": _BINARY,
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                       "properties": {"file": {"type": "string", "format": "binary"}}}},
+}}}
+
+
 @serve.deployment(name="SceneClassifier", max_ongoing_requests=32, health_check_period_s=10)
 @serve.ingress(app)
 class SceneClassifier:
@@ -132,7 +145,7 @@ class SceneClassifier:
 
     # --- HTTP API -----------------------------------------------------------------------------
 
-    @app.post("/predict", summary="Top-k scene classes for one image")
+    @app.post("/predict", summary="Top-k scene classes for one image", openapi_extra=PREDICT_BODY)
     async def predict(self, request: Request,
                       top_k: int | None = Query(None, description="classes to return (default 5)")) -> dict:
         """Send the image as the raw body (Content-Type image/jpeg, image/png, ...) or as the
@@ -149,6 +162,7 @@ class SceneClassifier:
             "predictions": [{"label": self.labels[i], "class_index": i, "probability": p}
                             for p, i in zip(values.tolist(), indices.tolist())],
             "model": self.model_id,
+            "note": self.loaded.note,
         }
 
     async def _read_image_bytes(self, request: Request) -> bytes:
@@ -202,7 +216,7 @@ class SceneClassifier:
     @app.get("/model", summary="Checkpoint, training config and validation accuracy")
     async def model(self) -> dict:
         meta = self.loaded.meta
-        return {"model": self.model_id, "checkpoint": str(self.loaded.path),
+        return {"model": self.model_id, "checkpoint": str(self.loaded.path), "note": self.loaded.note,
                 "epoch": meta["epoch"] + 1, "val_top1": meta["metrics"].get("val_top1"),
                 "val_top5": meta["metrics"].get("val_top5"), "num_classes": len(self.labels),
                 "image_size": self.loaded.config.image_size, "config": self.loaded.config.to_dict(),

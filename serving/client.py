@@ -80,7 +80,7 @@ async def query_all(files: list[Path], url: str, top_k: int | None, concurrency:
                     return {"image": str(path), "status": r.status_code, "latency_s": latency,
                             "error": body.get("error") or r.text[:200]}
                 return {"image": str(path), "status": 200, "latency_s": latency,
-                        "predictions": body["predictions"]}
+                        "predictions": body["predictions"], "note": body.get("note")}
             except (httpx.HTTPError, OSError) as e:
                 return {"image": str(path), "status": None, "latency_s": time.perf_counter() - start,
                         "error": f"{type(e).__name__}: {e}"}
@@ -111,6 +111,9 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"results": results, "summary": stats}, indent=2))
     else:
+        notes = {r.get("note") for r in results if r.get("note")}
+        for note in sorted(notes):
+            print(f"note: {note}")
         for r in results:
             if r["status"] == 200:
                 best = ", ".join(f"{p['label']} {p['probability']:.1%}" for p in r["predictions"])

@@ -72,7 +72,7 @@ def _rank(rank: int, world: int, init: str, root: str, ckpt: str, out: str) -> N
     try:
         loaded = load_checkpoint(ckpt)
         result = evaluate_checkpoint(loaded, __import__("pathlib").Path(root), torch.device("cpu"),
-                                     batch_size=5, rank=rank, world_size=world)
+                                     batch_size=5, rank=rank, world_size=world, mistakes=10)
         ds = open_split(loaded.config, "val", __import__("pathlib").Path(root))
         loader = DataLoader(ds, batch_size=4, sampler=ShardSampler(ds, rank, world))
         opt = torch.optim.SGD(loaded.model.parameters(), lr=0.0)
@@ -80,6 +80,7 @@ def _rank(rank: int, world: int, init: str, root: str, ckpt: str, out: str) -> N
         if rank == 0:
             result["confusion"] = result["confusion"].tolist()
             result["train"] = {k: train[k] for k in ("train_images", "train_top1", "train_loss")}
+            result["targets"] = list(ds.targets)
             with open(out, "w") as f:
                 json.dump(result, f)
     finally:
@@ -110,6 +111,15 @@ def test_two_ranks_count_every_sample_once_and_match_one_rank(tiny_config, tiny_
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
     assert two["confusion"] == one["confusion"] and sum(map(sum, two["confusion"])) == 47
     assert two["train"]["train_images"] == one["train"]["train_images"] == 47  # summed over ranks
+    # evaluate.py's gallery: the 10 most confident mistakes over all ranks, the same on 1 and 2
+    wrong = 47 - sum(one["confusion"][i][i] for i in range(4))
+    assert len(one["mistakes"]) == min(10, wrong) and wrong > 0
+    assert [(m["index"], m["predicted"]) for m in two["mistakes"]] == [(m["index"], m["predicted"]) for m in one["mistakes"]]
+    for m in one["mistakes"]:
+        assert m["true"] == one["targets"][m["index"]] != m["predicted"]
+        assert m["image"].endswith(f"Places365_val_{m['index'] + 1:08d}.jpg")
+    probs = [m["probability"] for m in one["mistakes"]]
+    assert probs == sorted(probs, reverse=True) and all(0 < p <= 1 for p in probs)
     # (train top-1 and loss differ: BatchNorm in train mode sees other batches on 2 ranks)
 
 

@@ -19,7 +19,7 @@ from conftest import REPO, TINY_ARGS, assert_user_error, run_script
 from placesnet import engine
 from placesnet.checkpoint import (MODEL_FILE, _best_in_run, resolve_checkpoint, save_checkpoint,
                                   verify_checkpoint)
-from placesnet.config import TrainConfig, UserError
+from placesnet.config import SCORE, TrainConfig, UserError, checkpoint_score
 from placesnet.data import BadImageFile, BadImages, MarkBadImages, open_split
 from placesnet.resume import SNAPSHOT, prepare_resume
 from placesnet.validate import DataError, check_dataset
@@ -201,22 +201,24 @@ def test_a_batch_of_only_bad_images_trains_on_without_nan(tiny_config):
 
 # --- checkpoints: checksums and the repair before a resume --------------------------------------
 
-def _run_dir(tmp_path, epochs=3, snapshot=True):
-    """A run dir with one checkpoint per epoch and Ray 2.60's snapshot listing them."""
+def _run_dir(tmp_path, epochs=3, snapshot=True, top1=(0.5, 0.9, 0.7, 0.6), loss=None):
+    """A run dir with one checkpoint per epoch and Ray 2.60's snapshot listing them (with the
+    score train.py reports)."""
     run = tmp_path / "run"
     model = _tiny_model()
     cfg = TrainConfig()
     names, reported = [], []
     for epoch in range(epochs):
         name = f"checkpoint_2026-11-28_10-00-0{epoch}.000000"
-        top1 = [0.5, 0.9, 0.7, 0.6][epoch]
-        metrics = {"epoch": epoch + 1, "val_top1": top1, "val_top5": 1.0, "val_loss": 1 - top1}
+        val_loss = loss[epoch] if loss else 1 - top1[epoch]
+        metrics = {"epoch": epoch + 1, "val_top1": top1[epoch], "val_top5": 1.0, "val_loss": val_loss}
         save_checkpoint(run / name, model=model, config=cfg, classes=list("abcd"), epoch=epoch,
                         metrics=metrics, history=[metrics])
         names.append(name)
         reported.append(metrics)
     if snapshot:
-        results = [{"version": 0, "checkpoint_dir_name": n, "metrics": m} for n, m in zip(names, reported)]
+        results = [{"version": 0, "checkpoint_dir_name": n, "metrics": {**m, SCORE: checkpoint_score(m)}}
+                   for n, m in zip(names, reported)]
         (run / SNAPSHOT).write_text(json.dumps({
             "ray_version": "2.60.0", "checkpoint_results": results,
             "checkpoint_report_indices": list(range(epochs)), "latest_checkpoint_result": results[-1],
@@ -357,3 +359,24 @@ def test_the_summary_names_the_best_epoch_not_the_latest(tmp_path):
     assert summary["best_checkpoint"] == str(ckpts[1]) and summary["latest_checkpoint"] == str(ckpts[2])
     assert summary["epochs_completed"] == 3
     assert json.loads((run / "summary.json").read_text())["best_checkpoint"] == str(ckpts[1])
+
+
+def test_tied_val_top1_goes_to_the_lower_val_loss(tmp_path):
+    """Epochs 1-4 tie at val top-1 0.9; epoch 3 has the lowest val loss: the summary, a run dir
+    without summary.json, and the history all pick epoch 3 (the tie-break of checkpoint_score)."""
+    import ray.train
+
+    from placesnet.config import best_epoch
+    from placesnet.ray_train import summarize
+
+    losses = (0.30, 0.20, 0.10, 0.15)
+    run, ckpts = _run_dir(tmp_path, epochs=4, top1=(0.9,) * 4, loss=losses)
+    assert _best_in_run(run) == ckpts[2]
+    summary, history = summarize(ray.train.Result.from_path(str(run)), str(tmp_path), "run")
+    assert summary["best_epoch"] == 3 and summary["val_loss"] == 0.10
+    assert best_epoch([{"epoch": e + 1, "val_top1": 0.9, "val_loss": v} for e, v in enumerate(losses)])["epoch"] == 3
+    # a higher val top-1 wins over any loss; a NaN loss ranks last among ties
+    assert best_epoch([{"epoch": 1, "val_top1": 0.8, "val_loss": 0.01},
+                       {"epoch": 2, "val_top1": 0.81, "val_loss": 50.0}])["epoch"] == 2
+    assert best_epoch([{"epoch": 1, "val_top1": 0.8, "val_loss": float("nan")},
+                       {"epoch": 2, "val_top1": 0.8, "val_loss": 9.0}])["epoch"] == 2

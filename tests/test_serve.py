@@ -63,6 +63,7 @@ def _check(body, n_classes=4, k=4):
     labels = {"beach", "desert/sand", "field/wild", "forest/broadleaf"}
     assert all(p["label"] in labels and 0 <= p["class_index"] < n_classes for p in preds)
     assert body["model"].startswith("deepcnn:")
+    assert "knows only its 4 classes" in body["note"]  # a sample-data model says so
 
 
 def test_raw_and_multipart_queries(endpoint, tiny_root):
@@ -86,7 +87,11 @@ def test_info_routes(endpoint):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert model["checkpoint"] == summary["best_checkpoint"]
     assert model["val_top1"] == pytest.approx(summary["val_top1"])
-    assert "/predict" in httpx.get(f"{base}/openapi.json", timeout=30).json()["paths"]
+    assert model["note"].startswith("this model was trained on the embedded sample data and knows "
+                                    "only its 4 classes")
+    body = httpx.get(f"{base}/openapi.json", timeout=30).json()["paths"]["/predict"]["post"]["requestBody"]
+    assert {"image/jpeg", "image/png", "multipart/form-data"} <= set(body["content"])  # /docs can send one
+    assert body["content"]["multipart/form-data"]["schema"]["properties"]["file"]["format"] == "binary"
     assert httpx.get(f"{base}/docs", timeout=30).status_code == 200
 
 

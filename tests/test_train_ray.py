@@ -56,9 +56,9 @@ def test_two_worker_ddp_learns_and_writes_outputs(run):
 def test_val_metrics_identical_for_one_and_two_workers(run, ray_head, tmp_path):
     run_dir, _ = run
     one = run_script("rayjobs/evaluate.py", "--checkpoint", run_dir, "--num-workers", 1, "--json",
-                     "--out", tmp_path / "one", env=ray_head.env)
+                     "--gallery", 6, env=ray_head.env)  # default --out: RUN_DIR/eval_<checkpoint>
     two = run_script("rayjobs/evaluate.py", "--checkpoint", run_dir, "--num-workers", 2, "--json",
-                     "--out", tmp_path / "two", env=ray_head.env)
+                     "--gallery", 6, "--out", tmp_path / "two", env=ray_head.env)
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     a, b = json.loads(one.stdout), json.loads(two.stdout)
     assert a["val_images"] == b["val_images"] == 48  # no DistributedSampler padding counted
@@ -66,9 +66,23 @@ def test_val_metrics_identical_for_one_and_two_workers(run, ray_head, tmp_path):
     assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert a["val_top1"] == pytest.approx(summary["val_top1"])  # same number training reported
-    table = pd.read_csv(tmp_path / "one" / "per_class.csv")
+    out = Path(summary["best_checkpoint"]).parent / f"eval_{Path(summary['best_checkpoint']).name}"
+    assert json.loads((out / "evaluation.json").read_text())["val_top1"] == a["val_top1"]
+    table = pd.read_csv(out / "per_class.csv")
     assert len(table) == 4 and table["images"].sum() == 48
-    assert (tmp_path / "one" / "confused_pairs.png").read_bytes().startswith(PNG)
+    assert table["correct"].sum() == round(a["val_top1"] * 48)
+    for name in ("confused_pairs.png", "per_class.png", "misclassified.png"):
+        assert (out / name).read_bytes().startswith(PNG), name
+    # the gallery: the most confident mistakes, the same whichever the worker count
+    wrong = 48 - table["correct"].sum()
+    assert len(a["mistakes"]) == min(6, wrong)
+    assert [(m["index"], m["predicted"]) for m in a["mistakes"]] == [(m["index"], m["predicted"]) for m in b["mistakes"]]
+    labels = dict(line.split() for line in (Path(a["data_root"]) / "places365_val.txt").read_text().splitlines())
+    classes = [line.split()[0][3:] for line in (Path(a["data_root"]) / "categories_places365.txt").read_text().splitlines()]
+    for m in a["mistakes"]:
+        assert m["true"] != m["predicted"] and classes[int(labels[Path(m["image"]).name])] == m["true"]
+    probs = [m["probability"] for m in a["mistakes"]]
+    assert probs == sorted(probs, reverse=True)
 
 
 def test_predict_cli(run, tiny_root, tmp_path):
@@ -82,7 +96,9 @@ def test_predict_cli(run, tiny_root, tmp_path):
     images = [tiny_root / "val_256/Places365_val_00000001.jpg", rgba, gray]
     proc = run_script("rayjobs/predict.py", "--checkpoint", run_dir, "--json", *images)
     assert proc.returncode == 0, proc.stderr
-    results = json.loads(proc.stdout)["results"]
+    doc = json.loads(proc.stdout)
+    assert "embedded sample data and knows only its 4 classes" in doc["note"]
+    results = doc["results"]
     labels = {"beach", "desert/sand", "field/wild", "forest/broadleaf"}
     for r in results:
         preds = r["predictions"]
@@ -90,8 +106,11 @@ def test_predict_cli(run, tiny_root, tmp_path):
         probs = [p["probability"] for p in preds]
         assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-5
         assert {p["label"] for p in preds} <= labels
-    human = run_script("rayjobs/predict.py", "--checkpoint", run_dir, "--top-k", "2", images[0])
+    human = run_script("rayjobs/predict.py", "--checkpoint", run_dir, "--top-k", "2", images[0],
+                       "--plot", tmp_path / "pred.png")
+    assert (tmp_path / "pred.png").read_bytes().startswith(PNG)
     assert human.returncode == 0 and results[0]["predictions"][0]["label"] in human.stdout
+    assert human.stdout.startswith("note: this model was trained on the embedded sample data")
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(images[0].read_bytes()[:300])
     mixed = run_script("rayjobs/predict.py", "--checkpoint", run_dir, images[0], bad)
