@@ -21,7 +21,6 @@ the same invocation.
 import argparse
 import asyncio
 import contextlib
-import os
 import subprocess
 import sys
 import tempfile

@@ -217,9 +217,31 @@ def _best_in_run(run_dir: Path) -> Path:
     return max(candidates, key=lambda d: (checkpoint_score(read_meta(d)["metrics"]), d.name))
 
 
+LATEST = "latest"
+
+
+def latest_run(storage: str | Path) -> Path:
+    """The newest finished run or sweep directly under ``storage``: the newest
+    ``<storage>/<name>/summary.json`` (train.py) or ``best.json`` (sweep.py)."""
+    storage = Path(storage).expanduser()
+    found = [p for pattern in ("*/" + SUMMARY_FILE, "*/best.json") for p in storage.glob(pattern)
+             if p.is_file()] if storage.is_dir() else []
+    if not found:
+        raise UserError(f"--checkpoint latest: no finished run (*/{SUMMARY_FILE} or */best.json) "
+                        f"under {storage}; give latest:STORAGE_PATH or a path")
+    return max(found, key=lambda p: (p.stat().st_mtime, str(p)))
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint dir, a run dir (its best checkpoint) or a JSON file naming one
-    (``best_checkpoint`` in a run's summary.json or a sweep's best.json)."""
+    """Accept a checkpoint dir, a run dir (its best checkpoint), a JSON file naming one
+    (``best_checkpoint`` in a run's summary.json or a sweep's best.json), or ``latest``
+    (``latest:STORAGE_PATH``): the best checkpoint of the newest finished run or sweep under
+    ~/ray_results (or STORAGE_PATH)."""
+    if str(path) == LATEST or str(path).startswith(LATEST + ":"):
+        from .config import DEFAULT_STORAGE
+
+        storage = str(path)[len(LATEST) + 1:] or DEFAULT_STORAGE
+        return resolve_checkpoint(latest_run(storage))
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"checkpoint not found: {p}")

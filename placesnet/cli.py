@@ -193,6 +193,9 @@ def lr_source(args: argparse.Namespace, cfg: TrainConfig) -> str:
             f"{cfg.batch_size}/{REFERENCE_BATCH}")
 
 
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 def ray_init(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to the cluster in --address / RAY_ADDRESS, or start a local Ray.
 
@@ -202,8 +205,12 @@ def ray_init(address: str | None = None, num_cpus: int | None = None) -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs = dict(runtime_env={"py_modules": [str(PACKAGE_DIR)]}, logging_level=logging.WARNING,
-                  log_to_driver=True)
+    # Ray Train 2.60 starts a PreemptionWatcher actor per run that only logs node drains (this
+    # project does not read them) and makes the core worker warn about its restartable
+    # constructor arguments on every run; off unless the user turns it on.
+    env_vars = {PREEMPTION_WATCHER: os.environ.get(PREEMPTION_WATCHER, "0")}
+    kwargs = dict(runtime_env={"py_modules": [str(PACKAGE_DIR)], "env_vars": env_vars},
+                  logging_level=logging.WARNING, log_to_driver=True)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         kwargs["address"] = address

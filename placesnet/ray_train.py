@@ -246,7 +246,8 @@ def check_cluster_paths(storage_path: str, data_root: Path | None = None) -> Non
 
 
 class RunOutputs(ray.train.UserCallback):
-    """Keeps ``metrics.csv`` and ``curves.png`` in the run dir up to date after every epoch.
+    """Keeps ``metrics.csv``, ``curves.png`` and ``tensorboard/`` in the run dir up to date after
+    every epoch.
 
     Runs on the Train controller. The rows come from the history saved inside each checkpoint,
     so a restarted or resumed run rewrites a consistent file. Writes through the checkpoint's
@@ -262,8 +263,13 @@ class RunOutputs(ray.train.UserCallback):
 
 
 def write_run_outputs(fs, run_dir: str, history: list[dict], title: str = "") -> None:
+    """metrics.csv, curves.png and tensorboard/ (see placesnet/tensorboard.py) from ``history``."""
+    from .tensorboard import TB_DIR, TB_FILE, event_file_bytes
+
     csv = pd.DataFrame(history).to_csv(index=False).encode()
-    for name, payload in ((METRICS_FILE, csv), (CURVES_FILE, curves_png(history, title))):
+    fs.create_dir(posixpath.join(run_dir, TB_DIR), recursive=True)
+    for name, payload in ((METRICS_FILE, csv), (CURVES_FILE, curves_png(history, title)),
+                          (f"{TB_DIR}/{TB_FILE}", event_file_bytes(history))):
         with fs.open_output_stream(posixpath.join(run_dir, name)) as f:
             f.write(payload)
 
@@ -617,6 +623,7 @@ def summarize(result: "ray.train.Result", storage_path: str, name: str) -> tuple
         "classes": best_meta["classes"],
         "metrics_csv": f"{run_dir}/{METRICS_FILE}",
         "curves_png": f"{run_dir}/{CURVES_FILE}",
+        "tensorboard_dir": f"{run_dir}/tensorboard",
         "summary_json": f"{run_dir}/summary.json",
     }
     fs = result.checkpoint.filesystem

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,9 +87,42 @@ def trial_driver(tune_config: dict, base: dict) -> None:
         raise TrainingDiverged(message)
 
 
+class TrialEvents(tune.Callback):
+    """One line per trial event on the driver, in place of Tune's progress tables: a trial
+    starts, reports an epoch, finishes, is stopped early by ASHA, or errors."""
+
+    def __init__(self, epochs: int, out=None) -> None:
+        self.epochs = epochs
+        self.out = out
+        self.last: dict[str, dict] = {}
+
+    def _say(self, trial, text: str) -> None:
+        config = trial.config or {}
+        what = f"bs {config.get('batch_size', '?')} lr {config.get('lr', float('nan')):.3g}"
+        print(f"trial {trial.trial_id} ({what}): {text}", file=self.out or sys.stdout, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._say(trial, "started")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.last[trial.trial_id] = result
+        if METRIC in result:
+            self._say(trial, f"epoch {result.get('epoch', '?')}/{self.epochs} val top-1 {result[METRIC]:.4f} "
+                             f"val loss {result.get('val_loss', float('nan')):.4f}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        result = self.last.get(trial.trial_id, {})
+        epoch = result.get("epoch", 0)
+        how = "finished" if epoch >= self.epochs else "stopped early by ASHA"
+        self._say(trial, f"{how} after {epoch} epoch(s)")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._say(trial, "errored (see results.csv)")
+
+
 def make_tuner(cfg: TrainConfig, data_root: Path, plan: SweepPlan, *, storage_path: str, name: str,
                param_space: dict, num_samples: int, scheduler: str, grace_period: int,
-               reduction_factor: float, scale_lr: int | None = None) -> tune.Tuner:
+               reduction_factor: float, scale_lr: int | None = None, verbose: bool = False) -> tune.Tuner:
     """A new Tuner, or the interrupted one restored (finished trials are not run again)."""
     exp_dir = str(Path(storage_path) / name)
     base = {"config": cfg.to_dict(), "data_root": str(data_root),
@@ -112,7 +146,9 @@ def make_tuner(cfg: TrainConfig, data_root: Path, plan: SweepPlan, *, storage_pa
         param_space=param_space,
         tune_config=tune.TuneConfig(metric=METRIC, mode=METRIC_MODE, scheduler=asha,
                                     num_samples=num_samples, max_concurrent_trials=plan.max_concurrent),
-        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=1),
+        # verbose=0: no progress tables (hundreds of lines); TrialEvents says what happens instead
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=1 if verbose else 0,
+                                  callbacks=[] if verbose else [TrialEvents(cfg.epochs)]),
     )
 
 

@@ -37,7 +37,8 @@ from placesnet.cli import non_negative_int, positive_int, ray_init, run_cli  # n
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
-                   help="checkpoint dir, training run dir, or summary.json / best.json")
+                   help="checkpoint dir, training run dir, summary.json / best.json, or 'latest' (the "
+                   "newest finished run under ~/ray_results; latest:STORAGE_PATH for another)")
     p.add_argument("--split", default="val", help="val (default) or train")
     p.add_argument("--data-root", help="dataset directory (default: the one the checkpoint was "
                    "trained on)")

@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=positive_int, default=64, help="default: %(default)s")
     p.add_argument("--num-classes", type=positive_int, default=8, help="default: %(default)s")
     p.add_argument("--checkpoint", help="summarise a trained model instead (checkpoint dir, run dir "
-                   "or summary.json): its model, widths, image size and classes")
+                   "summary.json or latest): its model, widths, image size and classes")
     return p.parse_args(argv)
 
 

@@ -24,7 +24,8 @@ from placesnet.cli import positive_int, run_cli  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
-                   help="checkpoint dir, training run dir, or summary.json / best.json")
+                   help="checkpoint dir, training run dir, summary.json / best.json, or 'latest' (the "
+                   "newest finished run under ~/ray_results; latest:STORAGE_PATH for another)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--top-k", type=positive_int,
                    help="classes per image (default: 5, or all classes if the model has fewer)")

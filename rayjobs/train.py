@@ -213,6 +213,7 @@ def _print_results(summary: dict, history: list[dict]) -> None:
     print(f"best checkpoint: {summary['best_checkpoint']}")
     print(f"metrics:         {summary['metrics_csv']}")
     print(f"curves:          {summary['curves_png']}")
+    print(f"tensorboard:     tensorboard --logdir {summary['tensorboard_dir']}")
     print(f"summary:         {summary['summary_json']}")
 
 

@@ -380,3 +380,25 @@ def test_tied_val_top1_goes_to_the_lower_val_loss(tmp_path):
                        {"epoch": 2, "val_top1": 0.81, "val_loss": 50.0}])["epoch"] == 2
     assert best_epoch([{"epoch": 1, "val_top1": 0.8, "val_loss": float("nan")},
                        {"epoch": 2, "val_top1": 0.8, "val_loss": 9.0}])["epoch"] == 2
+
+
+def test_checkpoint_latest_is_the_newest_finished_run(tmp_path, monkeypatch):
+    import os
+
+    old, _ = _run_dir(tmp_path / "a")
+    new, new_ckpts = _run_dir(tmp_path / "b", epochs=2)
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    for name, run, when in (("old", old, 1_000), ("new", new, 2_000)):
+        (storage / name).symlink_to(run)
+        (run / "summary.json").write_text(json.dumps({"best_checkpoint": str(_best_in_run(run))}))
+        os.utime(run / "summary.json", (when, when))
+    assert resolve_checkpoint(f"latest:{storage}") == new_ckpts[1]  # epoch 2's 0.9, of the newer run
+    (storage / "sweep").mkdir()
+    (storage / "sweep" / "best.json").write_text(json.dumps({"best_checkpoint": str(old / "checkpoint_2026-11-28_10-00-02.000000")}))
+    os.utime(storage / "sweep" / "best.json", (3_000, 3_000))
+    assert resolve_checkpoint(f"latest:{storage}").name == "checkpoint_2026-11-28_10-00-02.000000"
+    monkeypatch.setattr("placesnet.config.DEFAULT_STORAGE", str(storage))
+    assert resolve_checkpoint("latest").name == "checkpoint_2026-11-28_10-00-02.000000"
+    with pytest.raises(UserError, match="no finished run"):
+        resolve_checkpoint(f"latest:{tmp_path / 'empty'}")

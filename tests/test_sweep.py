@@ -41,6 +41,16 @@ def test_results_table(sweep):
     assert too_small["status"] == "stopped early" and too_small["epochs_run"] == 1
     assert table[table["lr"] == 0.05].iloc[0]["status"] == "finished"
     assert "stopped early" in proc.stdout  # the printed table
+    # one line per trial event instead of Tune's progress tables
+    events = {tid: [line.split("): ", 1)[1] for line in proc.stdout.splitlines()
+                    if line.startswith(f"trial {tid} (bs 32 lr ")] for tid in table["trial_id"]}
+    by_lr = dict(zip(table["lr"], table["trial_id"]))
+    good = events[by_lr[0.05]]
+    assert len(good) == 4 and good[0] == "started" and good[3] == "finished after 2 epoch(s)"
+    assert good[1].startswith("epoch 1/2 val top-1 0.") and good[2].startswith("epoch 2/2 val top-1 0.")
+    assert events[by_lr[0.000001]][0] == "started" and events[by_lr[0.000001]][-1] == "stopped early by ASHA after 1 epoch(s)"
+    assert events[by_lr[10000]] == ["started", "errored (see results.csv)"]
+    assert "Trial status" not in proc.stdout + proc.stderr and "╭" not in proc.stdout
 
 
 def test_a_diverging_trial_errors_without_stopping_the_sweep(sweep):

@@ -43,7 +43,12 @@ def test_two_worker_ddp_learns_and_writes_outputs(run):
     assert (metrics["train_images"] == 160).all()
     assert metrics["val_top1"].max() == pytest.approx(summary["val_top1"])
     assert (run_dir / "curves.png").read_bytes().startswith(PNG)
+    from test_workshop import read_scalars  # TensorBoard's own reader: every epoch once
+    tb = read_scalars(run_dir / "tensorboard")
+    assert [s for s, _ in tb["top1/val"]] == [1, 2, 3, 4]
+    assert [v for _, v in tb["top1/val"]] == pytest.approx(list(metrics["val_top1"]))
     assert str(run_dir / "summary.json") in proc.stdout  # the job says where its outputs are
+    assert "PreemptionWatcher" not in proc.stdout + proc.stderr  # Ray Train's watcher is off (quiet)
     # --keep-checkpoints 2: the best 2 by val top-1 plus the latest are kept, the others deleted
     kept = {json.loads((d / "meta.json").read_text())["metrics"]["epoch"]
             for d in run_dir.glob("checkpoint_*") if d.is_dir()}
@@ -111,6 +116,9 @@ def test_predict_cli(run, tiny_root, tmp_path):
     assert (tmp_path / "pred.png").read_bytes().startswith(PNG)
     assert human.returncode == 0 and results[0]["predictions"][0]["label"] in human.stdout
     assert human.stdout.startswith("note: this model was trained on the embedded sample data")
+    latest = run_script("rayjobs/predict.py", "--checkpoint", f"latest:{run_dir.parent}", "--json", images[0])
+    assert latest.returncode == 0, latest.stderr
+    assert json.loads(latest.stdout)["checkpoint"] == json.loads((run_dir / "summary.json").read_text())["best_checkpoint"]
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(images[0].read_bytes()[:300])
     mixed = run_script("rayjobs/predict.py", "--checkpoint", run_dir, images[0], bad)

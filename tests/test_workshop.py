@@ -138,3 +138,31 @@ def test_misclassified_gallery_and_prediction_plot(tiny_root):
     widths = [b.get_width() for b in fig.axes[1].containers[0]]
     assert widths == [0.2, 0.8]  # the most probable on top
     assert "note: knows only 2 classes" in fig._suptitle.get_text()
+
+
+# --- TensorBoard ------------------------------------------------------------------------------------
+
+def read_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar TensorBoard itself reads from an event-file directory: {tag: [(step, value)]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(directory))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_events_hold_every_epoch_once_and_extend_on_rewrite(tmp_path):
+    from placesnet.tensorboard import TB_FILE, event_file_bytes
+
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.5 / e, "train_top1": 0.1 * e,
+                "val_top1": 0.1 * e, "val_top5": 0.2 * e, "lr": 0.01 * e, "images_per_s": 100.0,
+                "epoch_time_s": 2.0} for e in (1, 2, 3)]
+    two, three = event_file_bytes(history[:2]), event_file_bytes(history)
+    assert event_file_bytes(history) == three  # the same history, the same bytes
+    assert three.startswith(two)  # a rewrite after the next epoch extends the file
+    (tmp_path / TB_FILE).write_bytes(three)
+    scalars = read_scalars(tmp_path)
+    assert [s for s, _ in scalars["top1/val"]] == [1, 2, 3]
+    assert [round(v, 5) for _, v in scalars["loss/val"]] == [1.5, 0.75, 0.5]
+    assert set(scalars) == {"loss/train", "loss/val", "top1/train", "top1/val", "top5/val", "optim/lr",
+                            "speed/images_per_s", "speed/epoch_time_s"}

@@ -90,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--storage-path", default=DEFAULT_STORAGE, help="default: %(default)s")
     g.add_argument("--name", help="sweep name; the same name resumes it (default: sweep-<date>-<time>)")
     g.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    g.add_argument("--verbose", action="store_true",
+                   help="Tune's own progress tables (default: one line per trial event: started, "
+                        "each epoch's val top-1, finished / stopped early / errored)")
     return p.parse_args(argv)
 
 
@@ -191,7 +194,7 @@ def main(argv=None) -> int:
     tuner = make_tuner(cfg, root, plan, storage_path=storage, name=name, param_space=space,
                        num_samples=num_samples, scheduler=args.scheduler,
                        grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-                       scale_lr=args.scale_lr)
+                       scale_lr=args.scale_lr, verbose=args.verbose)
     with stop_on_signals() as stopped:
         grid = tuner.fit()
 
