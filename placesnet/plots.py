@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import sys
 
 import matplotlib
 
-matplotlib.use("Agg")  # no screen on clusters
+if "ipykernel" not in sys.modules:  # in Jupyter, keep its inline backend: figures show in cells
+    matplotlib.use("Agg")  # no screen on clusters
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 

@@ -204,3 +204,31 @@ def test_client_directory_summary(endpoint, tiny_root, tmp_path):
     doc = json.loads(mixed.stdout)
     statuses = {Path(r["image"]).name: r["status"] for r in doc["results"]}
     assert statuses == {"bad.jpg": 415, "good.jpg": 200} and doc["summary"]["errors"] == 1
+
+
+def test_workshop_notebook_runs_end_to_end(endpoint, ray_head, tmp_path, monkeypatch):
+    """notebooks/workshop.ipynb, executed by a real Jupyter kernel on tiny settings: every cell
+    runs without error, trains through Ray Train on the session's cluster, shows its pictures
+    and queries this module's endpoint."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    base, _, _ = endpoint
+    for key, value in {"WORKSHOP_SMOKE": "1", "WORKSHOP_STORAGE": str(tmp_path), "PLACESNET_ENDPOINT": base,
+                       "RAY_ADDRESS": ray_head.address, "RAY_USAGE_STATS_ENABLED": "0"}.items():
+        monkeypatch.setenv(key, value)  # the kernel inherits this environment
+    nb = nbformat.read(REPO / "notebooks" / "workshop.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()  # raises on a cell error
+
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    pictures = sum("image/png" in o.get("data", {}) for o in outputs)
+    assert pictures >= 6, pictures  # samples grid, curves, 3 evaluation plots, predictions
+    assert "total: " in text and "GFLOPs per image" in text  # the model summary
+    (run,) = [d for d in tmp_path.iterdir() if d.name.startswith("workshop-")]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2 and f"best checkpoint: {summary['best_checkpoint']}" in text
+    assert (run / "evaluation" / "misclassified.png").is_file()
+    assert "note: this model was trained on the embedded sample data" in text
+    assert "served model: deepcnn:" in text  # the endpoint answered the notebook
