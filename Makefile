@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export VENV
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test test-fast bench mutate help
+.PHONY: setup demo test test-fast bench mutate notebook help
 
 help:
 	@echo "make demo   - set up and train on the embedded sample data (ARGS='...' adds flags)"
@@ -14,6 +14,7 @@ help:
 	@echo "make setup  - only create/update the virtual environment in $(VENV)"
 	@echo "make bench  - run every benchmark in benchmarks/ (tables for docs/benchmarks.md)"
 	@echo "make mutate - deliberate bugs in a fresh clone each, against their tests (MUTATE_ARGS='--fast')"
+	@echo "make notebook - JupyterLab (own venv) with the project's kernel, on notebooks/workshop.ipynb"
 
 setup:
 	@scripts/setup.sh
@@ -34,6 +35,9 @@ bench: setup
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/gpu_train.py
 	$(PY) benchmarks/data_check.py
+
+notebook: setup
+	@scripts/notebook.sh
 
 # Not part of `make test`: each mutation clones the repo (HEAD) and runs the tests that guard it.
 mutate: setup

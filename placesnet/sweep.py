@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,10 @@ def make_tuner(cfg: TrainConfig, data_root: Path, plan: SweepPlan, *, storage_pa
             "train_storage": str(Path(exp_dir) / "train"), "scale_lr": scale_lr,
             "resources": {"num_workers": plan.resources.num_workers, "use_gpu": plan.resources.use_gpu,
                           "cpus_per_worker": plan.resources.cpus_per_worker}}
+    if not verbose:
+        # Tune's newer output engine prints its experiment box and a final trial table whatever
+        # `verbose` says; the legacy one is silent at verbose=0, and TrialEvents speaks instead.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # The shared settings travel with the trainable, so Tune's tables show only the searched values.
     trainable = tune.with_resources(tune.with_parameters(trial_driver, base=base), {"CPU": DRIVER_CPU})
     if tune.Tuner.can_restore(exp_dir):

@@ -1,4 +1,4 @@
-"""Evaluate a DeepCNN checkpoint: exact top-1/top-5 on the val split, per-class accuracy, and a
+r"""Evaluate a DeepCNN checkpoint: exact top-1/top-5 on the val split, per-class accuracy, and a
 picture of the most confused class pairs.
 
     python rayjobs/evaluate.py --checkpoint ~/ray_results/deepcnn-sample-20261127-120000

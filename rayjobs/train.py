@@ -1,4 +1,4 @@
-"""Train DeepCNN for scene classification with Ray Train (PyTorch DDP on every worker).
+r"""Train DeepCNN for scene classification with Ray Train (PyTorch DDP on every worker).
 
     # embedded sample scenes, a local Ray started for you (2 CPU workers, a few minutes):
     python rayjobs/train.py

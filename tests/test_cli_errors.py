@@ -78,6 +78,25 @@ def test_help_documents_the_flags():
         assert flag in proc.stdout, flag
 
 
+SCRIPTS = ["rayjobs/train.py", "rayjobs/evaluate.py", "rayjobs/predict.py", "rayjobs/lr_find.py",
+           "rayjobs/inspect_data.py", "rayjobs/model_summary.py", "tuning/sweep.py", "serving/client.py",
+           "scripts/ray_head.py"]
+
+
+def test_help_examples_keep_their_line_continuations():
+    """A backslash-newline in a (non-raw) docstring joins the lines: `evaluate.py         --checkpoint`.
+    Each script's --help is its module docstring, so this reads them without starting 9 Pythons."""
+    import ast
+    import re
+
+    for script in SCRIPTS:
+        source = (REPO / script).read_text()
+        shown = ast.get_docstring(ast.parse(source), clean=False)  # what --help prints
+        assert not re.search(r"\S {6,}--", shown), (script, re.search(r".*\S {6,}--.*", shown).group(0))
+        written = source[source.index('"""') + 3:source.index('"""', source.index('"""') + 3)]
+        assert written.count("\\\n") == shown.count("\\\n"), f"{script}: a continuation was swallowed"
+
+
 @pytest.mark.parametrize("script", ["rayjobs/train.py", "tuning/sweep.py"])
 def test_speed_flags_reach_the_training_config(script):
     """The GPU fast path is on by default (bf16/fp16 AMP, channels_last), torch.compile is opt-in,

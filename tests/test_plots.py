@@ -20,16 +20,16 @@ def _history(top1, losses):
 
 
 def test_curves_mark_the_best_epoch_with_ties_broken_by_val_loss():
-    # epochs 4-8 tie at 0.99375 (the run); epoch 8 has the lowest val loss
+    # epochs 4-8 tie at 0.99375 (the run); epoch 7 has the lowest val loss
     top1 = [0.5, 0.9, 0.98, 0.99375, 0.99375, 0.99375, 0.99375, 0.99375]
-    losses = [1.0, 0.4, 0.1, 0.05, 0.04, 0.035, 0.034, 0.02]
+    losses = [1.0, 0.4, 0.1, 0.05, 0.04, 0.035, 0.02, 0.021]
     fig = curves_figure(_history(top1, losses))
     marks = [line for ax in fig.axes for line in ax.lines if line.get_label().startswith("best epoch")]
     assert len(marks) == 2  # a line on the loss and on the accuracy panel
-    assert {tuple(m.get_xdata()) for m in marks} == {(8, 8)}
-    assert marks[0].get_label() == "best epoch 8 (val top-1 0.9938)"
+    assert {tuple(m.get_xdata()) for m in marks} == {(7, 7)}
+    assert marks[0].get_label() == "best epoch 7 (val top-1 0.9938)"
     star = [line for line in fig.axes[1].lines if line.get_marker() == "*"]
-    assert [(list(s.get_xdata()), list(s.get_ydata())) for s in star] == [([8], [0.99375])]
+    assert [(list(s.get_xdata()), list(s.get_ydata())) for s in star] == [([7], [0.99375])]
     assert curves_png(_history(top1, losses)).startswith(PNG)
 
 

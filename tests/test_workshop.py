@@ -40,13 +40,16 @@ def test_class_counts_and_the_sample_grid(tiny_config, tiny_root):
     assert [ax.get_gid() for ax in again.axes if ax.get_gid()] == shown  # same seed, same grid
 
 
-def test_inspect_data_cli(tmp_path):
-    from conftest import TINY_ARGS, run_script
+def test_inspect_data_cli(tmp_path, capsys):
+    import importlib
 
+    from conftest import TINY_ARGS
+
+    inspect_data = importlib.import_module("rayjobs.inspect_data")  # in this process: no 10 s start
     data_args = [a for a in TINY_ARGS[:8]]  # the data flags: classes, per-class counts, image size
-    proc = run_script("rayjobs/inspect_data.py", *data_args, "--per-class", "2", "--out", tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "forest/broadleaf     40   12" in proc.stdout and "total    160   48" in proc.stdout
+    assert inspect_data.main([*data_args, "--per-class", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "forest/broadleaf     40   12" in out and "total    160   48" in out
     assert (tmp_path / "samples.png").read_bytes().startswith(PNG)
     assert (tmp_path / "counts.csv").read_text().splitlines()[1] == "0,beach,40,12"
 
@@ -70,15 +73,20 @@ def test_model_summary_at_places365_size():
     assert model.training  # left as it was
 
 
-def test_model_summary_cli():
-    from conftest import run_script
+def test_model_summary_cli(capsys):
+    import importlib
 
-    proc = run_script("rayjobs/model_summary.py", "--model", "workshop", "--image-size", "256", "--num-classes", "365")
-    assert proc.returncode == 0, proc.stderr
-    assert "workshop: input 3x256x256, 365 classes" in proc.stdout
-    assert "128x64x64" in proc.stdout  # the workshop's second stage: 128 x 64 x 64, as its comment says
-    bad = run_script("rayjobs/model_summary.py", "--image-size", "4")
-    assert bad.returncode == 2 and "--image-size must be >= 8" in bad.stderr
+    import pytest
+
+    from placesnet.config import UserError
+
+    model_summary = importlib.import_module("rayjobs.model_summary")
+    assert model_summary.main(["--model", "workshop", "--image-size", "256", "--num-classes", "365"]) == 0
+    out = capsys.readouterr().out
+    assert "workshop: input 3x256x256, 365 classes" in out
+    assert "128x64x64" in out  # the workshop's second stage: 128 x 64 x 64, as its comment says
+    with pytest.raises(UserError, match="--image-size must be >= 8"):
+        model_summary.main(["--image-size", "4"])
 
 
 # --- evaluate and predict: pictures with their numbers -------------------------------------------

@@ -1,4 +1,4 @@
-"""Sweep batch size and learning rate over DeepCNN with Ray Tune; ASHA stops bad trials early.
+r"""Sweep batch size and learning rate over DeepCNN with Ray Tune; ASHA stops bad trials early.
 
 Every trial is a full Ray Train run (it can itself be multi-GPU DDP) on the same data and model
 options as rayjobs/train.py.

@@ -1,0 +1,39 @@
+"""scripts/ray_head.py: a head of one's own on a shared machine, stopped without touching others."""
+
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from conftest import BIN, REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _script(*args, env):
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "ray_head.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_own_head_starts_and_stops_without_touching_others(ray_head, tmp_path):
+    env = {k: v for k, v in ray_head.env.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    state = tmp_path / "state"
+    started = _script("start", "--state", state, "--num-cpus", "1", env=env)
+    assert started.returncode == 0, started.stderr
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines())
+    assert exports["RAY_ADDRESS"] != ray_head.address  # its own ports, not the defaults' or another's
+    assert "127.0.0.1:6379" not in exports.values()
+    again = _script("start", "--state", state, env=env)  # idempotent: reuses the running head
+    assert again.returncode == 0 and again.stdout == started.stdout and "reusing" in again.stderr
+    req = urllib.request.Request(f"{exports['PLACESNET_DASHBOARD']}/api/version",
+                                 headers={"Authorization": f"Bearer {ray_head.token}"})
+    assert urllib.request.urlopen(req, timeout=10).status == 200
+    stopped = _script("stop", "--state", state, env=env)
+    assert stopped.returncode == 0 and "other Ray instances untouched" in stopped.stderr
+    assert _script("status", "--state", state, env=env).returncode == 1
+    assert ray_head.proc.poll() is None  # the session's head still runs
+    req = urllib.request.Request(f"{ray_head.dashboard}/api/version",
+                                 headers={"Authorization": f"Bearer {ray_head.token}"})
+    assert urllib.request.urlopen(req, timeout=10).status == 200
