@@ -6,14 +6,15 @@ app serving the same model.
     python benchmarks/serve.py --checkpoint ~/ray_results/deepcnn-sample-... --requests 500
     python benchmarks/serve.py --address auto --concurrency 1,8,32,64
 
-The fourth row, an echo deployment that only reads the body, is Serve's own per-request floor on
+A fifth row is the batched endpoint with ``adaptive_batching=0``: Serve's plain ``@serve.batch``,
+where even a lone request waits ``batch_wait_timeout_s`` for company. The fourth row, an echo deployment that only reads the body, is Serve's own per-request floor on
 this machine (proxy + ingress, no model): no change on the model side can make batching beat
 batching off by more than echo does, and the table prints that ceiling. Every server gets the
 same CPU budget (--cpus: one Serve replica with that many CPUs, or that many torch threads in the
 plain app) and the same JPEG, and runs the project's preprocessing
 (``decode_image`` + ``eval_transform`` + ``normalize``). All servers are started first and then
 loaded one at a time (the others sit idle); the load comes from an asyncio httpx client in this
-process, and needs 3x --cpus free CPUs on the cluster. Ratios are against batching off, measured in
+process, and needs 4x --cpus free CPUs on the cluster. Ratios are against batching off, measured in
 the same invocation.
 """
 
@@ -21,6 +22,7 @@ the same invocation.
 import argparse
 import asyncio
 import contextlib
+import math
 import subprocess
 import sys
 import tempfile
@@ -94,11 +96,12 @@ def deploy(app, name: str, port: int) -> str:
     return f"http://127.0.0.1:{port}{route}"
 
 
-def model_app(checkpoint: str, cpus: float, max_batch_size: int):
+def model_app(checkpoint: str, cpus: float, max_batch_size: int, adaptive: bool = True):
     from serving.app import build_app
 
     return build_app({"checkpoint": checkpoint, "min_replicas": 1, "max_replicas": 1,
-                      "num_cpus": cpus, "max_batch_size": max_batch_size})
+                      "num_cpus": cpus, "max_batch_size": max_batch_size,
+                      "adaptive_batching": int(adaptive)})
 
 
 def echo_app(cpus: float):
@@ -146,8 +149,14 @@ def wait_healthy(base: str, timeout: float = 120) -> None:
 
 # --- load --------------------------------------------------------------------------------------
 
-async def _load(url: str, body: bytes, concurrency: int, requests: int) -> dict:
+async def _load(url: str, body: bytes, concurrency: int, requests: int, per_request: int = 1) -> dict:
     import httpx
+
+    if per_request > 1:  # several images per request: repeated multipart `file` fields
+        files = [("file", (f"{i}.jpg", body, "image/jpeg")) for i in range(per_request)]
+        send = dict(files=files)
+    else:
+        send = dict(content=body, headers={"Content-Type": "image/jpeg"})
 
     latencies: list[float] = []
     errors = 0
@@ -158,26 +167,26 @@ async def _load(url: str, body: bytes, concurrency: int, requests: int) -> dict:
             nonlocal errors
             for _ in queue:
                 t0 = time.perf_counter()
-                r = await client.post(url, content=body, headers={"Content-Type": "image/jpeg"})
+                r = await client.post(url, **send)
                 latencies.append(time.perf_counter() - t0)
                 errors += r.status_code != 200
 
         for _ in range(min(concurrency, 4)):  # warm-up: connections, first batches
-            await client.post(url, content=body, headers={"Content-Type": "image/jpeg"})
+            await client.post(url, **send)
         start = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(concurrency)))
         wall = time.perf_counter() - start
     latencies.sort()
     pick = lambda q: latencies[min(int(q * len(latencies)), len(latencies) - 1)] * 1000  # noqa: E731
-    return {"requests/s": len(latencies) / wall, "p50 ms": pick(0.50), "p99 ms": pick(0.99),
-            "errors": errors}
+    return {"requests/s": len(latencies) / wall, "images/s": len(latencies) * per_request / wall,
+            "p50 ms": pick(0.50), "p99 ms": pick(0.99), "errors": errors}
 
 
-def load(base: str, body: bytes, concurrency: int, requests: int) -> dict:
+def load(base: str, body: bytes, concurrency: int, requests: int, per_request: int = 1) -> dict:
     """Throughput and latency, plus this machine's busy CPU time per request (every process:
     client, proxy, replica, Ray), which shows where the ceiling is when everything shares it."""
     before = busy_cpu_seconds()
-    result = asyncio.run(_load(f"{base}/predict", body, concurrency, requests))
+    result = asyncio.run(_load(f"{base}/predict", body, concurrency, requests, per_request))
     after = busy_cpu_seconds()
     result["CPU ms/req"] = (after - before) * 1000 / requests if before is not None else ""
     return result
@@ -192,8 +201,11 @@ def main(argv=None) -> None:
                    help="of the default model (default: %(default)s, the sample model's)")
     p.add_argument("--concurrency", default="1,8,32", help="client concurrencies (default: %(default)s)")
     p.add_argument("--requests", type=int, default=300, help="per concurrency (default: %(default)s)")
-    p.add_argument("--cpus", type=int, default=1, help="CPUs per server (default: %(default)s)")
+    p.add_argument("--cpus", type=float, default=1, help="CPUs per server, fractions allowed for the "
+                   "Serve replicas (the plain app gets max(1, int(CPUS)) threads; default: %(default)s)")
     p.add_argument("--max-batch-size", type=int, default=16, help="batched server (default: %(default)s)")
+    p.add_argument("--per-request", type=int, default=16,
+                   help="images per request of the multi-image row (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000,
                    help="Serve's HTTP port: the running Serve's, or the one to start it on "
                         "(default: %(default)s)")
@@ -201,7 +213,7 @@ def main(argv=None) -> None:
     p.add_argument("--plain-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.plain_server:
-        return plain_server(args.checkpoint, args.plain_server, args.cpus)
+        return plain_server(args.checkpoint, args.plain_server, max(1, int(args.cpus)))
 
     import ray
     from ray import serve
@@ -212,15 +224,17 @@ def main(argv=None) -> None:
         checkpoint = str(Path(args.checkpoint).expanduser().resolve() if args.checkpoint
                          else random_checkpoint(Path(tmp) / "ckpt", args.image_size))
         ray.init(address=args.address, logging_level="WARNING", log_to_driver=False,
-                 num_cpus=None if args.address else 3 * args.cpus + 1,  # three Serve apps
+                 num_cpus=None if args.address else math.ceil(4 * args.cpus) + 1,  # four Serve apps
                  runtime_env={"py_modules": [str(REPO / "placesnet"), str(REPO / "serving")]})
         started = not serve_running()
         if started:
             serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         port = args.port
-        plain_proc = start_plain(checkpoint, args.plain_port, args.cpus)
+        plain_proc = start_plain(checkpoint, args.plain_port, max(1, int(args.cpus)))
         names = [f"serve, batching (max {args.max_batch_size})", "serve, batching off",
-                 "plain FastAPI + uvicorn", "serve, echo (no model)"]
+                 "plain FastAPI + uvicorn", "serve, echo (no model)",
+                 "serve, batching, always queued (adaptive_batching=0)",
+                 f"serve, batching, {args.per_request} images per request"]
         results = {}
         try:
             bases = {
@@ -228,11 +242,15 @@ def main(argv=None) -> None:
                 names[1]: deploy(model_app(checkpoint, args.cpus, 1), "unbatched", port),
                 names[2]: f"http://127.0.0.1:{args.plain_port}{ROUTE}",
                 names[3]: deploy(echo_app(args.cpus), "echo", port),
+                names[4]: deploy(model_app(checkpoint, args.cpus, args.max_batch_size, adaptive=False),
+                                 "queued", port),
             }
+            bases[names[5]] = bases[names[0]]  # the batched app, sent several images per request
             for name, base in bases.items():  # one server under load at a time
                 wait_healthy(base)
+                n = args.per_request if name == names[5] else 1
                 for c in levels:
-                    results[name, c] = load(base, body, c, args.requests)
+                    results[name, c] = load(base, body, c, max(args.requests // n, 2), n)
                     print(f"  {name} @ {c}: {results[name, c]['requests/s']:.0f} req/s",
                           file=sys.stderr, flush=True)
         finally:
@@ -241,22 +259,28 @@ def main(argv=None) -> None:
             if started:
                 serve.shutdown()
             else:
-                for app in ("batched", "unbatched", "echo"):
+                for app in ("batched", "unbatched", "echo", "queued"):
                     with contextlib.suppress(Exception):
                         serve.delete(f"{APP_NAME}-{app}")
             ray.shutdown()
     rows = []
     for c in levels:
-        base = results["serve, batching off", c]["requests/s"]
+        base = results["serve, batching off", c]
         for name in names:
             r = results[name, c]
-            rows.append({"server": name, "concurrency": c, **r, "vs batching off": ratio(r["requests/s"], base)})
+            rows.append({"server": name, "concurrency": c, **r,
+                         "vs batching off": ratio(r["requests/s"], base["requests/s"]),
+                         "images/s vs batching off": ratio(r["images/s"], base["images/s"]),
+                         "p50 vs batching off": ratio(r["p50 ms"], base["p50 ms"])})
     top = max(levels)
     ceiling = ratio(results[names[3], top]["requests/s"], results[names[1], top]["requests/s"])
     where = "this machine" if not args.address else "the client's machine only"
     print_table(f"serve: {len(body):,}-byte JPEG, model at {args.image_size if not args.checkpoint else 'ckpt'} px, "
                 f"{args.cpus} CPU per server, {args.requests} requests per row", rows,
-                note=f"goal: batching >= 2x batching off at concurrency 32\n"
+                note=f"goal: batching >= 2x batching off at concurrency 32; {args.per_request} images per "
+                     f"request >= 3x the images/s of one per request; at concurrency 1 batching's "
+                     f"p50 within 1.1x of batching off (adaptive: a lone request skips the batch wait; "
+                     f"'always queued' is Serve's plain @serve.batch)\n"
                      f"ceiling for any model-side speed-up at concurrency {top}: echo / batching off = "
                      f"{ceiling} (a model that cost nothing would still pay Serve's per-request "
                      f"cost); CPU ms/req: busy CPU on {where} per request, all processes")

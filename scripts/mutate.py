@@ -139,6 +139,9 @@ MUTATIONS = [
     M("help: docstring continuations collapsed", "rayjobs/evaluate.py",
       'r"""Evaluate a DeepCNN checkpoint', '"""Evaluate a DeepCNN checkpoint',
       ("tests/test_cli_errors.py", "-k", "continuations")),
+    M("serve: lone requests wait in the batch queue", "serving/app.py",
+      'if self.options["adaptive_batching"] and self.in_flight == 1:', "if False:",
+      ("tests/test_serve.py", "-k", "lone"), ray=True),
     # --- data --------------------------------------------------------------------------------
     M("data check: label == classes accepted", "placesnet/validate.py",
       "elif not 0 <= int(label) < num_classes:", "elif not 0 <= int(label) <= num_classes:",

@@ -19,7 +19,7 @@ import asyncio
 import os
 from typing import Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -36,6 +36,8 @@ DEFAULTS: dict[str, Any] = {
     "num_gpus": 0.0,
     "max_batch_size": 16,
     "batch_wait_timeout_s": 0.01,
+    "adaptive_batching": 1,  # 1: a request with no other in flight on its replica skips the wait
+    "max_images_per_request": 64,  # multipart requests with several `file` fields
     "top_k": 5,
     "max_body_bytes": 20 * 1024 * 1024,
     "max_pixels": MAX_PIXELS,
@@ -112,6 +114,7 @@ class SceneClassifier:
         self.transform = eval_transform(self.loaded.config.image_size)
         self.labels = [pretty(c) for c in self.loaded.classes]
         self.model_id = f"{self.loaded.config.model}:{self.loaded.path.parent.name}/{self.loaded.path.name}"
+        self.in_flight = 0  # /predict requests of this replica between their body and their answer
         self.predict_batch.set_max_batch_size(int(self.options["max_batch_size"]))
         self.predict_batch.set_batch_wait_timeout_s(float(self.options["batch_wait_timeout_s"]))
         self._run_model(self._probe())  # fail at start-up, not on the first request
@@ -130,9 +133,22 @@ class SceneClassifier:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict_batch(self, images: list) -> list:
-        """Dynamic batching: requests arriving together share one forward pass."""
+        """Dynamic batching: requests arriving together share one forward pass. Each answer is
+        (probabilities, the size of the batch it was in)."""
         probs = await asyncio.to_thread(self._run_model, self.torch.stack(images))
-        return list(probs)
+        return [(p, len(images)) for p in probs]
+
+    async def _infer(self, tensor) -> tuple[Any, int, bool]:
+        """Probabilities for one preprocessed image, the forward pass's batch size, and whether it
+        went through the batch queue. Serve's batching holds the first request of a batch for
+        ``batch_wait_timeout_s`` even when nothing else is coming; with ``adaptive_batching``
+        a request that is the only one in flight on this replica runs at once, and requests that
+        arrive together still share forward passes."""
+        if self.options["adaptive_batching"] and self.in_flight == 1:
+            probs = await asyncio.to_thread(self._run_model, tensor[None])
+            return probs[0], 1, False
+        probs, size = await self.predict_batch(tensor)
+        return probs, size, True
 
     def _preprocess(self, data: bytes):
         from placesnet.images import BadImage, decode_image
@@ -145,27 +161,73 @@ class SceneClassifier:
 
     # --- HTTP API -----------------------------------------------------------------------------
 
-    @app.post("/predict", summary="Top-k scene classes for one image", openapi_extra=PREDICT_BODY)
-    async def predict(self, request: Request,
+    @app.post("/predict", summary="Top-k scene classes for one image, or for several",
+              openapi_extra=PREDICT_BODY)
+    async def predict(self, request: Request, response: Response,
                       top_k: int | None = Query(None, description="classes to return (default 5)")) -> dict:
         """Send the image as the raw body (Content-Type image/jpeg, image/png, ...) or as the
-        multipart form field ``file``."""
+        multipart form field ``file``; repeat ``file`` for several images in one request (up to
+        ``max_images_per_request``, ``max_body_bytes`` in all): the answer then has ``results``,
+        one per file in the same order, each with ``predictions`` or its own ``error``.
+
+        Headers: ``X-Batch-Size``, how many images shared its forward pass; ``X-Batch-Queued``,
+        ``yes`` if it went through the batch queue (which may wait ``batch_wait_timeout_s`` for
+        company), ``no`` if it ran at once."""
         k = self.options["top_k"] if top_k is None else top_k
         n = len(self.labels)
         if not 1 <= k <= n:
             raise ClientError(422, f"top_k must be between 1 and {n}, got {k}")
-        data = await self._read_image_bytes(request)
-        tensor = await asyncio.to_thread(self._preprocess, data)
-        probs = await self.predict_batch(tensor)
-        values, indices = probs.topk(min(k, n))
-        return {
-            "predictions": [{"label": self.labels[i], "class_index": i, "probability": p}
-                            for p, i in zip(values.tolist(), indices.tolist())],
-            "model": self.model_id,
-            "note": self.loaded.note,
-        }
+        files = await self._read_images(request)
+        self.in_flight += 1
+        try:
+            if len(files) == 1:
+                tensor = await asyncio.to_thread(self._preprocess, files[0][1])
+                probs, batch_size, queued = await self._infer(tensor)
+            else:
+                return await self._predict_many(files, k, response)
+        finally:
+            self.in_flight -= 1
+        response.headers["X-Batch-Size"] = str(batch_size)
+        response.headers["X-Batch-Queued"] = "yes" if queued else "no"
+        return {"predictions": self._top_k(probs, k), "model": self.model_id, "note": self.loaded.note}
 
-    async def _read_image_bytes(self, request: Request) -> bytes:
+    def _top_k(self, probs, k: int) -> list[dict]:
+        values, indices = probs.topk(min(k, len(self.labels)))
+        return [{"label": self.labels[i], "class_index": i, "probability": p}
+                for p, i in zip(values.tolist(), indices.tolist())]
+
+    def _preprocess_or_error(self, data: bytes):
+        try:
+            return self._preprocess(data) if data else ClientError(400, "empty 'file' field")
+        except ClientError as e:
+            return e
+
+    def _run_chunks(self, tensors: list) -> list:
+        size = int(self.options["max_batch_size"])
+        out = []
+        for start in range(0, len(tensors), size):
+            out += list(self._run_model(self.torch.stack(tensors[start:start + size])))
+        return out
+
+    async def _predict_many(self, files: list[tuple[str, bytes]], k: int, response: Response) -> dict:
+        """Several images of one request: decoded in parallel threads (PIL releases the GIL), then
+        run together, ``max_batch_size`` per forward pass, without the batch queue's wait."""
+        prepared = await asyncio.gather(*(asyncio.to_thread(self._preprocess_or_error, data)
+                                          for _, data in files))
+        good = [t for t in prepared if not isinstance(t, ClientError)]
+        probs = iter(await asyncio.to_thread(self._run_chunks, good) if good else [])
+        results = []
+        for (name, _), item in zip(files, prepared):
+            if isinstance(item, ClientError):
+                results.append({"file": name, "error": item.message, "status": item.status})
+            else:
+                results.append({"file": name, "predictions": self._top_k(next(probs), k)})
+        response.headers["X-Batch-Size"] = str(min(len(good), int(self.options["max_batch_size"])))
+        response.headers["X-Batch-Queued"] = "no"
+        return {"results": results, "model": self.model_id, "note": self.loaded.note}
+
+    async def _read_images(self, request: Request) -> list[tuple[str, bytes]]:
+        """(name, bytes) of each image in the request: the raw body, or every multipart `file`."""
         limit = int(self.options["max_body_bytes"])
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -177,32 +239,39 @@ class SceneClassifier:
                 raise ClientError(413, f"request body is over the limit of {limit} bytes")
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "multipart/form-data":
-            return await self._file_field(request, bytes(body))
+            return await self._file_fields(request, bytes(body))
         if ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
             raise ClientError(415, f"unsupported Content-Type {ctype!r}: send image/* bytes or a "
                                    "multipart form with a 'file' field")
         if not body:
             raise ClientError(400, "empty request body: send the image bytes")
-        return bytes(body)
+        return [("body", bytes(body))]
 
-    async def _file_field(self, request: Request, body: bytes) -> bytes:
+    async def _file_fields(self, request: Request, body: bytes) -> list[tuple[str, bytes]]:
         from starlette.datastructures import UploadFile
         from starlette.requests import Request as StarletteRequest
 
         async def receive():
             return {"type": "http.request", "body": body, "more_body": False}
 
+        most = int(self.options["max_images_per_request"])
         try:
-            form = await StarletteRequest(request.scope, receive).form()
-        except Exception as e:  # malformed multipart
+            form = await StarletteRequest(request.scope, receive).form(max_files=most + 1)
+        except Exception as e:  # malformed multipart, or more files than max_files
+            if "Too many files" in str(e):
+                raise ClientError(413, f"more than {most} images in one request "
+                                       f"(max_images_per_request)") from None
             raise ClientError(400, f"malformed multipart body: {e}") from None
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
+        uploads = [u for u in form.getlist("file") if isinstance(u, UploadFile)]
+        if not uploads:
             raise ClientError(422, "multipart form has no 'file' field with an image")
-        data = await upload.read()
-        if not data:
+        if len(uploads) > most:
+            raise ClientError(413, f"{len(uploads)} images in one request, over the limit of {most} "
+                                   "(max_images_per_request)")
+        files = [(u.filename or f"file{i}", await u.read()) for i, u in enumerate(uploads, start=1)]
+        if len(files) == 1 and not files[0][1]:
             raise ClientError(400, "empty 'file' field")
-        return data
+        return files
 
     @app.get("/healthz", summary="200 when this replica can predict")
     async def healthz(self) -> dict:
@@ -232,7 +301,8 @@ def _number(args: dict, key: str, kind):
         value = kind(args.get(key, DEFAULTS[key]))
     except (TypeError, ValueError):
         raise ValueError(f"{key} must be a {kind.__name__}, got {args.get(key)!r}") from None
-    if value < 0 or (value == 0 and key not in ("num_gpus", "batch_wait_timeout_s", "min_replicas")):
+    if value < 0 or (value == 0 and key not in ("num_gpus", "batch_wait_timeout_s", "min_replicas",
+                                                "adaptive_batching")):
         raise ValueError(f"{key} must be positive, got {value}")
     return value
 

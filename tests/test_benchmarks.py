@@ -74,19 +74,25 @@ def test_train_overhead_benchmark_compares_ray_with_plain(ray_head):
 def test_serve_benchmark_compares_batching_and_plain_fastapi(ray_head):
     out = _table(run_script("benchmarks/serve.py", "--address", ray_head.address, "--port",
                             _free_port(), "--plain-port", _free_port(), "--requests", 8,
-                            "--concurrency", "4", "--image-size", 32, env=ray_head.env),
+                            "--concurrency", "4", "--image-size", 32, "--cpus", 0.5, "--per-request", 4,
+                            env=ray_head.env),
                  "serve, batching (max 16)", "serve, batching off", "plain FastAPI + uvicorn",
-                 "serve, echo (no model)")
+                 "serve, echo (no model)", "serve, batching, always queued (adaptive_batching=0)",
+                 "serve, batching, 4 images per request")
     lines = out.splitlines()
     header = [c.strip() for c in next(l for l in lines if l.startswith("| server")).strip("|").split("|")]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines
             if line.startswith(("| serve,", "| plain"))]
-    assert len(rows) == 4
+    assert len(rows) == 6
     for row in rows:
         cell = dict(zip(header, row))
         assert cell["errors"] == "0", row  # no failed requests
         assert float(cell["CPU ms/req"]) > 0, row  # busy CPU measured (Linux /proc/stat)
     assert re.search(r"ceiling .* echo / batching off = \d+\.\d\dx", out), out
+    multi = dict(zip(header, rows[-1]))  # 4 images per request: images/s = 4 x requests/s
+    number = lambda text: float(text.replace(",", ""))  # noqa: E731  (the table writes 1,234)
+    assert number(multi["images/s"]) == pytest.approx(4 * number(multi["requests/s"]), rel=0.05)
+    assert "p50 vs batching off" in header and all(re.fullmatch(r"\d+\.\d\dx", dict(zip(header, r))["p50 vs batching off"]) for r in rows)
 
 
 def test_recipe_benchmark_compares_the_defaults_with_a_plain_reference():

@@ -112,6 +112,18 @@ def test_interrupt_driver_kill_corrupt_checkpoint_and_worker_kill_lose_no_epoch(
     third.wait_for(f"skipping checkpoint {newest.name}: model.pt has 1000 bytes")
     third.wait_for("resuming from")
     third.wait_for("val_top1")  # one epoch done in this run
+    # metrics.csv is kept up to date during the run: the epoch just logged appears while it goes on
+    logged = int(re.findall(r"epoch (\d+)/6 train_loss", third.text())[-1])
+    seen = []
+    for _ in range(60):
+        try:
+            seen = _epochs(run_dir)
+        except (OSError, ValueError, KeyError):  # absent or being rewritten
+            seen = []
+        if logged in seen:
+            break
+        time.sleep(0.5)
+    assert logged in seen and third.proc.poll() is None, (logged, seen)
     pids = _train_worker_pids(ray_head)
     assert len(pids) == 2
     os.kill(pids[-1], signal.SIGKILL)

@@ -176,6 +176,21 @@ def test_200_concurrent_requests(endpoint, tiny_root):
     assert [r.status_code for r in responses] == [200] * 200
     for r in responses:
         _check(r.json())
+    # under load, requests share forward passes: batches form, up to max_batch_size (8 here)
+    sizes = [int(r.headers["X-Batch-Size"]) for r in responses]
+    assert max(sizes) > 1 and max(sizes) <= 8, sizes
+    assert all(r.headers["X-Batch-Queued"] == "yes" for r, n in zip(responses, sizes) if n > 1)
+
+
+def test_a_lone_request_is_not_held_for_the_batch_wait(endpoint, tiny_root):
+    """One request at a time (concurrency 1): each runs at once, alone, instead of waiting
+    batch_wait_timeout_s in Serve's batch queue for requests that are not coming."""
+    base, *_ = endpoint
+    for i in range(1, 6):
+        r = httpx.post(f"{base}/predict", content=(tiny_root / f"val_256/Places365_val_{i:08d}.jpg").read_bytes(),
+                       headers={"Content-Type": "image/jpeg"}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert (r.headers["X-Batch-Queued"], r.headers["X-Batch-Size"]) == ("no", "1")
 
 
 def test_bad_build_args_are_clear(tmp_path):
@@ -204,6 +219,41 @@ def test_client_directory_summary(endpoint, tiny_root, tmp_path):
     doc = json.loads(mixed.stdout)
     statuses = {Path(r["image"]).name: r["status"] for r in doc["results"]}
     assert statuses == {"bad.jpg": 415, "good.jpg": 200} and doc["summary"]["errors"] == 1
+    # --per-request 5: the same 48 answers from 10 multipart requests (the last one of 3 images)
+    grouped = run_script("serving/client.py", tiny_root / "val_256", "--url", base, "--per-request", 5,
+                         "--top-k", 1)
+    assert grouped.returncode == 0, grouped.stderr
+    assert [line for line in grouped.stdout.splitlines() if line.endswith("%")] == lines
+    assert "48 images in" in grouped.stdout and "5 per request" in grouped.stdout
+    many = run_script("serving/client.py", tmp_path, "--url", base, "--json", "--per-request", 2)
+    assert {Path(r["image"]).name: r["status"] for r in json.loads(many.stdout)["results"]} == statuses
+
+
+def test_several_images_in_one_request(endpoint, tiny_root):
+    """Repeated multipart `file` fields: one result per file, in order, each as if sent alone;
+    a bad file gets its own error; too many files is a 413 with a JSON error."""
+    base, *_ = endpoint
+    paths = [tiny_root / f"val_256/Places365_val_{i:08d}.jpg" for i in (3, 1, 2)]
+    files = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    files.insert(1, ("file", ("broken.jpg", paths[0].read_bytes()[:200], "image/jpeg")))
+    r = httpx.post(f"{base}/predict?top_k=2", files=files, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [x["file"] for x in body["results"]] == [paths[0].name, "broken.jpg", paths[1].name, paths[2].name]
+    assert body["results"][1]["status"] == 400 and body["results"][1]["error"] and "predictions" not in body["results"][1]
+    assert r.headers["X-Batch-Size"] == "3" and "knows only its 4 classes" in body["note"]
+    for path, result in zip(paths, [body["results"][0], *body["results"][2:]]):
+        alone = httpx.post(f"{base}/predict?top_k=2", content=path.read_bytes(),
+                           headers={"Content-Type": "image/jpeg"}, timeout=60).json()["predictions"]
+        assert [p["label"] for p in result["predictions"]] == [p["label"] for p in alone]
+        assert [p["probability"] for p in result["predictions"]] == pytest.approx([p["probability"] for p in alone], abs=1e-5)
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), "green").save(buf, "JPEG")
+    small = buf.getvalue()  # 65 of them stay under max_body_bytes: the count is what is refused
+    too_many = httpx.post(f"{base}/predict", files=[("file", (f"{i}.jpg", small, "image/jpeg")) for i in range(65)],
+                          timeout=60)
+    assert too_many.status_code == 413 and "more than 64 images" in too_many.json()["error"]
+    assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200  # still serving
 
 
 def test_workshop_notebook_runs_end_to_end(endpoint, ray_head, tmp_path, monkeypatch):
