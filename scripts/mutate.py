@@ -142,6 +142,9 @@ MUTATIONS = [
     M("serve: lone requests wait in the batch queue", "serving/app.py",
       'if self.options["adaptive_batching"] and self.in_flight == 1:', "if False:",
       ("tests/test_serve.py", "-k", "lone"), ray=True),
+    M("serve: a wrong token accepted", "serving/app.py",
+      'if scheme.lower() != "bearer" or not hmac.compare_digest(', 'if scheme.lower() != "bearer" and not hmac.compare_digest(',
+      ("tests/test_serve.py", "-k", "bearer"), ray=True),
     # --- data --------------------------------------------------------------------------------
     M("data check: label == classes accepted", "placesnet/validate.py",
       "elif not 0 <= int(label) < num_classes:", "elif not 0 <= int(label) <= num_classes:",

@@ -55,6 +55,52 @@ class ClientError(Exception):
         self.status, self.message = status, message
 
 
+# --- optional bearer token (api_key_env / api_key_file) ------------------------------------------
+
+OPEN_PATHS = {"/healthz"}  # load balancers and Kubernetes probes need no token
+_api_key: str | None = None  # set by each replica (its own process) from its environment or a file
+
+
+def read_api_key(env_name: str = "", key_file: str = "") -> str | None:
+    """The endpoint's key: the environment variable ``env_name``, else the file named by
+    ``<env_name>_FILE`` (the Docker/Kubernetes secrets convention) or by ``key_file``. None when
+    neither option is set; RuntimeError when one is set but yields no key."""
+    from pathlib import Path
+
+    if not env_name and not key_file:
+        return None
+    if env_name and os.environ.get(env_name, "").strip():
+        return os.environ[env_name].strip()
+    path = key_file or (os.environ.get(f"{env_name}_FILE", "") if env_name else "")
+    if not path:
+        raise RuntimeError(f"no API key: ${env_name} and ${env_name}_FILE are unset where this replica runs")
+    try:
+        key = Path(path).read_text().strip()
+    except OSError as e:
+        raise RuntimeError(f"API key file {path}: {e.strerror}") from None
+    if not key:
+        raise RuntimeError(f"API key file {path} is empty")
+    return key
+
+
+@app.middleware("http")
+async def _require_token(request: Request, call_next):
+    """With a key set, every route but /healthz needs ``Authorization: Bearer <key>``; without
+    it the request is answered 401 before its body is read."""
+    import hmac
+
+    path = request.url.path
+    root = request.scope.get("root_path", "")  # Serve's route_prefix
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    if _api_key is not None and path not in OPEN_PATHS:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), _api_key.encode()):
+            return JSONResponse({"error": "missing or wrong bearer token: send Authorization: Bearer <key>"},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    return await call_next(request)
+
+
 @app.exception_handler(ClientError)
 async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=exc.status)
@@ -114,6 +160,8 @@ class SceneClassifier:
         self.transform = eval_transform(self.loaded.config.image_size)
         self.labels = [pretty(c) for c in self.loaded.classes]
         self.model_id = f"{self.loaded.config.model}:{self.loaded.path.parent.name}/{self.loaded.path.name}"
+        global _api_key
+        _api_key = read_api_key(self.options.get("api_key_env", ""), self.options.get("api_key_file", ""))
         self.in_flight = 0  # /predict requests of this replica between their body and their answer
         self.predict_batch.set_max_batch_size(int(self.options["max_batch_size"]))
         self.predict_batch.set_batch_wait_timeout_s(float(self.options["batch_wait_timeout_s"]))
@@ -296,6 +344,20 @@ class SceneClassifier:
         self._run_model(self._probe())
 
 
+SECRETS = ("api_key_env", "api_key_file")  # where the key is; never the key itself
+
+
+def _secret_options(args: dict) -> dict:
+    import re
+
+    env_name, key_file = str(args.get("api_key_env") or ""), str(args.get("api_key_file") or "")
+    if env_name and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env_name):
+        raise ValueError(f"api_key_env must name an environment variable, got {env_name!r}")
+    if key_file and not os.path.isabs(os.path.expanduser(key_file)):
+        raise ValueError(f"api_key_file must be an absolute path, got {key_file!r}")
+    return {"api_key_env": env_name, "api_key_file": os.path.expanduser(key_file)}
+
+
 def _number(args: dict, key: str, kind):
     try:
         value = kind(args.get(key, DEFAULTS[key]))
@@ -326,18 +388,22 @@ def build_app(args: dict) -> Application:
     """Serve's app builder: ``serve run serving.app:build_app checkpoint=PATH [key=value ...]``.
 
     Keys: checkpoint (required), min_replicas (default: 2 where the cluster has room), max_replicas, target_ongoing_requests, num_cpus,
-    num_gpus (fractions allowed), max_batch_size, batch_wait_timeout_s, top_k, max_body_bytes,
-    max_pixels. Raises ValueError with a clear message for a missing/corrupt checkpoint or bad values.
+    num_gpus (fractions allowed), max_batch_size, batch_wait_timeout_s, adaptive_batching,
+    max_images_per_request, top_k, max_body_bytes, max_pixels, and for a bearer token
+    api_key_env=NAME (the replicas read the key from $NAME or the file in $NAME_FILE) or
+    api_key_file=/abs/path (never the key itself). Raises ValueError with a clear message for a missing/corrupt checkpoint or bad values.
     """
     from placesnet.checkpoint import load_checkpoint, resolve_checkpoint
     from placesnet.config import UserError
 
-    unknown = set(args) - set(DEFAULTS) - {"checkpoint"}
+    unknown = set(args) - set(DEFAULTS) - {"checkpoint", *SECRETS}
     if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)}; known: checkpoint, {', '.join(DEFAULTS)}")
+        raise ValueError(f"unknown option(s) {sorted(unknown)}; known: checkpoint, "
+                         f"{', '.join([*DEFAULTS, *SECRETS])}")
     if not args.get("checkpoint"):
         raise ValueError("missing checkpoint=PATH (a checkpoint dir, a run dir or a best.json)")
     opts = {k: _number(args, k, type(v)) for k, v in DEFAULTS.items()}
+    opts.update(_secret_options(args))
     if "min_replicas" not in args:
         opts["min_replicas"] = replicas_with_room(opts)
     if opts["min_replicas"] > opts["max_replicas"]:

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import mimetypes
+import os
 import statistics
 import sys
 import time
@@ -45,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
     p.add_argument("--per-request", type=positive_int, default=1,
                    help="images per request (default: %(default)s: the raw image as the body)")
+    p.add_argument("--api-key-env", default="PLACESNET_API_KEY", metavar="NAME",
+                   help="send Authorization: Bearer $NAME when that variable is set, for an "
+                        "endpoint started with api_key_env/api_key_file (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="one JSON document with every answer")
     return p.parse_args(argv)
 
@@ -67,7 +71,7 @@ def collect(paths: list[str]) -> tuple[list[Path], bool]:
 
 
 async def query_all(files: list[Path], url: str, top_k: int | None, concurrency: int,
-                    timeout: float, per_request: int = 1):
+                    timeout: float, per_request: int = 1, api_key: str | None = None):
     """One result per image (in order) and the wall time. Each result has the request's status
     and latency; a request of several images gives each its own predictions or error."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -102,7 +106,8 @@ async def query_all(files: list[Path], url: str, top_k: int | None, concurrency:
                          "error": f"{type(e).__name__}: {e}"} for p in group]
 
     groups = [files[i:i + per_request] for i in range(0, len(files), per_request)]
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+    auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=auth) as client:
         start = time.perf_counter()
         answers = await asyncio.gather(*(one(client, g) for g in groups))
         return [r for group in answers for r in group], time.perf_counter() - start
@@ -124,7 +129,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     files, any_dir = collect(args.paths)
     results, wall = asyncio.run(query_all(files, args.url.rstrip("/"), args.top_k, args.concurrency,
-                                          args.timeout, args.per_request))
+                                          args.timeout, args.per_request,
+                                          os.environ.get(args.api_key_env) or None))
     stats = summary(results, wall, args.per_request)
     if args.json:
         print(json.dumps({"results": results, "summary": stats}, indent=2))

@@ -76,6 +76,20 @@ def test_kuberay_manifests(name, kind):
     else:
         app = yaml.safe_load(spec["serveConfigV2"])["applications"][0]
         assert app["import_path"] == "serving.app:build_app" and app["args"]["checkpoint"].startswith("/data/")
+        # the endpoint's key comes from a Secret, into the env var the app is told to read
+        key_env = app["args"]["api_key_env"]
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+            assert env[key_env]["valueFrom"]["secretKeyRef"]["name"] == "placesnet-api-key"
+
+
+def test_serve_config_keeps_the_endpoint_on_the_machine():
+    config = yaml.safe_load((REPO / "serving/config.yaml").read_text())
+    assert config["http_options"]["host"] == "127.0.0.1"  # opened only on purpose, with a key
+    from serving.app import SECRETS, _secret_options
+
+    args = config["applications"][0]["args"]
+    assert not set(args) & set(SECRETS) or _secret_options(args)  # if set, a valid reference
 
 
 def _parses(script: str, args: list[str]) -> None:

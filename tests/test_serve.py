@@ -282,3 +282,34 @@ def test_workshop_notebook_runs_end_to_end(endpoint, ray_head, tmp_path, monkeyp
     assert (run / "evaluation" / "misclassified.png").is_file()
     assert "note: this model was trained on the embedded sample data" in text
     assert "served model: deepcnn:" in text  # the endpoint answered the notebook
+
+
+def test_bearer_token_lets_in_only_who_should(endpoint, tiny_root, tmp_path):
+    """api_key_file: every route but /healthz needs the bearer token; a request without it is a
+    401 before its body is looked at (a garbage body is not a 415)."""
+    from ray import serve
+
+    from serving.app import build_app
+
+    _, run_dir, port = endpoint
+    key = tmp_path / "key"
+    key.write_text("s3cret-token\n")
+    serve.run(build_app({"checkpoint": str(run_dir), "api_key_file": str(key), "min_replicas": 1,
+                         "max_replicas": 1, "num_cpus": 0.25}), name="secure", route_prefix="/secure")
+    try:
+        url = f"http://127.0.0.1:{port}/secure"
+        jpeg = (tiny_root / "val_256/Places365_val_00000001.jpg").read_bytes()
+        assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200  # probes stay open
+        for auth in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-token"}):
+            r = httpx.post(f"{url}/predict", content=b"not an image", timeout=30,
+                           headers={"Content-Type": "image/jpeg", **auth})
+            assert r.status_code == 401 and "bearer token" in r.json()["error"], (auth, r.text)
+            assert r.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(f"{url}/model", timeout=30).status_code == 401
+        ok = httpx.post(f"{url}/predict", content=jpeg, timeout=60,
+                        headers={"Content-Type": "image/jpeg", "Authorization": "Bearer s3cret-token"})
+        assert ok.status_code == 200 and ok.json()["predictions"]
+    finally:
+        serve.delete("secure")
+    with pytest.raises(ValueError, match="api_key_file must be an absolute path"):
+        build_app({"checkpoint": str(run_dir), "api_key_file": "key.txt"})
