@@ -263,6 +263,7 @@ def main(argv=None) -> None:
                     with contextlib.suppress(Exception):
                         serve.delete(f"{APP_NAME}-{app}")
             ray.shutdown()
+        costs = stage_costs(checkpoint, body, max(1, int(args.cpus)), args.max_batch_size)
     rows = []
     for c in levels:
         base = results["serve, batching off", c]
@@ -284,6 +285,66 @@ def main(argv=None) -> None:
                      f"ceiling for any model-side speed-up at concurrency {top}: echo / batching off = "
                      f"{ceiling} (a model that cost nothing would still pay Serve's per-request "
                      f"cost); CPU ms/req: busy CPU on {where} per request, all processes")
+
+
+    stages(costs, args, results, names, top)
+
+
+def stage_costs(checkpoint: str, body: bytes, threads: int, batch: int, repeats: int = 30) -> dict:
+    """CPU ms of the replica's own work for one image, measured in this process with the
+    replica's thread budget: decode + resize (decode_image + eval_transform), and the model
+    (normalize + forward + softmax) at batch 1 and per image at ``batch``."""
+    import torch
+
+    from placesnet.checkpoint import load_checkpoint
+    from placesnet.data import eval_transform, normalize
+    from placesnet.images import decode_image
+
+    torch.set_num_threads(threads)
+    loaded = load_checkpoint(checkpoint)
+    transform = eval_transform(loaded.config.image_size)
+
+    def cpu_ms(fn, n: int) -> float:
+        fn()  # warm-up
+        start = time.process_time()
+        for _ in range(n):
+            fn()
+        return (time.process_time() - start) * 1000 / n
+
+    one = transform(decode_image(body))
+    stacked = torch.stack([one] * batch)
+
+    def model(x):
+        with torch.inference_mode():
+            torch.softmax(loaded.model(normalize(x)).float(), dim=1)
+
+    return {"decode + resize": cpu_ms(lambda: transform(decode_image(body)), repeats),
+            "model, batch 1": cpu_ms(lambda: model(one[None]), repeats),
+            f"model per image, batch {batch}": cpu_ms(lambda: model(stacked), max(repeats // 4, 2)) / batch}
+
+
+def stages(costs: dict, args, results: dict, names: list[str], top: int) -> None:
+    """Where a request's CPU goes: Serve's proxy + ingress (echo's CPU ms/request), the replica's
+    decode + resize and model (measured in-process), and the rest (the response, batching's and
+    the event loop's own work) as the difference to the whole endpoint's CPU ms/request."""
+    echo = results[names[3], top].get("CPU ms/req")
+    rows = []
+    for name, model_key in ((names[1], "model, batch 1"), (names[0], f"model per image, batch {args.max_batch_size}")):
+        total = results[name, top].get("CPU ms/req")
+        if not isinstance(total, float) or not isinstance(echo, float):
+            continue
+        parts = {"proxy + ingress (echo)": echo, "decode + resize": costs["decode + resize"],
+                 "model": costs[model_key]}
+        parts["response, batching, rest"] = total - sum(parts.values())
+        rows += [{"endpoint": name, "stage": k, "CPU ms/request": v, "share": f"{v / total:.0%}"}
+                 for k, v in parts.items()]
+        rows.append({"endpoint": name, "stage": "total (measured)", "CPU ms/request": total, "share": "100%"})
+    if rows:
+        print_table(f"serve: where the CPU of a request goes, at concurrency {top}", rows,
+                    note="proxy + ingress: echo's CPU ms/request (Serve with no model); decode + resize "
+                         "and model: measured in this process with the replica's threads; rest: the "
+                         "endpoint's measured total minus those (the client's own CPU is in every "
+                         "total: it shares the machine)")
 
 
 if __name__ == "__main__":

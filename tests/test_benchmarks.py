@@ -79,6 +79,8 @@ def test_serve_benchmark_compares_batching_and_plain_fastapi(ray_head):
                  "serve, batching (max 16)", "serve, batching off", "plain FastAPI + uvicorn",
                  "serve, echo (no model)", "serve, batching, always queued (adaptive_batching=0)",
                  "serve, batching, 4 images per request")
+    assert "### serve: where the CPU of a request goes" in out
+    out, stages = out.split("### serve: where the CPU of a request goes")
     lines = out.splitlines()
     header = [c.strip() for c in next(l for l in lines if l.startswith("| server")).strip("|").split("|")]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines
@@ -89,7 +91,14 @@ def test_serve_benchmark_compares_batching_and_plain_fastapi(ray_head):
         assert cell["errors"] == "0", row  # no failed requests
         assert float(cell["CPU ms/req"]) > 0, row  # busy CPU measured (Linux /proc/stat)
     assert re.search(r"ceiling .* echo / batching off = \d+\.\d\dx", out), out
-    multi = dict(zip(header, rows[-1]))  # 4 images per request: images/s = 4 x requests/s
+    # where a request's CPU goes: echo's proxy + ingress, decode + resize, model, the rest, total
+    stage = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line for line in stages.splitlines()
+             if line.startswith("| serve, batching")}
+    for endpoint in ("serve, batching off", "serve, batching (max 16)"):
+        for part in ("proxy + ingress (echo)", "decode + resize", "model", "response, batching, rest", "total (measured)"):
+            assert (endpoint, part) in stage, (endpoint, part)
+    # 4 images per request: images/s = 4 x requests/s
+    multi = dict(zip(header, [c for c in rows if c[0].startswith("serve, batching, 4 images")][0]))
     number = lambda text: float(text.replace(",", ""))  # noqa: E731  (the table writes 1,234)
     assert number(multi["images/s"]) == pytest.approx(4 * number(multi["requests/s"]), rel=0.05)
     assert "p50 vs batching off" in header and all(re.fullmatch(r"\d+\.\d\dx", dict(zip(header, r))["p50 vs batching off"]) for r in rows)
