@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export VENV
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test test-fast bench mutate notebook help
+.PHONY: setup demo test test-fast bench bench-tools mutate notebook help
 
 help:
 	@echo "make demo   - set up and train on the embedded sample data (ARGS='...' adds flags)"
@@ -28,7 +28,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-bench: setup
+bench-tools:
+	@scripts/bench_tools.sh
+
+bench: setup bench-tools
 	$(PY) benchmarks/input.py
 	$(PY) benchmarks/compute.py
 	$(PY) benchmarks/train_overhead.py

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -182,6 +183,51 @@ async def _load(url: str, body: bytes, concurrency: int, requests: int, per_requ
             "p50 ms": pick(0.50), "p99 ms": pick(0.99), "errors": errors}
 
 
+WRK_SCRIPT = """
+local f = assert(io.open(os.getenv("PLACESNET_WRK_BODY"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "image/jpeg"
+"""
+
+
+def _ms(text: str) -> float:
+    units = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+    number = text.rstrip("usm")
+    return float(number) * units[text[len(number):]]
+
+
+def wrk_load(base: str, body: bytes, concurrency: int, seconds: float) -> dict | None:
+    """The same POST from wrk, a compiled load generator (scripts/bench_tools.sh installs it):
+    requests/s and p50/p99 with no Python client in the way. None when wrk is not installed."""
+    import re
+    import shutil
+
+    wrk = shutil.which("wrk")
+    if not wrk:
+        return None
+    with tempfile.TemporaryDirectory(prefix="placesnet-wrk-") as tmp:
+        (Path(tmp) / "body.jpg").write_bytes(body)
+        (Path(tmp) / "post.lua").write_text(WRK_SCRIPT)
+        before = busy_cpu_seconds()
+        out = subprocess.run([wrk, "-t1", f"-c{concurrency}", f"-d{max(seconds, 1):.0f}s", "--latency",
+                              "-s", str(Path(tmp) / "post.lua"), f"{base}/predict"], capture_output=True,
+                             text=True, timeout=seconds + 60,
+                             env={**os.environ, "PLACESNET_WRK_BODY": str(Path(tmp) / "body.jpg")})
+        after = busy_cpu_seconds()
+    text = out.stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    total = re.search(r"(\d+) requests in", text)
+    if out.returncode != 0 or not rps or not total:
+        raise RuntimeError(f"wrk failed: {out.stderr[-500:]}{text[-500:]}")
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    requests = int(total.group(1))
+    return {"requests/s": float(rps.group(1)), "p50 ms": _ms(re.search(r"50%\s+(\S+)", text).group(1)),
+            "p99 ms": _ms(re.search(r"99%\s+(\S+)", text).group(1)), "errors": int(bad.group(1)) if bad else 0,
+            "CPU ms/req": (after - before) * 1000 / requests if before is not None and requests else ""}
+
+
 def load(base: str, body: bytes, concurrency: int, requests: int, per_request: int = 1) -> dict:
     """Throughput and latency, plus this machine's busy CPU time per request (every process:
     client, proxy, replica, Ray), which shows where the ceiling is when everything shares it."""
@@ -204,6 +250,9 @@ def main(argv=None) -> None:
     p.add_argument("--cpus", type=float, default=1, help="CPUs per server, fractions allowed for the "
                    "Serve replicas (the plain app gets max(1, int(CPUS)) threads; default: %(default)s)")
     p.add_argument("--max-batch-size", type=int, default=16, help="batched server (default: %(default)s)")
+    p.add_argument("--wrk-seconds", type=float, default=5,
+                   help="seconds of wrk load per server at the top concurrency (0: no wrk rows; "
+                        "default: %(default)s)")
     p.add_argument("--per-request", type=int, default=16,
                    help="images per request of the multi-image row (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000,
@@ -235,7 +284,7 @@ def main(argv=None) -> None:
                  "plain FastAPI + uvicorn", "serve, echo (no model)",
                  "serve, batching, always queued (adaptive_batching=0)",
                  f"serve, batching, {args.per_request} images per request"]
-        results = {}
+        results, wrk_results = {}, {}
         try:
             bases = {
                 names[0]: deploy(model_app(checkpoint, args.cpus, args.max_batch_size), "batched", port),
@@ -251,6 +300,8 @@ def main(argv=None) -> None:
                 n = args.per_request if name == names[5] else 1
                 for c in levels:
                     results[name, c] = load(base, body, c, max(args.requests // n, 2), n)
+                if n == 1 and args.wrk_seconds > 0:
+                    wrk_results[name] = wrk_load(base, body, max(levels), args.wrk_seconds)
                     print(f"  {name} @ {c}: {results[name, c]['requests/s']:.0f} req/s",
                           file=sys.stderr, flush=True)
         finally:
@@ -288,6 +339,16 @@ def main(argv=None) -> None:
 
 
     stages(costs, args, results, names, top)
+    wrk_rows = [{"server": name, "concurrency": top, **r,
+                 "wrk / httpx req/s": ratio(r["requests/s"], results[name, top]["requests/s"])}
+                for name, r in wrk_results.items() if r]
+    if wrk_rows:
+        print_table(f"serve under wrk (compiled load generator), concurrency {top}, {args.wrk_seconds:g} s each",
+                    wrk_rows, note="wrk / httpx: how much faster the endpoint answers a client that costs "
+                                   "almost no CPU; if it is well above 1, the Python client was part of the "
+                                   "ceiling in the table above")
+    elif args.wrk_seconds > 0:
+        print("\nwrk rows: wrk is not installed (make bench-tools, or apt-get install wrk)")
 
 
 def stage_costs(checkpoint: str, body: bytes, threads: int, batch: int, repeats: int = 30) -> dict:

@@ -2,6 +2,7 @@
 measure, tests only check they work)."""
 
 import re
+import shutil
 
 import pytest
 
@@ -75,12 +76,23 @@ def test_serve_benchmark_compares_batching_and_plain_fastapi(ray_head):
     out = _table(run_script("benchmarks/serve.py", "--address", ray_head.address, "--port",
                             _free_port(), "--plain-port", _free_port(), "--requests", 8,
                             "--concurrency", "4", "--image-size", 32, "--cpus", 0.5, "--per-request", 4,
-                            env=ray_head.env),
+                            "--wrk-seconds", 1, env=ray_head.env),
                  "serve, batching (max 16)", "serve, batching off", "plain FastAPI + uvicorn",
                  "serve, echo (no model)", "serve, batching, always queued (adaptive_batching=0)",
                  "serve, batching, 4 images per request")
     assert "### serve: where the CPU of a request goes" in out
     out, stages = out.split("### serve: where the CPU of a request goes")
+    stages, _, wrk = stages.partition("### serve under wrk")
+    if shutil.which("wrk"):  # scripts/bench_tools.sh installs it (make bench)
+        cols = [c.strip() for c in next(l for l in wrk.splitlines() if l.startswith("| server")).strip("|").split("|")]
+        wrk_rows = [dict(zip(cols, [c.strip() for c in line.strip("|").split("|")]))
+                    for line in wrk.splitlines() if line.startswith(("| serve,", "| plain"))]
+        assert len(wrk_rows) == 5, wrk  # every server with one image per request
+        for r in wrk_rows:
+            assert float(r["requests/s"].replace(",", "")) > 0 and r["errors"] == "0", r
+            assert re.fullmatch(r"\d+\.\d\dx", r["wrk / httpx req/s"]), r
+    else:
+        assert "wrk is not installed" in stages
     lines = out.splitlines()
     header = [c.strip() for c in next(l for l in lines if l.startswith("| server")).strip("|").split("|")]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines
