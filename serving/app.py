@@ -50,16 +50,12 @@ app = FastAPI(
 
 
 class ClientError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
 # --- optional bearer token (api_key_env / api_key_file) ------------------------------------------
-
-OPEN_PATHS = {"/healthz"}  # load balancers and Kubernetes probes need no token
-_api_key: str | None = None  # set by each replica (its own process) from its environment or a file
-
 
 def read_api_key(env_name: str = "", key_file: str = "") -> str | None:
     """The endpoint's key: the environment variable ``env_name``, else the file named by
@@ -83,27 +79,9 @@ def read_api_key(env_name: str = "", key_file: str = "") -> str | None:
     return key
 
 
-@app.middleware("http")
-async def _require_token(request: Request, call_next):
-    """With a key set, every route but /healthz needs ``Authorization: Bearer <key>``; without
-    it the request is answered 401 before its body is read."""
-    import hmac
-
-    path = request.url.path
-    root = request.scope.get("root_path", "")  # Serve's route_prefix
-    if root and path.startswith(root):
-        path = path[len(root):] or "/"
-    if _api_key is not None and path not in OPEN_PATHS:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), _api_key.encode()):
-            return JSONResponse({"error": "missing or wrong bearer token: send Authorization: Bearer <key>"},
-                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
-    return await call_next(request)
-
-
 @app.exception_handler(ClientError)
 async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
-    return JSONResponse({"error": exc.message}, status_code=exc.status)
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -160,8 +138,8 @@ class SceneClassifier:
         self.transform = eval_transform(self.loaded.config.image_size)
         self.labels = [pretty(c) for c in self.loaded.classes]
         self.model_id = f"{self.loaded.config.model}:{self.loaded.path.parent.name}/{self.loaded.path.name}"
-        global _api_key
-        _api_key = read_api_key(self.options.get("api_key_env", ""), self.options.get("api_key_file", ""))
+        # the key stays in this replica's memory; /healthz is left open for probes
+        self.api_key = read_api_key(self.options.get("api_key_env", ""), self.options.get("api_key_file", ""))
         self.in_flight = 0  # /predict requests of this replica between their body and their answer
         self.predict_batch.set_max_batch_size(int(self.options["max_batch_size"]))
         self.predict_batch.set_batch_wait_timeout_s(float(self.options["batch_wait_timeout_s"]))
@@ -209,6 +187,17 @@ class SceneClassifier:
 
     # --- HTTP API -----------------------------------------------------------------------------
 
+    def _authorize(self, request: Request) -> None:
+        """With a key set: ``Authorization: Bearer <key>`` or a 401, before anything else is read."""
+        import hmac
+
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ClientError(401, "missing or wrong bearer token: send Authorization: Bearer <key>",
+                              headers={"WWW-Authenticate": "Bearer"})
+
     @app.post("/predict", summary="Top-k scene classes for one image, or for several",
               openapi_extra=PREDICT_BODY)
     async def predict(self, request: Request, response: Response,
@@ -221,6 +210,7 @@ class SceneClassifier:
         Headers: ``X-Batch-Size``, how many images shared its forward pass; ``X-Batch-Queued``,
         ``yes`` if it went through the batch queue (which may wait ``batch_wait_timeout_s`` for
         company), ``no`` if it ran at once."""
+        self._authorize(request)
         k = self.options["top_k"] if top_k is None else top_k
         n = len(self.labels)
         if not 1 <= k <= n:
@@ -327,11 +317,13 @@ class SceneClassifier:
         return {"status": "ok", "model": self.model_id, "device": str(self.device)}
 
     @app.get("/classes", summary="Class index -> name")
-    async def classes(self) -> dict:
+    async def classes(self, request: Request) -> dict:
+        self._authorize(request)
         return {"classes": {str(i): name for i, name in enumerate(self.labels)}}
 
     @app.get("/model", summary="Checkpoint, training config and validation accuracy")
-    async def model(self) -> dict:
+    async def model(self, request: Request) -> dict:
+        self._authorize(request)
         meta = self.loaded.meta
         return {"model": self.model_id, "checkpoint": str(self.loaded.path), "note": self.loaded.note,
                 "epoch": meta["epoch"] + 1, "val_top1": meta["metrics"].get("val_top1"),
