@@ -104,8 +104,9 @@ def _rows_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def model_summary(model: nn.Module, image_size: int) -> list[Row]:
     """Runs one ``image_size`` image through ``model`` (in eval mode, no grad) and records each
     listed module's output shape, parameters and FLOPs per image."""
+    listed = _rows_of(model)
     rows = [Row(name, type(m).__name__, (), sum(p.numel() for p in m.parameters()), 0)
-            for name, m in _rows_of(model)]
+            for name, m in listed]
     hooks = []
 
     def record(row: Row):
@@ -118,7 +119,7 @@ def model_summary(model: nn.Module, image_size: int) -> list[Row]:
             row.flops += _flops(module, output)
         return on_output
 
-    for row, (_, module) in zip(rows, _rows_of(model)):
+    for row, (_, module) in zip(rows, listed):
         hooks.append(module.register_forward_hook(record(row)))
         for leaf in module.modules():
             if isinstance(leaf, (nn.Conv2d, nn.Linear)):
