@@ -6,7 +6,8 @@ app serving the same model.
     python benchmarks/serve.py --checkpoint ~/ray_results/deepcnn-sample-... --requests 500
     python benchmarks/serve.py --address auto --concurrency 1,8,32,64
 
-A fifth row is the batched endpoint with ``adaptive_batching=0``: Serve's plain ``@serve.batch``,
+Two more rows send the batched endpoint the same image over gRPC (serving/scene.proto through
+Serve's gRPC proxy), one and --per-request images per call, next to HTTP. A fifth row is the batched endpoint with ``adaptive_batching=0``: Serve's plain ``@serve.batch``,
 where even a lone request waits ``batch_wait_timeout_s`` for company. The fourth row, an echo deployment that only reads the body, is Serve's own per-request floor on
 this machine (proxy + ingress, no model): no change on the model side can make batching beat
 batching off by more than echo does, and the table prints that ceiling. Every server gets the
@@ -34,6 +35,7 @@ from common import busy_cpu_seconds, print_table, ratio, sample_root  # noqa: I0
 
 REPO = Path(__file__).resolve().parents[1]
 APP_NAME, ROUTE = "placesnet-bench", "/placesnet-bench"
+GRPC_SERVICER = "serving.scene_pb2_grpc.add_SceneClassifierServicer_to_server"
 
 
 def random_checkpoint(directory: Path, image_size: int) -> Path:
@@ -192,6 +194,54 @@ wrk.headers["Content-Type"] = "image/jpeg"
 """
 
 
+async def _grpc_load(target: str, app: str, body: bytes, concurrency: int, requests: int,
+                     per_request: int = 1) -> dict:
+    """The same loop as _load over gRPC (serving/scene.proto), one channel, ``concurrency`` calls
+    in flight."""
+    import grpc
+
+    from serving.grpc_client import metadata
+    from serving.scene_pb2 import PredictRequest
+    from serving.scene_pb2_grpc import SceneClassifierStub
+
+    message = PredictRequest(images=[body] * per_request)
+    latencies: list[float] = []
+    errors = 0
+    queue = iter(range(requests))
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = SceneClassifierStub(channel)
+        call = lambda: stub.Predict(message, metadata=metadata(None, app), timeout=60)  # noqa: E731
+
+        async def one_client():
+            nonlocal errors
+            for _ in queue:
+                t0 = time.perf_counter()
+                try:
+                    reply = await call()
+                    errors += any(r.error for r in reply.results)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                latencies.append(time.perf_counter() - t0)
+
+        for _ in range(min(concurrency, 4)):
+            await call()
+        start = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    latencies.sort()
+    pick = lambda q: latencies[min(int(q * len(latencies)), len(latencies) - 1)] * 1000  # noqa: E731
+    return {"requests/s": len(latencies) / wall, "images/s": len(latencies) * per_request / wall,
+            "p50 ms": pick(0.50), "p99 ms": pick(0.99), "errors": errors}
+
+
+def grpc_load(target: str, app: str, body: bytes, concurrency: int, requests: int, per_request: int = 1) -> dict:
+    before = busy_cpu_seconds()
+    out = asyncio.run(_grpc_load(target, app, body, concurrency, requests, per_request))
+    after = busy_cpu_seconds()
+    out["CPU ms/req"] = (after - before) * 1000 / requests if before is not None else ""
+    return out
+
+
 def _ms(text: str) -> float:
     units = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
     number = text.rstrip("usm")
@@ -259,6 +309,8 @@ def main(argv=None) -> None:
                    help="Serve's HTTP port: the running Serve's, or the one to start it on "
                         "(default: %(default)s)")
     p.add_argument("--plain-port", type=int, default=8124, help="the plain app's port")
+    p.add_argument("--grpc-port", type=int, default=9124, help="Serve's gRPC port, when this run starts "
+                   "Serve (default: %(default)s)")
     p.add_argument("--plain-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.plain_server:
@@ -277,13 +329,16 @@ def main(argv=None) -> None:
                  runtime_env={"py_modules": [str(REPO / "placesnet"), str(REPO / "serving")]})
         started = not serve_running()
         if started:
-            serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+            serve.start(http_options={"host": "127.0.0.1", "port": args.port},
+                        grpc_options={"port": args.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]})
         port = args.port
         plain_proc = start_plain(checkpoint, args.plain_port, max(1, int(args.cpus)))
         names = [f"serve, batching (max {args.max_batch_size})", "serve, batching off",
                  "plain FastAPI + uvicorn", "serve, echo (no model)",
                  "serve, batching, always queued (adaptive_batching=0)",
-                 f"serve, batching, {args.per_request} images per request"]
+                 f"serve, batching, {args.per_request} images per request",
+                 "serve, batching, gRPC", f"serve, batching, gRPC, {args.per_request} images per call"]
+        grpc_rows = {names[6]: 1, names[7]: args.per_request} if started else {}
         results, wrk_results = {}, {}
         try:
             bases = {
@@ -295,12 +350,19 @@ def main(argv=None) -> None:
                                  "queued", port),
             }
             bases[names[5]] = bases[names[0]]  # the batched app, sent several images per request
+            for name in grpc_rows:  # the batched app again, over gRPC
+                bases[name] = bases[names[0]]
+            target = f"127.0.0.1:{args.grpc_port}"
             for name, base in bases.items():  # one server under load at a time
                 wait_healthy(base)
-                n = args.per_request if name == names[5] else 1
+                n = args.per_request if name == names[5] else grpc_rows.get(name, 1)
                 for c in levels:
-                    results[name, c] = load(base, body, c, max(args.requests // n, 2), n)
-                if n == 1 and args.wrk_seconds > 0:
+                    if name in grpc_rows:
+                        results[name, c] = grpc_load(target, f"{APP_NAME}-batched", body, c,
+                                                     max(args.requests // n, 2), n)
+                    else:
+                        results[name, c] = load(base, body, c, max(args.requests // n, 2), n)
+                if n == 1 and args.wrk_seconds > 0 and name not in grpc_rows:
                     wrk_results[name] = wrk_load(base, body, max(levels), args.wrk_seconds)
                     print(f"  {name} @ {c}: {results[name, c]['requests/s']:.0f} req/s",
                           file=sys.stderr, flush=True)
@@ -315,6 +377,10 @@ def main(argv=None) -> None:
                         serve.delete(f"{APP_NAME}-{app}")
             ray.shutdown()
         costs = stage_costs(checkpoint, body, max(1, int(args.cpus)), args.max_batch_size)
+    if not grpc_rows:
+        print("\ngRPC rows: left out, Serve was already running here without the project's gRPC "
+              "servicer (start it with grpc_options, see serving/config.yaml)")
+    names = [n for n in names if n in bases]
     rows = []
     for c in levels:
         base = results["serve, batching off", c]

@@ -145,6 +145,13 @@ MUTATIONS = [
     M("serve: a wrong token accepted", "serving/app.py",
       'if scheme.lower() != "bearer" or not hmac.compare_digest(', 'if scheme.lower() != "bearer" and not hmac.compare_digest(',
       ("tests/test_serve.py", "-k", "bearer"), ray=True),
+    M("serve: gRPC skips the token", "serving/app.py",
+      'self._authorize_token(dict(grpc_context.invocation_metadata()).get("authorization", ""))', "pass",
+      ("tests/test_serve.py", "-k", "bearer"), ray=True),
+    M("serve: gRPC answers out of order", "serving/app.py",
+      "                answers = (await self._predict_many(named, k))[\"results\"]",
+      "                answers = (await self._predict_many(named, k))[\"results\"][::-1]",
+      ("tests/test_serve.py", "-k", "grpc"), ray=True),
     # --- data --------------------------------------------------------------------------------
     M("data check: label == classes accepted", "placesnet/validate.py",
       "elif not 0 <= int(label) < num_classes:", "elif not 0 <= int(label) <= num_classes:",

@@ -189,11 +189,14 @@ class SceneClassifier:
 
     def _authorize(self, request: Request) -> None:
         """With a key set: ``Authorization: Bearer <key>`` or a 401, before anything else is read."""
+        self._authorize_token(request.headers.get("authorization", ""))
+
+    def _authorize_token(self, header: str) -> None:
         import hmac
 
         if self.api_key is None:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise ClientError(401, "missing or wrong bearer token: send Authorization: Bearer <key>",
                               headers={"WWW-Authenticate": "Bearer"})
@@ -211,10 +214,7 @@ class SceneClassifier:
         ``yes`` if it went through the batch queue (which may wait ``batch_wait_timeout_s`` for
         company), ``no`` if it ran at once."""
         self._authorize(request)
-        k = self.options["top_k"] if top_k is None else top_k
-        n = len(self.labels)
-        if not 1 <= k <= n:
-            raise ClientError(422, f"top_k must be between 1 and {n}, got {k}")
+        k = self._check_top_k(self.options["top_k"] if top_k is None else top_k)
         files = await self._read_images(request)
         self.in_flight += 1
         try:
@@ -228,6 +228,19 @@ class SceneClassifier:
         response.headers["X-Batch-Size"] = str(batch_size)
         response.headers["X-Batch-Queued"] = "yes" if queued else "no"
         return {"predictions": self._top_k(probs, k), "model": self.model_id, "note": self.loaded.note}
+
+    def _check_top_k(self, k: int) -> int:
+        if not 1 <= k <= len(self.labels):
+            raise ClientError(422, f"top_k must be between 1 and {len(self.labels)}, got {k}")
+        return k
+
+    def _check_count_and_size(self, count: int, size: int) -> None:
+        most, limit = int(self.options["max_images_per_request"]), int(self.options["max_body_bytes"])
+        if count > most:
+            raise ClientError(413, f"{count} images in one request, over the limit of {most} "
+                                   "(max_images_per_request)")
+        if size > limit:
+            raise ClientError(413, f"request body is {size} bytes, over the limit of {limit}")
 
     def _top_k(self, probs, k: int) -> list[dict]:
         values, indices = probs.topk(min(k, len(self.labels)))
@@ -247,7 +260,8 @@ class SceneClassifier:
             out += list(self._run_model(self.torch.stack(tensors[start:start + size])))
         return out
 
-    async def _predict_many(self, files: list[tuple[str, bytes]], k: int, response: Response) -> dict:
+    async def _predict_many(self, files: list[tuple[str, bytes]], k: int,
+                            response: Response | None = None) -> dict:
         """Several images of one request: decoded in parallel threads (PIL releases the GIL), then
         run together, ``max_batch_size`` per forward pass, without the batch queue's wait."""
         prepared = await asyncio.gather(*(asyncio.to_thread(self._preprocess_or_error, data)
@@ -260,8 +274,9 @@ class SceneClassifier:
                 results.append({"file": name, "error": item.message, "status": item.status})
             else:
                 results.append({"file": name, "predictions": self._top_k(next(probs), k)})
-        response.headers["X-Batch-Size"] = str(min(len(good), int(self.options["max_batch_size"])))
-        response.headers["X-Batch-Queued"] = "no"
+        if response is not None:
+            response.headers["X-Batch-Size"] = str(min(len(good), int(self.options["max_batch_size"])))
+            response.headers["X-Batch-Queued"] = "no"
         return {"results": results, "model": self.model_id, "note": self.loaded.note}
 
     async def _read_images(self, request: Request) -> list[tuple[str, bytes]]:
@@ -303,13 +318,54 @@ class SceneClassifier:
         uploads = [u for u in form.getlist("file") if isinstance(u, UploadFile)]
         if not uploads:
             raise ClientError(422, "multipart form has no 'file' field with an image")
-        if len(uploads) > most:
-            raise ClientError(413, f"{len(uploads)} images in one request, over the limit of {most} "
-                                   "(max_images_per_request)")
+        self._check_count_and_size(len(uploads), 0)
         files = [(u.filename or f"file{i}", await u.read()) for i, u in enumerate(uploads, start=1)]
         if len(files) == 1 and not files[0][1]:
             raise ClientError(400, "empty 'file' field")
         return files
+
+    # --- gRPC API (serving/scene.proto; Serve's gRPC proxy calls the method of the RPC's name) ------
+
+    async def Predict(self, request, grpc_context):  # noqa: N802 (the RPC's name in scene.proto)
+        """placesnet.SceneClassifier/Predict: the images' bytes in, one result per image out, in
+        order; the same limits, token and answers as a multi-image POST /predict. A client's
+        mistake sets a gRPC status (UNAUTHENTICATED, INVALID_ARGUMENT, RESOURCE_EXHAUSTED) with
+        the same message as the HTTP error, and an empty reply."""
+        import grpc
+
+        from serving.scene_pb2 import ImageResult, Prediction, PredictReply
+
+        try:
+            self._authorize_token(dict(grpc_context.invocation_metadata()).get("authorization", ""))
+            k = self._check_top_k(request.top_k or self.options["top_k"])
+            images = list(request.images)
+            self._check_count_and_size(len(images), sum(map(len, images)))
+            if not images:
+                raise ClientError(400, "no images in the request: fill PredictRequest.images")
+        except ClientError as e:
+            code = {401: grpc.StatusCode.UNAUTHENTICATED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED}
+            grpc_context.set_code(code.get(e.status, grpc.StatusCode.INVALID_ARGUMENT))
+            grpc_context.set_details(e.message)
+            return PredictReply()
+        self.in_flight += 1
+        try:
+            if len(images) == 1:  # through the batch queue, as a single-image POST /predict
+                answers = [await self._predict_one(images[0], k)]
+            else:
+                named = [(f"image{i}", data) for i, data in enumerate(images, 1)]
+                answers = (await self._predict_many(named, k))["results"]
+        finally:
+            self.in_flight -= 1
+        results = [ImageResult(predictions=[Prediction(**p) for p in a["predictions"]]) if "predictions" in a
+                   else ImageResult(error=a["error"]) for a in answers]
+        return PredictReply(results=results, model=self.model_id, note=self.loaded.note)
+
+    async def _predict_one(self, data: bytes, k: int) -> dict:
+        item = await asyncio.to_thread(self._preprocess_or_error, data)
+        if isinstance(item, ClientError):
+            return {"error": item.message, "status": item.status}
+        probs, _, _ = await self._infer(item)
+        return {"predictions": self._top_k(probs, k)}
 
     @app.get("/healthz", summary="200 when this replica can predict")
     async def healthz(self) -> dict:

@@ -76,10 +76,11 @@ def test_serve_benchmark_compares_batching_and_plain_fastapi(ray_head):
     out = _table(run_script("benchmarks/serve.py", "--address", ray_head.address, "--port",
                             _free_port(), "--plain-port", _free_port(), "--requests", 8,
                             "--concurrency", "4", "--image-size", 32, "--cpus", 0.5, "--per-request", 4,
-                            "--wrk-seconds", 1, env=ray_head.env),
+                            "--wrk-seconds", 1, "--grpc-port", _free_port(), env=ray_head.env),
                  "serve, batching (max 16)", "serve, batching off", "plain FastAPI + uvicorn",
                  "serve, echo (no model)", "serve, batching, always queued (adaptive_batching=0)",
-                 "serve, batching, 4 images per request")
+                 "serve, batching, 4 images per request", "serve, batching, gRPC",
+                 "serve, batching, gRPC, 4 images per call")
     assert "### serve: where the CPU of a request goes" in out
     out, stages = out.split("### serve: where the CPU of a request goes")
     stages, _, wrk = stages.partition("### serve under wrk")
@@ -97,7 +98,7 @@ def test_serve_benchmark_compares_batching_and_plain_fastapi(ray_head):
     header = [c.strip() for c in next(l for l in lines if l.startswith("| server")).strip("|").split("|")]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines
             if line.startswith(("| serve,", "| plain"))]
-    assert len(rows) == 6
+    assert len(rows) == 8
     for row in rows:
         cell = dict(zip(header, row))
         assert cell["errors"] == "0", row  # no failed requests

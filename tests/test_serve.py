@@ -17,6 +17,16 @@ from test_images import _png_header_only
 pytestmark = pytest.mark.slow
 
 MAX_BODY = 300_000
+GRPC_SERVICER = "serving.scene_pb2_grpc.add_SceneClassifierServicer_to_server"
+
+
+def _grpc_target() -> str:
+    """HOST:PORT of the running Serve instance's gRPC proxy (its port is the OS's choice)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    return f"127.0.0.1:{ray.get(controller.get_grpc_config.remote()).port}"
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +39,8 @@ def endpoint(ray_head, trained_run):
     ray.init(address=ray_head.address, logging_level="WARNING", log_to_driver=False,
              runtime_env={"py_modules": [str(REPO / "placesnet"), str(REPO / "serving")]})
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                grpc_options={"port": _free_port(), "grpc_servicer_functions": [GRPC_SERVICER]})
     from serving.app import build_app
 
     app = build_app({"checkpoint": str(run_dir), "max_body_bytes": MAX_BODY, "min_replicas": 1,
@@ -310,7 +321,66 @@ def test_bearer_token_lets_in_only_who_should(endpoint, tiny_root, tmp_path):
         ok = httpx.post(f"{url}/predict", content=jpeg, timeout=60,
                         headers={"Content-Type": "image/jpeg", "Authorization": "Bearer s3cret-token"})
         assert ok.status_code == 200 and ok.json()["predictions"]
+        # gRPC: the same key in the `authorization` metadata
+        import grpc
+
+        from serving.grpc_client import predict
+        from serving.scene_pb2_grpc import SceneClassifierStub
+
+        with grpc.insecure_channel(_grpc_target()) as channel:
+            stub = SceneClassifierStub(channel)
+            for key_sent in (None, "wrong"):
+                with pytest.raises(grpc.RpcError) as refused:
+                    predict(stub, [b"not an image"], api_key=key_sent, application="secure")
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "bearer token" in refused.value.details()
+            reply = predict(stub, [jpeg], api_key="s3cret-token", application="secure")
+            assert reply.results[0].predictions
     finally:
         serve.delete("secure")
     with pytest.raises(ValueError, match="api_key_file must be an absolute path"):
         build_app({"checkpoint": str(run_dir), "api_key_file": "key.txt"})
+
+
+def test_grpc_predict_answers_like_http(endpoint, tiny_root):
+    """serving/scene.proto through Serve's gRPC proxy: one result per image in order, the same
+    classes and probabilities as POST /predict, a bad image gets its own error, and a client's
+    mistake is a gRPC status with the HTTP error's message (the replica keeps serving)."""
+    import grpc
+
+    from serving.grpc_client import predict
+    from serving.scene_pb2_grpc import SceneClassifierStub
+
+    base, *_ = endpoint
+    paths = [tiny_root / f"val_256/Places365_val_{i:08d}.jpg" for i in (2, 5)]
+    images = [paths[0].read_bytes(), b"not an image", paths[1].read_bytes()]
+    with grpc.insecure_channel(_grpc_target()) as channel:
+        stub = SceneClassifierStub(channel)
+        reply = predict(stub, images, top_k=2)
+        assert len(reply.results) == 3 and reply.model.startswith("deepcnn:")
+        assert "knows only its 4 classes" in reply.note
+        assert "not a recognised image" in reply.results[1].error and not reply.results[1].predictions
+        for path, result in zip(paths, [reply.results[0], reply.results[2]]):
+            http = httpx.post(f"{base}/predict?top_k=2", content=path.read_bytes(),
+                              headers={"Content-Type": "image/jpeg"}, timeout=60).json()["predictions"]
+            assert [p.label for p in result.predictions] == [p["label"] for p in http]
+            assert [p.class_index for p in result.predictions] == [p["class_index"] for p in http]
+            assert [p.probability for p in result.predictions] == pytest.approx([p["probability"] for p in http], abs=1e-5)
+        alone = predict(stub, [paths[0].read_bytes()])  # one image: the batch queue, default top_k
+        assert len(alone.results[0].predictions) == 4
+        refusals = [([], 0, grpc.StatusCode.INVALID_ARGUMENT, "no images in the request"),
+                    (images[:1], 9, grpc.StatusCode.INVALID_ARGUMENT, "top_k must be between 1 and 4, got 9"),
+                    (images[:1] * 65, 0, grpc.StatusCode.RESOURCE_EXHAUSTED, "65 images in one request"),
+                    ([b"x" * (MAX_BODY + 1)], 0, grpc.StatusCode.RESOURCE_EXHAUSTED, "over the limit of 300000")]
+        for batch, k, code, message in refusals:
+            with pytest.raises(grpc.RpcError) as refused:
+                predict(stub, batch, top_k=k)
+            assert refused.value.code() == code and message in refused.value.details(), refused.value
+        assert len(predict(stub, images[:1]).results) == 1  # still serving
+    # the command-line client: exit 1 because one file is not an image, answers for the others
+    (tiny_root.parent / "grpc_in").mkdir(exist_ok=True)
+    bad = tiny_root.parent / "grpc_in" / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    proc = run_script("serving/grpc_client.py", paths[0], bad, "--target", _grpc_target(), "--top-k", 1)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.count(": ") >= 2 and f"{paths[0]}: " in proc.stdout and "broken.jpg: error:" in proc.stderr
