@@ -4,6 +4,7 @@
 has shut its own instance down (modules run in name order).
 """
 
+import json
 import os
 import signal
 import socket
@@ -24,7 +25,7 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def _serve_run(args, env, url, image, dashboard):
+def _serve_run(args, env, url, image, dashboard, grpc_target=None):
     # A suite started in the background (`make test &`) inherits SIGINT as ignored, and Python
     # then never raises KeyboardInterrupt; give `serve run` the default, as in a terminal.
     proc = subprocess.Popen([str(BIN / "serve"), "run", *args], cwd=REPO, env=env, text=True,
@@ -44,6 +45,13 @@ def _serve_run(args, env, url, image, dashboard):
         r = httpx.post(f"{url}/predict", content=image.read_bytes(),
                        headers={"Content-Type": "image/jpeg"}, timeout=60)
         assert r.status_code == 200 and r.json()["predictions"], r.text
+        if grpc_target:  # serving/grpc_client.py against the same app, through Serve's gRPC proxy
+            client = subprocess.run([str(BIN / "python"), "serving/grpc_client.py", str(image), "--target",
+                                     grpc_target, "--json"], cwd=REPO, env=env, capture_output=True,
+                                    text=True, timeout=120)
+            assert client.returncode == 0, client.stdout + client.stderr
+            grpc_answer = json.loads(client.stdout)["results"][0]["predictions"]
+            assert [p["label"] for p in grpc_answer] == [p["label"] for p in r.json()["predictions"]]
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out[-3000:]
@@ -63,12 +71,18 @@ def test_serve_run_config_file(ray_head, trained_run, tiny_root, tmp_path):
     config = yaml.safe_load((REPO / "serving/config.yaml").read_text())
     port = _free_port()
     config["http_options"] = {"host": "127.0.0.1", "port": port}
+    # gRPC as the config's comment turns it on (its servicer line, uncommented), on a free port
+    servicer = next(line.split("- ", 1)[1].strip() for line in (REPO / "serving/config.yaml").read_text().splitlines()
+                    if "add_SceneClassifierServicer_to_server" in line)
+    grpc_port = _free_port()
+    config["grpc_options"] = {"port": grpc_port, "grpc_servicer_functions": [servicer]}
     app = config["applications"][0]
     app["args"].update(checkpoint=str(run_dir / "summary.json"), num_cpus=0.5, max_replicas=1)
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     _serve_run([str(path)], ray_head.env, f"http://127.0.0.1:{port}",
-               tiny_root / "val_256/Places365_val_00000001.jpg", ray_head.dashboard)
+               tiny_root / "val_256/Places365_val_00000001.jpg", ray_head.dashboard,
+               grpc_target=f"127.0.0.1:{grpc_port}")
 
 
 def test_serve_run_documented_command_on_port_8000(ray_head, trained_run, tiny_root):
