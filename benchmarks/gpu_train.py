@@ -1,5 +1,7 @@
 """GPU fast path: DeepCNN training images/s at 256 px for fp32 vs AMP vs AMP + channels_last
-(+ torch.compile), and the input pipeline's images/s with all of this machine's CPUs.
+(+ torch.compile), the epoch loop's device-side loss sums against reading the loss on the host
+after every step (as it did before), and the input pipeline's images/s with all of this
+machine's CPUs.
 
     python benchmarks/gpu_train.py                    # on a CUDA machine; needs torch + torchvision, not Ray
     python benchmarks/gpu_train.py --batch-size 512 --steps 50
@@ -27,16 +29,19 @@ from placesnet import engine
 from placesnet.config import TrainConfig
 from placesnet.model import build_model
 
-MODES = [  # name, amp, channels_last, compile
-    ("fp32", False, False, False),
-    ("amp", True, False, False),
-    ("amp + channels_last", True, True, False),
-    ("amp + channels_last + compile", True, True, True),
+SYNCED = "amp + channels_last, host sync every step"
+MODES = [  # name, amp, channels_last, compile, check_every (0: the epoch loop's default)
+    ("fp32", False, False, False, 0),
+    ("amp", True, False, False, 0),
+    ("amp + channels_last", True, True, False, 0),
+    # the epoch loop before 2026-11-28: the host read (and all-reduced) the loss after every step
+    (SYNCED, True, True, False, 1),
+    ("amp + channels_last + compile", True, True, True, 0),
 ]
 
 
 def train_rate(cfg: TrainConfig, device: torch.device, batch_size: int, steps: int, amp: bool,
-               channels_last: bool, compile: bool) -> float:
+               channels_last: bool, compile: bool, check_every: int = 0) -> float:
     """Steady-state training images/s: one untimed epoch of ``steps`` (compiles, warms cuDNN),
     then one timed epoch."""
     torch.manual_seed(0)
@@ -53,7 +58,7 @@ def train_rate(cfg: TrainConfig, device: torch.device, batch_size: int, steps: i
     amp_dtype = engine.amp_dtype_for(device, amp) if device.type == "cuda" else (
         torch.bfloat16 if amp else None)
     scaler = engine.make_scaler(device, amp_dtype)
-    kwargs = dict(amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last)
+    kwargs = dict(amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last, check_every=check_every)
     engine.train_one_epoch(model, loader, optimizer, device, **kwargs)
     return engine.train_one_epoch(model, loader, optimizer, device, **kwargs)["images_per_s"]
 
@@ -79,17 +84,20 @@ def main(argv=None) -> int:
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels
     cfg = TrainConfig(image_size=args.image_size, widths=tuple(int(w) for w in args.widths.split(",")))
     rows = []
-    for name, amp, cl, comp in MODES:
+    for name, amp, cl, comp, check_every in MODES:
         if comp and args.no_compile:
             continue
-        rate = train_rate(cfg, device, args.batch_size, args.steps, amp, cl, comp)
+        rate = train_rate(cfg, device, args.batch_size, args.steps, amp, cl, comp, check_every)
         rows.append({"mode": name, "images/s": rate})
         print(f"  {name}: {rate:,.0f} images/s", file=sys.stderr, flush=True)
     for row in rows:
         row["vs fp32"] = ratio(row["images/s"], rows[0]["images/s"])
     amp_name = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
+    rate = {r["mode"]: r["images/s"] for r in rows}
     print_table(f"gpu_train: DeepCNN training, {args.image_size} px, batch {args.batch_size}, "
-                f"{device}", rows, note=f"amp = {amp_name} autocast; synthetic uint8 batches on the device")
+                f"{device}", rows, note=f"amp = {amp_name} autocast; synthetic uint8 batches on the device\n"
+                f"losses summed on the device, read at check points / host sync every step: "
+                f"{ratio(rate['amp + channels_last'], rate[SYNCED])}")
     if not args.no_input:
         from input import measure
 

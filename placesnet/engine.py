@@ -25,6 +25,8 @@ from .data import normalize
 # train_one_epoch): healthy runs stay well below it, a learning rate that is too high passes it
 # steps before the loss becomes NaN.
 RISE_WARNING = 3.0
+# Steps between the host's reads of the training loss (see train_one_epoch), when no log_every.
+CHECK_EVERY = 20
 
 
 class TrainingDiverged(UserError):
@@ -58,26 +60,63 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _finite_loss(loss: torch.Tensor, *, epoch: int, step: int, steps: int,
-                 optimizer: torch.optim.Optimizer) -> float:
-    """This rank's loss as a float; TrainingDiverged on every rank at once if any rank's is NaN/inf.
+class _StepStats:
+    """Per-step sums kept on the training device: adding a step queues a few tiny kernels and
+    never waits for the GPU. ``read`` (at the epoch's check points) copies them to the host in
+    one transfer and, when ``torch.distributed`` is initialised, decides divergence collectively.
 
-    The verdict is collective: the loss is summed over ranks (NaN or inf on one rank makes the sum
-    non-finite on all), so no rank trains on, or waits in an all-reduce, after another stopped.
-    It runs after the optimizer step, at the sync point the loss logging needs anyway, so it adds
-    no GPU stall; the weights it leaves behind are not checkpointed.
+    Before, every step read its loss (``.item()``) and all-reduced it for the divergence verdict:
+    two host syncs per step that leave the GPU idle while the CPU waits and then queues the next
+    step. Now the host waits only at check points (every ``check_every`` steps and the last).
     """
-    value = total = loss.item()
-    if dist.is_available() and dist.is_initialized():
-        summed = loss.detach().float().reshape(1).clone()
-        dist.all_reduce(summed)
-        total = summed.item()
-    if not math.isfinite(total):
-        lr = optimizer.param_groups[0]["lr"]
+
+    def __init__(self, device: torch.device):
+        z = functools.partial(torch.zeros, (), device=device)
+        self.loss_sum = z(dtype=torch.float64)
+        self.correct = z(dtype=torch.int64)
+        self.first = z(dtype=torch.float32)  # the epoch's first step loss
+        self.peak = z(dtype=torch.float32)  # the largest finite step loss so far
+        self.bad_step = z(dtype=torch.int64)  # the first step whose loss was NaN/inf (0: none)
+        self.bad_loss = z(dtype=torch.float32)  # that step's loss
+
+    def add(self, step: int, loss: torch.Tensor, n: int, correct: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        finite = torch.isfinite(loss)
+        first_bad = (~finite) & (self.bad_step == 0)
+        self.bad_step = torch.where(first_bad, step, self.bad_step)
+        self.bad_loss = torch.where(first_bad, loss, self.bad_loss)
+        self.loss_sum += loss.double() * n
+        self.correct += correct
+        if step == 1:
+            self.first = loss.clone()
+            self.peak = loss.clone()
+        else:
+            self.peak = torch.where(finite, torch.maximum(self.peak, loss), self.peak)
+
+    def read(self, steps: int) -> dict:
+        """Host values; ``bad_step``/``bad_loss`` are global: the earliest step at which any rank's
+        loss was NaN/inf (every rank gets the same answer, so every rank stops at once)."""
+        bad_step, bad_loss = self.bad_step, self.bad_loss
+        if dist.is_available() and dist.is_initialized():
+            first_bad = torch.where(bad_step > 0, bad_step, steps + 1)
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+            if first_bad.item() <= steps:  # sum the ranks' losses at that step: NaN/inf if any is
+                bad_loss = torch.where(bad_step == first_bad, bad_loss, 0.0)
+                dist.all_reduce(bad_loss)
+            bad_step = torch.where(first_bad <= steps, first_bad, 0)
+        values = torch.stack([self.loss_sum, self.correct.double(), self.first.double(), self.peak.double(),
+                              bad_step.double(), bad_loss.double()]).tolist()
+        return dict(zip(("loss_sum", "correct", "first", "peak", "bad_step", "bad_loss"), values))
+
+
+def _check_finite(stats: dict, *, epoch: int, steps: int, lrs: dict[int, float]) -> None:
+    """TrainingDiverged (on every rank at once: ``stats`` is global) if a loss became NaN/inf."""
+    if stats["bad_step"]:
+        step = int(stats["bad_step"])
         raise TrainingDiverged(
-            f"training diverged: the loss is {total} at epoch {epoch}, step {step}/{steps} "
-            f"(lr {lr:g}); lower --lr (or find one with --lr auto), or add --clip-grad-norm 1")
-    return value
+            f"training diverged: the loss is {stats['bad_loss']} at epoch {epoch}, step {step}/{steps} "
+            f"(lr {lrs.get(step, math.nan):g}); lower --lr (or find one with --lr auto), or add "
+            "--clip-grad-norm 1")
 
 
 def _to_device(images, targets, device, channels_last):
@@ -108,6 +147,7 @@ def train_one_epoch(
     clip_grad_norm: float | None = None,
     rise_warning: float = 0.0,
     bad_images=None,
+    check_every: int = 0,
 ) -> dict:
     """One pass over ``loader``; returns global ``train_loss``, ``train_top1``, ``train_images``,
     ``train_time_s``, ``images_per_s``, the ``lr`` of the last step, and this rank's
@@ -115,10 +155,16 @@ def train_one_epoch(
 
     ``scheduler`` steps after every optimizer step (a per-step schedule, see
     :func:`build_scheduler`). ``clip_grad_norm`` clips the global gradient norm before each step.
-    Raises :class:`TrainingDiverged` (on all ranks at once) when the loss becomes NaN or infinite,
-    instead of training on with NaN weights. With ``rise_warning`` > 0, ``log`` gets one warning
-    line when a step's loss exceeds ``rise_warning`` times the epoch's first: the sign of a
-    learning rate too high, seen before the loss becomes NaN.
+    Raises :class:`TrainingDiverged` (on all ranks at once, naming the first step whose loss was
+    NaN or infinite) instead of training on with NaN weights. With ``rise_warning`` > 0, ``log``
+    gets one warning line when a step's loss exceeds ``rise_warning`` times the epoch's first:
+    the sign of a learning rate too high, seen before the loss becomes NaN.
+
+    Losses and counts are summed on the device; the host reads them (and checks divergence and
+    the rise) only at check points: every ``check_every`` steps (default: ``log_every``, else
+    CHECK_EVERY) and at the last step, so steps in between never wait for the GPU. A divergence
+    is therefore stopped at the next check point, at most ``check_every`` - 1 steps late (the
+    NaN weights of those steps are never checkpointed).
 
     ``log`` (rank 0 only, typically) gets a progress line every ``log_every`` steps.
 
@@ -129,8 +175,12 @@ def train_one_epoch(
     model.train()
     skipped = 0
     steps = len(loader)
-    loss_sum = correct = seen = 0.0
-    first_loss = peak_loss = math.nan
+    check_every = check_every or log_every or CHECK_EVERY
+    sums = _StepStats(device)
+    stats = {"loss_sum": 0.0, "correct": 0.0, "first": math.nan, "peak": math.nan}
+    seen = 0.0
+    lrs: dict[int, float] = {}  # the lr of each step since the last check point (host floats)
+    warned = False
     lr = optimizer.param_groups[0]["lr"]
     start = window_start = time.perf_counter()
     window_seen = 0
@@ -148,7 +198,7 @@ def train_one_epoch(
             else:  # every sample of this rank's batch was bad: a zero loss keeps DDP in step
                 loss = logits.sum() * 0.0
         optimizer.zero_grad(set_to_none=True)
-        lr = optimizer.param_groups[0]["lr"]
+        lr = lrs[step] = optimizer.param_groups[0]["lr"]
         if scaler is not None:
             scaler.scale(loss).backward()
             if clip_grad_norm:
@@ -163,25 +213,28 @@ def train_one_epoch(
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        # .item() syncs with the GPU; fine at this granularity and keeps the code readable.
-        value = _finite_loss(loss, epoch=epoch, step=step, steps=steps, optimizer=optimizer)
-        loss_sum += value * n
-        if step == 1:
-            first_loss = peak_loss = value
-        elif value > peak_loss:
-            if log and rise_warning and value > rise_warning * first_loss >= peak_loss:
-                log(f"warning: the training loss rose from {first_loss:.4g} to {value:.4g} at epoch "
-                    f"{epoch}, step {step}/{steps} (lr {lr:g}): the learning rate is probably too "
-                    "high; try --lr auto, a lower --lr, or --clip-grad-norm 1")
-            peak_loss = value
-        correct += (logits.argmax(1) == targets).sum().item()
+        sums.add(step, loss, n, (logits.argmax(1) == targets).sum())  # no host sync
         seen += n
         window_seen += n
+        if step % check_every and step != steps:
+            continue
+        # A check point: the one host sync of these steps (same steps on every rank).
+        stats = sums.read(steps)
+        _check_finite(stats, epoch=epoch, steps=steps, lrs=lrs)
+        lrs.clear()
+        if log and rise_warning and not warned and stats["peak"] > rise_warning * stats["first"]:
+            warned = True
+            log(f"warning: the training loss rose from {stats['first']:.4g} to {stats['peak']:.4g} by "
+                f"epoch {epoch}, step {step}/{steps} (lr {lr:g}): the learning rate is probably too "
+                "high; try --lr auto, a lower --lr, or --clip-grad-norm 1")
         if log and log_every and (step % log_every == 0 or step == steps):
             now = time.perf_counter()
-            log(f"epoch {epoch} step {step}/{steps} loss {loss_sum / seen:.4f} "
-                f"top1 {correct / seen:.4f} {window_seen / (now - window_start):.0f} img/s per worker")
+            log(f"epoch {epoch} step {step}/{steps} loss {stats['loss_sum'] / max(seen, 1):.4f} "
+                f"top1 {stats['correct'] / max(seen, 1):.4f} {window_seen / (now - window_start):.0f} "
+                "img/s per worker")
             window_start, window_seen = now, 0
+    loss_sum, correct = stats["loss_sum"], stats["correct"]
+    first_loss, peak_loss = stats["first"], stats["peak"]
     elapsed = time.perf_counter() - start
     loss_sum, correct, seen, elapsed_sum, skipped = _all_reduce([loss_sum, correct, seen, elapsed, skipped],
                                                                 device)

@@ -63,10 +63,10 @@ MUTATIONS = [
       ("tests/test_reliability.py", "-k", "broken_newest or intact_run")),
     # --- the epoch loop ----------------------------------------------------------------------
     M("divergence: inf not caught", "placesnet/engine.py",
-      "if not math.isfinite(total):", "if math.isnan(total):",
+      "        finite = torch.isfinite(loss)\n", "        finite = ~torch.isnan(loss)\n",
       ("tests/test_promises.py", "-k", "infinite")),
     M("divergence: local verdict only", "placesnet/engine.py",
-      "        dist.all_reduce(summed)\n        total = summed.item()", "        total = value",
+      "            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)\n", "",
       ("tests/test_engine.py", "-k", "one_rank")),
     M("metrics: train sums not all-reduced", "placesnet/engine.py",
       "    loss_sum, correct, seen, elapsed_sum, skipped = _all_reduce(",

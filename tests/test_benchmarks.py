@@ -57,8 +57,10 @@ def test_gpu_train_benchmark_skips_without_cuda_and_runs_on_cpu():
     out = _table(run_script("benchmarks/gpu_train.py", "--device", "cpu", "--image-size", 32,
                             "--batch-size", 4, "--steps", 2, "--widths", "8,16", "--no-compile",
                             "--input-images", 16),
-                 "fp32", "amp", "amp + channels_last", "workshop", "project")
+                 "fp32", "amp", "amp + channels_last", "amp + channels_last, host sync every step",
+                 "workshop", "project")
     assert _cells(out, "fp32")[-1] == "1.00x"
+    assert re.search(r"read at check points / host sync every step: \d+\.\d\dx", out), out
 
 
 @pytest.mark.slow

@@ -51,12 +51,25 @@ def test_a_pickle_payload_in_a_checkpoint_never_runs(tiny_config, tmp_path, name
 
 # --- divergence on inf, not only NaN -------------------------------------------------------------
 
+def _step_stats(losses: list[float]) -> dict:
+    """The epoch loop's device-side sums after these step losses (4 samples, 1 correct each)."""
+    sums = engine._StepStats(torch.device("cpu"))
+    for step, value in enumerate(losses, start=1):
+        sums.add(step, torch.tensor(value), 4, torch.tensor(1))
+    return sums.read(steps=5)
+
+
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
 def test_an_infinite_or_nan_loss_stops_training(value):
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    with pytest.raises(engine.TrainingDiverged, match=f"the loss is {value}"):
-        engine._finite_loss(torch.tensor(value), epoch=2, step=3, steps=5, optimizer=opt)
-    assert engine._finite_loss(torch.tensor(1e30), epoch=2, step=3, steps=5, optimizer=opt) == pytest.approx(1e30)
+    """The first non-finite step is found on the device and named when the host looks (at the
+    next check point), with that step's lr; later finite or non-finite steps do not move it."""
+    stats = _step_stats([2.0, 1.5, value, math.nan, 1.0])
+    with pytest.raises(engine.TrainingDiverged, match=rf"the loss is {value} at epoch 2, step 3/5 \(lr 0.25\)"):
+        engine._check_finite(stats, epoch=2, steps=5, lrs={3: 0.25, 4: 0.1})
+    fine = _step_stats([2.0, 1e30, 1.0])
+    engine._check_finite(fine, epoch=2, steps=5, lrs={})  # huge is not infinite
+    assert fine["peak"] == pytest.approx(1e30) and fine["first"] == 2.0
+    assert fine["loss_sum"] == pytest.approx(4 * (3.0 + 1e30)) and fine["correct"] == 3
 
 
 # --- two ranks give the one-rank numbers, on a split that does not divide evenly ------------------
