@@ -16,7 +16,9 @@ transform, so answers match ``rayjobs/predict.py``.
 
 
 import asyncio
+import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Query, Request, Response
@@ -141,6 +143,10 @@ class SceneClassifier:
         # the key stays in this replica's memory; /healthz is left open for probes
         self.api_key = read_api_key(self.options.get("api_key_env", ""), self.options.get("api_key_file", ""))
         self.in_flight = 0  # /predict requests of this replica between their body and their answer
+        # Decoding runs in threads (PIL releases the GIL), as many as the CPUs this replica was
+        # given: more would only compete with the model's threads for the same cores.
+        threads = max(1, math.ceil(float(self.options["num_cpus"])))
+        self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
         self.predict_batch.set_max_batch_size(int(self.options["max_batch_size"]))
         self.predict_batch.set_batch_wait_timeout_s(float(self.options["batch_wait_timeout_s"]))
         self._run_model(self._probe())  # fail at start-up, not on the first request
@@ -175,6 +181,10 @@ class SceneClassifier:
             return probs[0], 1, False
         probs, size = await self.predict_batch(tensor)
         return probs, size, True
+
+    async def _decode(self, fn, data: bytes):
+        """``fn(data)`` in this replica's decode threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, data)
 
     def _preprocess(self, data: bytes):
         from placesnet.images import BadImage, decode_image
@@ -219,7 +229,7 @@ class SceneClassifier:
         self.in_flight += 1
         try:
             if len(files) == 1:
-                tensor = await asyncio.to_thread(self._preprocess, files[0][1])
+                tensor = await self._decode(self._preprocess, files[0][1])
                 probs, batch_size, queued = await self._infer(tensor)
             else:
                 return await self._predict_many(files, k, response)
@@ -262,9 +272,9 @@ class SceneClassifier:
 
     async def _predict_many(self, files: list[tuple[str, bytes]], k: int,
                             response: Response | None = None) -> dict:
-        """Several images of one request: decoded in parallel threads (PIL releases the GIL), then
+        """Several images of one request: decoded in parallel (the replica's decode threads), then
         run together, ``max_batch_size`` per forward pass, without the batch queue's wait."""
-        prepared = await asyncio.gather(*(asyncio.to_thread(self._preprocess_or_error, data)
+        prepared = await asyncio.gather(*(self._decode(self._preprocess_or_error, data)
                                           for _, data in files))
         good = [t for t in prepared if not isinstance(t, ClientError)]
         probs = iter(await asyncio.to_thread(self._run_chunks, good) if good else [])
@@ -361,7 +371,7 @@ class SceneClassifier:
         return PredictReply(results=results, model=self.model_id, note=self.loaded.note)
 
     async def _predict_one(self, data: bytes, k: int) -> dict:
-        item = await asyncio.to_thread(self._preprocess_or_error, data)
+        item = await self._decode(self._preprocess_or_error, data)
         if isinstance(item, ClientError):
             return {"error": item.message, "status": item.status}
         probs, _, _ = await self._infer(item)
@@ -385,7 +395,8 @@ class SceneClassifier:
                 "epoch": meta["epoch"] + 1, "val_top1": meta["metrics"].get("val_top1"),
                 "val_top5": meta["metrics"].get("val_top5"), "num_classes": len(self.labels),
                 "image_size": self.loaded.config.image_size, "config": self.loaded.config.to_dict(),
-                "device": str(self.device), "max_batch_size": self.options["max_batch_size"]}
+                "device": str(self.device), "max_batch_size": self.options["max_batch_size"],
+                "decode_threads": self.decode_pool._max_workers}
 
     def check_health(self) -> None:
         """Serve's own health check: a replica whose model cannot run is replaced."""

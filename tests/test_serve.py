@@ -98,6 +98,7 @@ def test_info_routes(endpoint):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert model["checkpoint"] == summary["best_checkpoint"]
     assert model["val_top1"] == pytest.approx(summary["val_top1"])
+    assert model["decode_threads"] == 1  # num_cpus=0.5: one decode thread, not one per machine CPU
     assert model["note"].startswith("this model was trained on the embedded sample data and knows "
                                     "only its 4 classes")
     body = httpx.get(f"{base}/openapi.json", timeout=30).json()["paths"]["/predict"]["post"]["requestBody"]
