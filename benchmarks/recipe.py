@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from placesnet import engine
 from placesnet.config import MODEL_LR, MODELS, REFERENCE_BATCH, SAMPLE_CLASSES, TrainConfig, default_lr
-from placesnet.data import class_names, open_split, resolve_data_root
+from placesnet.data import class_names, drop_last_batch, open_split, resolve_data_root
 from placesnet.model import build_model
 
 CPU = torch.device("cpu")
@@ -103,9 +103,12 @@ def load(row: Row, cache: dict) -> tuple[TensorDataset, TensorDataset, int]:
     return cache[key]
 
 
-def loaders(train, val, batch_size: int, seed: int):
+def loaders(train, val, batch_size: int, seed: int, always_drop_last: bool = False):
+    """Shuffled training batches, left out the last partial one as the project's train loader
+    does (``always_drop_last``: as it did before 2026-11-28, whatever its size)."""
     g = torch.Generator().manual_seed(seed)
-    return (DataLoader(train, batch_size, shuffle=True, drop_last=len(train) >= batch_size, generator=g),
+    drop = len(train) >= batch_size if always_drop_last else drop_last_batch(len(train), batch_size)
+    return (DataLoader(train, batch_size, shuffle=True, drop_last=drop, generator=g),
             DataLoader(val, 256))
 
 
@@ -148,8 +151,8 @@ def run_before(row: Row, data, model_name: str, seed: int = 0) -> dict:
     optimizer = engine.build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, CPU)
     per_epoch = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / row.epochs)))
-    history = plain_epochs(model, optimizer, *loaders(train, val, row.batch_size, seed), row.epochs,
-                           classes, per_epoch)
+    history = plain_epochs(model, optimizer, *loaders(train, val, row.batch_size, seed, always_drop_last=True),
+                           row.epochs, classes, per_epoch)
     return summary(history, cfg.lr)
 
 
@@ -236,7 +239,7 @@ def main(argv=None) -> None:
     cache, table, start = {}, [], time.perf_counter()
     for row in rows:
         data = load(row, cache)
-        steps = len(data[0]) // row.batch_size
+        steps = len(loaders(data[0], data[1], row.batch_size, 0)[0])
         seeds = range(max(args.seeds, 1))
         ours = mean([run_defaults(row, data, args.model, seed=s) for s in seeds])
         ref = mean([run_reference(row, data, seed=s) for s in seeds])

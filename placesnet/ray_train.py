@@ -21,13 +21,14 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from . import engine
 from .checkpoint import (load_checkpoint, load_model_state, load_train_state, read_meta, save_checkpoint,
                          verify_checkpoint)
 from .config import SCORE, Interrupted, TrainConfig, UserError, checkpoint_score
-from .data import BadImages, LoaderPlan, MarkBadImages, ShardSampler, class_names, open_split, resolve_data_root
+from .data import (BadImages, LoaderPlan, MarkBadImages, ShardSampler, class_names, make_train_loader,
+                   open_split, resolve_data_root)
 from .evaluation import evaluate_checkpoint
 from .model import build_model
 from .plots import curves_png
@@ -377,11 +378,8 @@ def _train_worker(loop_config: dict) -> dict | None:
     train_ds, val_ds = MarkBadImages(train_ds, cfg.image_size), MarkBadImages(val_ds, cfg.image_size)
     per_worker = max(cfg.batch_size // world, 1)
     kw = plan.kwargs()
-    sampler = (DistributedSampler(train_ds, world, rank, shuffle=True, seed=cfg.seed)
-               if world > 1 else None)
-    train_loader = DataLoader(train_ds, batch_size=per_worker, sampler=sampler,
-                              shuffle=sampler is None, drop_last=len(train_ds) >= cfg.batch_size,
-                              generator=torch.Generator().manual_seed(cfg.seed), **kw)
+    train_loader = make_train_loader(train_ds, cfg.batch_size, rank, world, cfg.seed, **kw)
+    sampler = train_loader.sampler
     val_loader = DataLoader(val_ds, batch_size=per_worker * 2,
                             sampler=ShardSampler(val_ds, rank, world), **kw)
     train_loader = ray.train.torch.prepare_data_loader(train_loader)  # sampler already set
@@ -427,8 +425,7 @@ def _train_worker(loop_config: dict) -> dict | None:
     # Progress inside long epochs (a Places365 epoch is 1.8 M images); short ones need none.
     log_every = cfg.log_every or (steps // 10 if steps >= 100 else 0)
     for epoch in range(start_epoch, cfg.epochs):
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)  # the same permutation on every rank, a new one each epoch
         t0 = time.perf_counter()
         try:
             train = engine.train_one_epoch(model, train_loader, optimizer, device, amp_dtype=amp_dtype,

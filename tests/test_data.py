@@ -166,6 +166,25 @@ def test_loader_plan_follows_the_cpus_ray_gives(cpus, on_gpu, override, workers,
         assert "prefetch_factor" not in kw
 
 
+@pytest.mark.parametrize("images, batch, world, steps", [
+    (1200, 256, 1, 5),  # 176 left over (0.69 of a batch): trained, not dropped
+    (1200, 256, 2, 5),  # per rank: 600 in batches of 128, 88 left over
+    (1030, 256, 1, 4),  # 6 left over: dropped
+    (160, 32, 2, 5),
+    (20, 32, 1, 1),  # fewer images than one batch: one small batch
+])
+def test_train_loader_drops_only_a_small_last_batch(images, batch, world, steps):
+    from torch.utils.data import TensorDataset
+
+    from placesnet.data import make_train_loader
+
+    ds = TensorDataset(torch.arange(images))
+    loaders = [make_train_loader(ds, batch, rank, world, seed=0) for rank in range(world)]
+    assert {len(loader) for loader in loaders} == {steps}
+    seen = torch.cat([b[0] for loader in loaders for b in loader])
+    assert len(seen) == len(seen.unique()) >= images - batch / 2  # nothing twice, little left out
+
+
 def test_shard_sampler_counts_every_sample_once():
     data = list(range(10))
     for world in (1, 2, 3, 4):

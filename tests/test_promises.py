@@ -136,6 +136,56 @@ def test_two_ranks_count_every_sample_once_and_match_one_rank(tiny_config, tiny_
     # (train top-1 and loss differ: BatchNorm in train mode sees other batches on 2 ranks)
 
 
+# --- training does not depend on the worker count ---------------------------------------------------
+
+def _train_rank(rank: int, world: int, init: str, root: str, config: dict, out: str) -> None:
+    """Two epochs of the Ray workers' loader (data.make_train_loader) and epoch function under
+    DDP on gloo, with a model without BatchNorm or dropout; rank 0 writes the losses and weights."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from placesnet.config import TrainConfig
+    from placesnet.data import MarkBadImages, make_train_loader, open_split
+    from placesnet.model import DeepCNN
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        cfg = TrainConfig.from_dict(config)
+        ds = MarkBadImages(open_split(cfg, "train", __import__("pathlib").Path(root)), cfg.image_size)
+        loader = make_train_loader(ds, cfg.batch_size, rank, world, cfg.seed)
+        torch.manual_seed(cfg.seed)
+        model = DistributedDataParallel(DeepCNN(4, (8, 16), fc_hidden=32, grid=2, batchnorm=False, dropout=0.0))
+        opt = engine.build_optimizer(model, 0.05, 0.9, 5e-4, torch.device("cpu"))
+        losses = []
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)
+            row = engine.train_one_epoch(model, loader, opt, torch.device("cpu"))
+            losses.append([row["train_loss"], row["train_images"], len(loader)])
+        if rank == 0:
+            weights = torch.cat([p.detach().flatten() for p in model.module.parameters()])
+            with open(out, "w") as f:
+                json.dump({"epochs": losses, "weights": weights.tolist()}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_and_two_workers_train_the_same_weights(tiny_config, tiny_root, tmp_path):
+    """README: --batch-size is the global batch split evenly over the workers, so results do not
+    depend on the worker count. Each global batch holds the same images on 1 and 2 ranks, and
+    DDP's gradient mean over the halves is the whole batch's: the same losses and weights."""
+    runs = {}
+    for world in (1, 2):
+        out, init = tmp_path / f"t{world}.json", f"file://{tmp_path / f'tstore{world}'}"
+        mp.spawn(_train_rank, args=(world, init, str(tiny_root), tiny_config.to_dict(), str(out)),
+                 nprocs=world, join=True)
+        runs[world] = json.loads(out.read_text())
+    one, two = runs[1], runs[2]
+    assert [e[1:] for e in one["epochs"]] == [e[1:] for e in two["epochs"]] == [[160, 5], [160, 5]]
+    assert [e[0] for e in two["epochs"]] == pytest.approx([e[0] for e in one["epochs"]], rel=1e-4)
+    assert one["epochs"][0][0] != one["epochs"][1][0]  # it did train
+    torch.testing.assert_close(torch.tensor(two["weights"]), torch.tensor(one["weights"]), rtol=1e-4, atol=1e-5)
+
+
 # --- Serve: every error is JSON, 2 replicas only where they fit -------------------------------------
 
 def test_json_errors_for_unknown_routes_wrong_methods_and_internal_failures():
