@@ -23,6 +23,21 @@ def _cells(out, row):
     return [c.strip() for c in line.strip("|").split("|")]
 
 
+def _number(text: str) -> float:
+    return float(text.replace(",", "").rstrip("x"))
+
+
+def _check_ratios(out, first_col: str, value_col: str, ratio_col: str, base: str, rows) -> None:
+    """Each row's ratio cell is its value over the baseline row's, as printed (so a ratio taken
+    against the wrong row, or the baseline against itself everywhere, fails)."""
+    header = _cells(out, first_col)
+    table = {r: dict(zip(header, _cells(out, r))) for r in (base, *rows)}
+    assert table[base][ratio_col] == "1.00x"
+    for r in rows:
+        expected = _number(table[r][value_col]) / _number(table[base][value_col])
+        assert _number(table[r][ratio_col]) == pytest.approx(expected, rel=0.02, abs=0.011), (r, table[r])
+
+
 def test_input_benchmark_prints_ratios_against_the_workshop():
     out = _table(run_script("benchmarks/input.py", "--images", 32, "--batch-size", 8, "--repeats", 1),
                  "workshop", "project")
@@ -30,6 +45,8 @@ def test_input_benchmark_prints_ratios_against_the_workshop():
     assert workshop[-1] == "1.00x" and workshop[-2] == "1.00x"
     assert project[-1] == "0.25x"  # uint8 batches: a quarter of float32's bytes
     assert float(project[-2].rstrip("x")) > 0
+    _check_ratios(out, "pipeline", "images/s", "speed vs workshop", "workshop", ["project"])
+    _check_ratios(out, "pipeline", "MiB per batch", "bytes vs workshop", "workshop", ["project"])
 
 
 def test_compute_benchmark_refuses_zero_threads():
@@ -59,7 +76,8 @@ def test_gpu_train_benchmark_skips_without_cuda_and_runs_on_cpu():
                             "--input-images", 16),
                  "fp32", "amp", "amp + channels_last", "amp + channels_last, host sync every step",
                  "workshop", "project")
-    assert _cells(out, "fp32")[-1] == "1.00x"
+    _check_ratios(out, "mode", "images/s", "vs fp32", "fp32",
+                  ["amp", "amp + channels_last", "amp + channels_last, host sync every step"])
     assert re.search(r"read at check points / host sync every step: \d+\.\d\dx", out), out
 
 
@@ -70,7 +88,13 @@ def test_train_overhead_benchmark_compares_ray_with_plain(ray_head):
                             "--batch-size", 16, "--sample-classes", 2,
                             "--sample-train-per-class", 16, env=ray_head.env),
                  "plain (before)", "ray train", "plain (after)")
-    assert re.fullmatch(r"\d+\.\d\dx", _cells(out, "ray train")[3])
+    header = _cells(out, "loop")
+    rows = {r: dict(zip(header, _cells(out, r))) for r in ("plain (before)", "ray train", "plain (after)")}
+    rate = {r: _number(c["steady train images/s"]) for r, c in rows.items()}
+    fastest_plain = max(rate["plain (before)"], rate["plain (after)"])  # the baseline, as the note says
+    for r, c in rows.items():
+        assert re.fullmatch(r"\d+\.\d\dx", c["vs plain"]), c
+        assert _number(c["vs plain"]) == pytest.approx(rate[r] / fastest_plain, rel=0.02, abs=0.011), (r, c)
 
 
 @pytest.mark.slow
