@@ -152,37 +152,45 @@ def wait_healthy(base: str, timeout: float = 120) -> None:
 
 # --- load --------------------------------------------------------------------------------------
 
+async def _drive(send, concurrency: int, requests: int, per_request: int) -> dict:
+    """``requests`` calls of ``send()`` (an async callable: True when the answer was an error),
+    ``concurrency`` at a time after a short warm-up; throughput and latency percentiles."""
+    latencies: list[float] = []
+    errors = 0
+    queue = iter(range(requests))
+
+    async def one_client():
+        nonlocal errors
+        for _ in queue:
+            t0 = time.perf_counter()
+            errors += await send()
+            latencies.append(time.perf_counter() - t0)
+
+    for _ in range(min(concurrency, 4)):  # warm-up: connections, first batches
+        await send()
+    start = time.perf_counter()
+    await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    latencies.sort()
+    pick = lambda q: latencies[min(int(q * len(latencies)), len(latencies) - 1)] * 1000  # noqa: E731
+    return {"requests/s": len(latencies) / wall, "images/s": len(latencies) * per_request / wall,
+            "p50 ms": pick(0.50), "p99 ms": pick(0.99), "errors": errors}
+
+
 async def _load(url: str, body: bytes, concurrency: int, requests: int, per_request: int = 1) -> dict:
     import httpx
 
     if per_request > 1:  # several images per request: repeated multipart `file` fields
         files = [("file", (f"{i}.jpg", body, "image/jpeg")) for i in range(per_request)]
-        send = dict(files=files)
+        kwargs = dict(files=files)
     else:
-        send = dict(content=body, headers={"Content-Type": "image/jpeg"})
-
-    latencies: list[float] = []
-    errors = 0
-    queue = iter(range(requests))
+        kwargs = dict(content=body, headers={"Content-Type": "image/jpeg"})
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-        async def one_client():
-            nonlocal errors
-            for _ in queue:
-                t0 = time.perf_counter()
-                r = await client.post(url, **send)
-                latencies.append(time.perf_counter() - t0)
-                errors += r.status_code != 200
+        async def send() -> bool:
+            return (await client.post(url, **kwargs)).status_code != 200
 
-        for _ in range(min(concurrency, 4)):  # warm-up: connections, first batches
-            await client.post(url, **send)
-        start = time.perf_counter()
-        await asyncio.gather(*(one_client() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    latencies.sort()
-    pick = lambda q: latencies[min(int(q * len(latencies)), len(latencies) - 1)] * 1000  # noqa: E731
-    return {"requests/s": len(latencies) / wall, "images/s": len(latencies) * per_request / wall,
-            "p50 ms": pick(0.50), "p99 ms": pick(0.99), "errors": errors}
+        return await _drive(send, concurrency, requests, per_request)
 
 
 WRK_SCRIPT = """
@@ -196,8 +204,7 @@ wrk.headers["Content-Type"] = "image/jpeg"
 
 async def _grpc_load(target: str, app: str, body: bytes, concurrency: int, requests: int,
                      per_request: int = 1) -> dict:
-    """The same loop as _load over gRPC (serving/scene.proto), one channel, ``concurrency`` calls
-    in flight."""
+    """The same load over gRPC (serving/scene.proto): one channel, ``concurrency`` calls in flight."""
     import grpc
 
     from serving.grpc_client import metadata
@@ -205,33 +212,17 @@ async def _grpc_load(target: str, app: str, body: bytes, concurrency: int, reque
     from serving.scene_pb2_grpc import SceneClassifierStub
 
     message = PredictRequest(images=[body] * per_request)
-    latencies: list[float] = []
-    errors = 0
-    queue = iter(range(requests))
     async with grpc.aio.insecure_channel(target) as channel:
         stub = SceneClassifierStub(channel)
-        call = lambda: stub.Predict(message, metadata=metadata(None, app), timeout=60)  # noqa: E731
 
-        async def one_client():
-            nonlocal errors
-            for _ in queue:
-                t0 = time.perf_counter()
-                try:
-                    reply = await call()
-                    errors += any(r.error for r in reply.results)
-                except grpc.aio.AioRpcError:
-                    errors += 1
-                latencies.append(time.perf_counter() - t0)
+        async def send() -> bool:
+            try:
+                reply = await stub.Predict(message, metadata=metadata(None, app), timeout=60)
+            except grpc.aio.AioRpcError:
+                return True
+            return any(r.error for r in reply.results)
 
-        for _ in range(min(concurrency, 4)):
-            await call()
-        start = time.perf_counter()
-        await asyncio.gather(*(one_client() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    latencies.sort()
-    pick = lambda q: latencies[min(int(q * len(latencies)), len(latencies) - 1)] * 1000  # noqa: E731
-    return {"requests/s": len(latencies) / wall, "images/s": len(latencies) * per_request / wall,
-            "p50 ms": pick(0.50), "p99 ms": pick(0.99), "errors": errors}
+        return await _drive(send, concurrency, requests, per_request)
 
 
 def grpc_load(target: str, app: str, body: bytes, concurrency: int, requests: int, per_request: int = 1) -> dict:

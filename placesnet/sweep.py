@@ -121,6 +121,27 @@ class TrialEvents(tune.Callback):
         self._say(trial, "errored (see results.csv)")
 
 
+def search_space(batch_sizes: list[int], lrs: list[float] | None = None,
+                 lr_range: tuple[float, float] | None = None) -> dict:
+    """Tune's param_space: every (batch size, lr) pair of ``lrs`` (grid search), or for random
+    search a batch size from the list and an lr log-uniform in ``lr_range``."""
+    if lrs is not None:
+        return {"batch_size": tune.grid_search(batch_sizes), "lr": tune.grid_search(lrs)}
+    return {"batch_size": tune.choice(batch_sizes), "lr": tune.loguniform(*lr_range)}
+
+
+def make_scheduler(scheduler: str, epochs: int, grace_period: int, reduction_factor: float):
+    """ASHA (stops trials behind the others at each rung, never before ``grace_period`` epochs),
+    or None for --scheduler none: every trial runs all its epochs."""
+    if scheduler == "none":
+        return None
+    # stop_last_trials=False: a trial that reaches the last epoch ends on its own, so its Train
+    # run shuts its workers down normally instead of being killed mid-cleanup.
+    return tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=epochs,
+                                         grace_period=grace_period, reduction_factor=reduction_factor,
+                                         stop_last_trials=False)
+
+
 def make_tuner(cfg: TrainConfig, data_root: Path, plan: SweepPlan, *, storage_path: str, name: str,
                param_space: dict, num_samples: int, scheduler: str, grace_period: int,
                reduction_factor: float, scale_lr: int | None = None, verbose: bool = False) -> tune.Tuner:
@@ -140,16 +161,12 @@ def make_tuner(cfg: TrainConfig, data_root: Path, plan: SweepPlan, *, storage_pa
         print(f"resuming sweep {exp_dir}: finished trials are kept, unfinished ones continue")
         return tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
                                   resume_errored=False)
-    # stop_last_trials=False: a trial that reaches the last epoch ends on its own, so its Train
-    # run shuts its workers down normally instead of being killed mid-cleanup.
-    asha = (tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs,
-                                          grace_period=grace_period, reduction_factor=reduction_factor,
-                                          stop_last_trials=False)
-            if scheduler == "asha" else None)
     return tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(metric=METRIC, mode=METRIC_MODE, scheduler=asha,
+        tune_config=tune.TuneConfig(metric=METRIC, mode=METRIC_MODE,
+                                    scheduler=make_scheduler(scheduler, cfg.epochs, grace_period,
+                                                             reduction_factor),
                                     num_samples=num_samples, max_concurrent_trials=plan.max_concurrent),
         # verbose=0: no progress tables (hundreds of lines); TrialEvents says what happens instead
         run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=1 if verbose else 0,

@@ -103,16 +103,21 @@ def _rank(rank: int, world: int, init: str, root: str, ckpt: str, out: str) -> N
 def _run(world: int, tmp_path, root, ckpt) -> dict:
     out = tmp_path / f"w{world}.json"
     init = f"file://{tmp_path / f'store{world}'}"
-    args = (world, init, str(root), str(ckpt), str(out))
-    if world == 1:  # in this process: a spawned one costs seconds of imports
-        threads = torch.get_num_threads()
-        try:
-            _rank(0, *args)
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        mp.spawn(_rank, args=args, nprocs=world, join=True)
+    _ranks(_rank, world, init, str(root), str(ckpt), str(out))
     return json.loads(out.read_text())
+
+
+def _ranks(fn, world: int, *args) -> None:
+    """``fn(rank, world, *args)`` on ``world`` ranks: spawned processes, or with one rank in this
+    process (a spawned one costs seconds of imports)."""
+    if world > 1:
+        mp.spawn(fn, args=(world, *args), nprocs=world, join=True)
+        return
+    threads = torch.get_num_threads()
+    try:
+        fn(0, world, *args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_two_ranks_count_every_sample_once_and_match_one_rank(tiny_config, tiny_root, tmp_path):
@@ -184,15 +189,7 @@ def test_one_and_two_workers_train_the_same_weights(tiny_config, tiny_root, tmp_
     runs = {}
     for world in (1, 2):
         out, init = tmp_path / f"t{world}.json", f"file://{tmp_path / f'tstore{world}'}"
-        args = (world, init, str(tiny_root), tiny_config.to_dict(), str(out))
-        if world == 1:  # in this process: a spawned one costs seconds of imports
-            threads = torch.get_num_threads()
-            try:
-                _train_rank(0, *args)
-            finally:
-                torch.set_num_threads(threads)
-        else:
-            mp.spawn(_train_rank, args=args, nprocs=world, join=True)
+        _ranks(_train_rank, world, init, str(tiny_root), tiny_config.to_dict(), str(out))
         runs[world] = json.loads(out.read_text())
     one, two = runs[1], runs[2]
     assert [e[1:] for e in one["epochs"]] == [e[1:] for e in two["epochs"]] == [[160, 5], [160, 5]]

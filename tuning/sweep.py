@@ -155,13 +155,11 @@ def main(argv=None) -> int:
     check_space(args)
     cfg = config_from_args(args)
 
-    from ray import tune
-
     from placesnet.data import describe, open_split, resolve_data_root
     from placesnet.plots import sweep_png
     from placesnet.ray_train import check_cluster_paths, check_storage_writable
     from placesnet.validate import fetch_and_check
-    from placesnet.sweep import best_record, collect_results, make_tuner, plan_sweep
+    from placesnet.sweep import best_record, collect_results, make_tuner, plan_sweep, search_space
 
     storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).expanduser().resolve())
     name = args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -183,10 +181,10 @@ def main(argv=None) -> int:
                       args.autoscale)
     check_cluster_paths(storage, root if cfg.dataset == "places365" else None)
     if args.grid:
-        space = {"batch_size": tune.grid_search(args.batch_sizes), "lr": tune.grid_search(args.lrs)}
+        space = search_space(args.batch_sizes, lrs=args.lrs)
         num_samples, count = 1, len(args.batch_sizes) * len(args.lrs)
     else:
-        space = {"batch_size": tune.choice(args.batch_sizes), "lr": tune.loguniform(args.lr_min, args.lr_max)}
+        space = search_space(args.batch_sizes, lr_range=(args.lr_min, args.lr_max))
         num_samples = count = args.num_samples
     print(f"sweep {name}: {count} trial(s) of {cfg.epochs} epoch(s), {plan.max_concurrent} at a "
           f"time, each {args.workers_per_trial} worker(s) x ({args.cpus_per_worker:g} CPU"
