@@ -161,10 +161,10 @@ def train_one_epoch(
     the sign of a learning rate too high, seen before the loss becomes NaN.
 
     Losses and counts are summed on the device; the host reads them (and checks divergence and
-    the rise) only at check points: every ``check_every`` steps (default: ``log_every``, else
-    CHECK_EVERY) and at the last step, so steps in between never wait for the GPU. A divergence
-    is therefore stopped at the next check point, at most ``check_every`` - 1 steps late (the
-    NaN weights of those steps are never checkpointed).
+    the rise) only at check points: every ``check_every`` steps (default CHECK_EVERY), at the
+    progress lines and at the last step, so steps in between never wait for the GPU. A
+    divergence is therefore stopped at the next check point, at most ``check_every`` - 1 steps
+    late (the NaN weights of those steps are never checkpointed).
 
     ``log`` (rank 0 only, typically) gets a progress line every ``log_every`` steps.
 
@@ -175,7 +175,7 @@ def train_one_epoch(
     model.train()
     skipped = 0
     steps = len(loader)
-    check_every = check_every or log_every or CHECK_EVERY
+    check_every = check_every or CHECK_EVERY
     sums = _StepStats(device)
     stats = {"loss_sum": 0.0, "correct": 0.0, "first": math.nan, "peak": math.nan}
     seen = 0.0
@@ -216,7 +216,10 @@ def train_one_epoch(
         sums.add(step, loss, n, (logits.argmax(1) == targets).sum())  # no host sync
         seen += n
         window_seen += n
-        if step % check_every and step != steps:
+        # the same steps on every rank (log_every is), whether or not this rank prints: the
+        # divergence verdict is a collective
+        at_log_point = bool(log_every and step % log_every == 0)
+        if step % check_every and step != steps and not at_log_point:
             continue
         # A check point: the one host sync of these steps (same steps on every rank).
         stats = sums.read(steps)
@@ -227,7 +230,7 @@ def train_one_epoch(
             log(f"warning: the training loss rose from {stats['first']:.4g} to {stats['peak']:.4g} by "
                 f"epoch {epoch}, step {step}/{steps} (lr {lr:g}): the learning rate is probably too "
                 "high; try --lr auto, a lower --lr, or --clip-grad-norm 1")
-        if log and log_every and (step % log_every == 0 or step == steps):
+        if log and log_every and (at_log_point or step == steps):
             now = time.perf_counter()
             log(f"epoch {epoch} step {step}/{steps} loss {stats['loss_sum'] / max(seen, 1):.4f} "
                 f"top1 {stats['correct'] / max(seen, 1):.4f} {window_seen / (now - window_start):.0f} "

@@ -331,6 +331,15 @@ def _maybe_crash(loop_config: dict, epoch: int, rank: int) -> None:
     os._exit(1)
 
 
+def _maybe_diverge(loop_config: dict, epoch: int, model):
+    """Fault injection for --diverge-at-epoch: NaN inputs, so a NaN loss, during ``epoch``.
+    Returns the hook to remove after the epoch, or None."""
+    if loop_config.get("diverge_at_epoch") != epoch:
+        return None
+    _log(f"[fault injection] the loss becomes NaN in epoch {epoch}")
+    return model.register_forward_pre_hook(lambda module, args: (args[0] * float("nan"), *args[1:]))
+
+
 def _data_root_here(cfg: TrainConfig, data_root: str) -> Path:
     """The driver's resolved data root, as seen on this worker's node: a node that lacks the
     generated sample data generates the same (seeded) copy."""
@@ -427,6 +436,7 @@ def _train_worker(loop_config: dict) -> dict | None:
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)  # the same permutation on every rank, a new one each epoch
         t0 = time.perf_counter()
+        injected = _maybe_diverge(loop_config, epoch + 1, model)
         try:
             train = engine.train_one_epoch(model, train_loader, optimizer, device, amp_dtype=amp_dtype,
                                            scaler=scaler, channels_last=channels_last,
@@ -441,6 +451,9 @@ def _train_worker(loop_config: dict) -> dict | None:
             if log:
                 log(str(e))
             return {"diverged": str(e)}
+        finally:
+            if injected is not None:
+                injected.remove()
         for key in ("first_step_loss", "peak_step_loss"):  # for the rise warning, not metrics.csv
             train.pop(key)
         val = engine.evaluate(model, val_loader, device, num_classes=len(classes),
@@ -560,7 +573,7 @@ def last_line(error: BaseException) -> str:
 
 def make_trainer(cfg: TrainConfig, data_root: Path, resources: Resources, *, storage_path: str,
                  name: str, max_failures: int, keep: int, fail_after_epoch: int | None = None,
-                 callbacks: list | None = None) -> "ray.train.torch.TorchTrainer":
+                 diverge_at_epoch: int | None = None, callbacks: list | None = None) -> "ray.train.torch.TorchTrainer":
     """A TorchTrainer for ``cfg``; the same storage_path/name resumes an earlier run."""
     loop_config = {
         "config": cfg.to_dict(),
@@ -570,6 +583,8 @@ def make_trainer(cfg: TrainConfig, data_root: Path, resources: Resources, *, sto
     if fail_after_epoch:
         loop_config.update(fail_after_epoch=fail_after_epoch,
                            fail_marker=str(Path(storage_path) / name / ".fault_injected"))
+    if diverge_at_epoch:
+        loop_config["diverge_at_epoch"] = diverge_at_epoch
     return Trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

@@ -68,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--fail-after-epoch", type=positive_int,
                    help="fault-injection test: one worker process exits once after this epoch; "
                         "the run must recover from its latest checkpoint")
+    g.add_argument("--diverge-at-epoch", type=positive_int,
+                   help="fault-injection test: the loss becomes NaN in this epoch; the run must "
+                        "stop without restarts and keep the epochs before")
     return p.parse_args(argv)
 
 
@@ -134,7 +137,7 @@ def main(argv=None) -> int:
           + (f", gradient norm clipped to {cfg.clip_grad_norm:g}" if cfg.clip_grad_norm else ""))
     trainer = make_trainer(cfg, root, res, storage_path=storage, name=name,
                            max_failures=args.max_failures, keep=args.keep_checkpoints,
-                           fail_after_epoch=args.fail_after_epoch)
+                           fail_after_epoch=args.fail_after_epoch, diverge_at_epoch=args.diverge_at_epoch)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
@@ -146,8 +149,14 @@ def main(argv=None) -> int:
 
     message = diverged(result)
     if message:
-        raise UserError(f"{message} (run dir: {run_label}; its checkpoints are those of the epochs "
-                        "before)")
+        if result.checkpoint is None:
+            raise UserError(f"{message} (run dir: {run_label}; no epoch finished, so no checkpoint)")
+        # The epochs before are sound: their summary, metrics.csv and curves, as after a full run.
+        summary, _ = summarize(result, storage, name)  # metrics.csv and curves are up to date
+        done = summary["epochs_completed"]
+        kept = "epoch 1 is kept" if done == 1 else f"epochs 1-{done} are kept"
+        raise UserError(f"{message} (run dir: {run_label}; {kept}, the best checkpoint is "
+                        f"{summary['best_checkpoint']})")
     summary, history = summarize(result, storage, name)
     _print_results(summary, history)
     return 0

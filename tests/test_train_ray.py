@@ -187,12 +187,20 @@ def test_lr_auto_runs_the_range_test_then_trains_with_its_suggestion(ray_head, t
     assert (tmp_path / "auto" / "lr_find.csv").stat().st_mtime_ns == stamp
 
 
-def test_a_diverging_run_fails_at_once_and_is_not_restarted(ray_head, tmp_path):
-    proc = train(ray_head, tmp_path, "nan", "--lr", 10000, "--max-failures", 2, "--num-workers", 1,
-                 epochs=2)
-    assert_user_error(proc, "training diverged: the loss is nan at epoch 1", "lower --lr")
+def test_a_diverging_run_fails_at_once_and_keeps_the_epochs_before(ray_head, tmp_path):
+    """A NaN loss in epoch 2 (fault injection; a too-high lr does it for real in test_engine and
+    test_sweep): one error line, no restarts, epoch 1's checkpoint, summary and metrics kept."""
+    proc = train(ray_head, tmp_path, "nan", "--diverge-at-epoch", 2, "--max-failures", 2,
+                 "--num-workers", 1, epochs=3)
+    assert_user_error(proc, "training diverged: the loss is nan at epoch 2, step 1/", "lower --lr",
+                      "epoch 1 is kept")
     assert proc.stdout.count("rank 0/1 on node") == 1  # Ray did not restart it to diverge again
-    assert not list((tmp_path / "nan").glob("checkpoint_*"))  # no NaN weights to serve
+    run_dir = tmp_path / "nan"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs_completed"] == summary["best_epoch"] == 1
+    assert f"the best checkpoint is {summary['best_checkpoint']}" in proc.stderr
+    assert [d.name for d in run_dir.glob("checkpoint_*")] == [Path(summary["best_checkpoint"]).name]
+    assert list(pd.read_csv(run_dir / "metrics.csv")["epoch"]) == [1]  # no NaN epoch recorded
 
 
 def test_cluster_cannot_place_the_request(ray_head, tmp_path):
