@@ -15,23 +15,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import ray
 import ray.train
 import ray.train.torch
 import torch
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
-from torch.utils.data import DataLoader
 
-from . import engine
-from .checkpoint import (load_checkpoint, load_model_state, load_train_state, read_meta, save_checkpoint,
-                         verify_checkpoint)
-from .config import SCORE, Interrupted, TrainConfig, UserError, checkpoint_score
-from .data import (BadImages, LoaderPlan, MarkBadImages, ShardSampler, class_names, make_train_loader,
-                   open_split, resolve_data_root)
-from .evaluation import evaluate_checkpoint
-from .model import build_model
-from .plots import curves_png
+from .config import SCORE, Interrupted, TrainConfig, UserError
+
+# Deliberately light: Ray's Train controller imports this module for every run. The worker loop
+# (placesnet/worker.py: torchvision, the data pipeline) and pandas/matplotlib (run outputs) are
+# imported where they are used.
 
 METRICS_FILE, CURVES_FILE = "metrics.csv", "curves.png"
 RESUME_HINT = "resume with the same command"
@@ -267,6 +261,10 @@ def write_run_outputs(fs, run_dir: str, history: list[dict], title: str = "") ->
     """metrics.csv, curves.png and tensorboard/ (see placesnet/tensorboard.py) from ``history``."""
     from .tensorboard import TB_DIR, TB_FILE, event_file_bytes
 
+    import pandas as pd
+
+    from .plots import curves_png
+
     csv = pd.DataFrame(history).to_csv(index=False).encode()
     fs.create_dir(posixpath.join(run_dir, TB_DIR), recursive=True)
     for name, payload in ((METRICS_FILE, csv), (CURVES_FILE, curves_png(history, title)),
@@ -316,215 +314,41 @@ def _quiet_ray_train() -> None:
         pass
 
 
-def _maybe_crash(loop_config: dict, epoch: int, rank: int) -> None:
-    """Fault injection for --fail-after-epoch: rank 0's process dies once, after ``epoch``.
-
-    It first waits until Ray has committed the epoch's checkpoint; a real crash right after
-    report() may instead resume from the epoch before, which is Ray's contract.
-    """
-    marker = loop_config.get("fail_marker")
-    if rank != 0 or loop_config.get("fail_after_epoch") != epoch or not marker or os.path.exists(marker):
-        return
-    ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED)
-    Path(marker).write_text(f"crashed after epoch {epoch}\n")
-    _log(f"[fault injection] worker exits after epoch {epoch}")
-    os._exit(1)
-
-
-def _maybe_diverge(loop_config: dict, epoch: int, model):
-    """Fault injection for --diverge-at-epoch: NaN inputs, so a NaN loss, during ``epoch``.
-    Returns the hook to remove after the epoch, or None."""
-    if loop_config.get("diverge_at_epoch") != epoch:
-        return None
-    _log(f"[fault injection] the loss becomes NaN in epoch {epoch}")
-    return model.register_forward_pre_hook(lambda module, args: (args[0] * float("nan"), *args[1:]))
-
-
-def _data_root_here(cfg: TrainConfig, data_root: str) -> Path:
-    """The driver's resolved data root, as seen on this worker's node: a node that lacks the
-    generated sample data generates the same (seeded) copy."""
-    root = Path(data_root)
-    if cfg.dataset == "sample" and not (root / "places365_val.txt").is_file():
-        root = resolve_data_root(cfg)
-    return root
-
-
 def train_loop_per_worker(loop_config: dict) -> dict | None:
-    """Ray Train's per-worker function (see :func:`_train_worker`); a UserError leaves it as one line."""
+    """Ray Train's per-worker function (see :func:`worker.train_worker`); a UserError leaves it
+    as one line. The worker module is imported here, in the workers only."""
+    from .worker import train_worker
+
+    _quiet_ray_train()
     try:
-        return _train_worker(loop_config)
+        return train_worker(loop_config)
     except UserError as e:
         raise _user_error(e) from None
 
 
-def _train_worker(loop_config: dict) -> dict | None:
-    """Ray Train's per-worker function: DDP-train ``loop_config["config"]``, report every epoch.
-
-    Returns ``{"diverged": message}`` if the loss became NaN or infinite (see :func:`diverged`).
-
-    ``loop_config`` holds the TrainConfig as a dict, the absolute ``data_root`` resolved by the
-    driver and ``cpus_per_worker``; all else comes from the config.
-    """
-    cfg = TrainConfig.from_dict(loop_config["config"])
-    _quiet_ray_train()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed)
-    plan = LoaderPlan.for_worker(loop_config["cpus_per_worker"], device.type == "cuda",
-                                 cfg.loader_workers)
-    if device.type == "cpu":
-        torch.set_num_threads(plan.threads)
-    log = _log if rank == 0 else None
-    _log(f"rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()} ({device})")
-
-    # --- data: each worker reads its shard; val is sharded without padding for exact metrics ---
-    root = _data_root_here(cfg, loop_config["data_root"])
-    train_ds, val_ds = open_split(cfg, "train", root), open_split(cfg, "val", root)
-    classes = class_names(train_ds)
-    warn = (lambda message: _log(f"[rank {rank}] {message}"))
-    bad_train, bad_val = BadImages(cfg.bad_images, train_ds, warn), BadImages(cfg.bad_images, val_ds, warn)
-    train_ds, val_ds = MarkBadImages(train_ds, cfg.image_size), MarkBadImages(val_ds, cfg.image_size)
-    per_worker = max(cfg.batch_size // world, 1)
-    kw = plan.kwargs()
-    train_loader = make_train_loader(train_ds, cfg.batch_size, rank, world, cfg.seed, **kw)
-    sampler = train_loader.sampler
-    val_loader = DataLoader(val_ds, batch_size=per_worker * 2,
-                            sampler=ShardSampler(val_ds, rank, world), **kw)
-    train_loader = ray.train.torch.prepare_data_loader(train_loader)  # sampler already set
-    val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=False)
-
-    # --- model, optimiser, precision ---
-    channels_last = cfg.channels_last and device.type == "cuda"
-    model = build_model(cfg, len(classes))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    if cfg.compile:  # in place, so state_dict keys (and checkpoints) stay those of the plain model
-        model.compile()
-    optimizer = engine.build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, device)
-    scheduler = engine.scheduler_for(optimizer, cfg, len(train_loader))  # per step
-    amp_dtype = engine.amp_dtype_for(device, cfg.amp)
-    scaler = engine.make_scaler(device, amp_dtype)
-
-    # --- resume: after a worker failure, or when the same run is started again ---
-    start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            problem = verify_checkpoint(ckpt_dir)
-            if problem:  # a UserError: Ray does not restart on it (see StopOnUserErrors)
-                raise UserError(f"cannot resume from {checkpoint.path}: {problem}; run the same "
-                                "command again to resume from the newest intact checkpoint")
-            getattr(model, "module", model).load_state_dict(load_model_state(ckpt_dir, device))
-            state = load_train_state(ckpt_dir, device)
-            optimizer.load_state_dict(state["optimizer"])
-            if state.get("schedule_unit") == "step":
-                scheduler.load_state_dict(state["scheduler"])
-            else:  # a checkpoint from before per-step schedules: continue at the epoch boundary
-                _move_scheduler(scheduler, (read_meta(ckpt_dir)["epoch"] + 1) * len(train_loader))
-            if scaler and state["scaler"]:
-                scaler.load_state_dict(state["scaler"])
-            meta = read_meta(ckpt_dir)
-            start_epoch, history = meta["epoch"] + 1, meta["history"]
-        if log:
-            log(f"resuming from {checkpoint.path} at epoch {start_epoch + 1}/{cfg.epochs}")
-
-    steps = len(train_loader)
-    # Progress inside long epochs (a Places365 epoch is 1.8 M images); short ones need none.
-    log_every = cfg.log_every or (steps // 10 if steps >= 100 else 0)
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)  # the same permutation on every rank, a new one each epoch
-        t0 = time.perf_counter()
-        injected = _maybe_diverge(loop_config, epoch + 1, model)
-        try:
-            train = engine.train_one_epoch(model, train_loader, optimizer, device, amp_dtype=amp_dtype,
-                                           scaler=scaler, channels_last=channels_last,
-                                           label_smoothing=cfg.label_smoothing, log_every=log_every,
-                                           log=log, epoch=epoch + 1, scheduler=scheduler,
-                                           clip_grad_norm=cfg.clip_grad_norm or None,
-                                           rise_warning=engine.RISE_WARNING if epoch == 0 else 0.0,
-                                           bad_images=bad_train)
-        except engine.TrainingDiverged as e:
-            # Every rank stops at the same step. Returning instead of raising ends the run without
-            # Ray's restarts, which would only diverge again from the same checkpoint.
-            if log:
-                log(str(e))
-            return {"diverged": str(e)}
-        finally:
-            if injected is not None:
-                injected.remove()
-        for key in ("first_step_loss", "peak_step_loss"):  # for the rise warning, not metrics.csv
-            train.pop(key)
-        val = engine.evaluate(model, val_loader, device, num_classes=len(classes),
-                              amp_dtype=amp_dtype, channels_last=channels_last, bad_images=bad_val)
-        train["skipped_images"] += val.pop("val_skipped")  # --bad-images skip; 0 otherwise
-        metrics = {"epoch": epoch + 1, **train, **val,
-                   "epoch_time_s": time.perf_counter() - t0, "num_workers": world}
-        history = [*history, metrics]
-        if log:
-            log(f"epoch {epoch + 1}/{cfg.epochs} train_loss {train['train_loss']:.4f} "
-                f"train_top1 {train['train_top1']:.4f} val_loss {val['val_loss']:.4f} "
-                f"val_top1 {val['val_top1']:.4f} val_top5 {val['val_top5']:.4f} "
-                f"{train['images_per_s']:.0f} img/s {metrics['epoch_time_s']:.1f}s")
-        # Every rank must call report (it is a barrier); only rank 0 writes a checkpoint.
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_checkpoint(tmp, model=model, config=cfg, classes=classes, epoch=epoch,
-                                metrics=metrics, history=history, optimizer=optimizer,
-                                scheduler=scheduler, scaler=scaler)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**metrics, SCORE: checkpoint_score(metrics)}, checkpoint=ckpt)
-        _maybe_crash(loop_config, epoch + 1, rank)
-
-
 def run_lr_find(config: dict, data_root: str, cpus: float):
     """--lr auto's Ray task: :func:`lr_find.find_lr` with one training worker's resources."""
+    from .data import LoaderPlan
     from .lr_find import find_lr
+    from .worker import data_root_here
 
     cfg = TrainConfig.from_dict(config)
     device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
     plan = LoaderPlan.for_worker(cpus, device.type == "cuda", cfg.loader_workers)
     if device.type == "cpu":
         torch.set_num_threads(plan.threads)
-    return find_lr(cfg, _data_root_here(cfg, data_root), device, loader_workers=plan.workers)
-
-
-def _move_scheduler(scheduler, step: int) -> None:
-    """Set a per-step scheduler (and its optimizer's lr) to optimizer step ``step``."""
-    scheduler.last_epoch = step
-    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
-                                   scheduler.lr_lambdas):
-        group["lr"] = base * factor(step)
+    return find_lr(cfg, data_root_here(cfg, data_root), device, loader_workers=plan.workers)
 
 
 def eval_loop_per_worker(loop_config: dict) -> dict | None:
     """Evaluate a checkpoint on this worker's shard; rank 0 returns the exact totals."""
+    from .worker import eval_worker
+
     _quiet_ray_train()
     try:
-        return _eval_worker(loop_config)
+        return eval_worker(loop_config)
     except UserError as e:
         raise _user_error(e) from None
-
-
-def _eval_worker(loop_config: dict) -> dict | None:
-    ctx = ray.train.get_context()
-    device = ray.train.torch.get_device()
-    plan = LoaderPlan.for_worker(loop_config["cpus_per_worker"], device.type == "cuda")
-    if device.type == "cpu":
-        torch.set_num_threads(plan.threads)
-    loaded = load_checkpoint(loop_config["checkpoint"], device)
-    loaded.config = loaded.config.replace(skip_verify=loop_config["skip_verify"])
-    result = evaluate_checkpoint(loaded, Path(loop_config["data_root"]), device,
-                                 split=loop_config["split"], batch_size=loop_config["batch_size"],
-                                 loader_workers=plan.workers,
-                                 rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
-                                 mistakes=loop_config.get("mistakes", 0))
-    if ctx.get_world_rank() != 0:
-        return None
-    result["confusion"] = result["confusion"].tolist()  # Ray refuses to return tensors
-    return result
 
 
 def distributed_evaluate(checkpoint: Path, data_root: Path, resources: Resources, *, split: str,

@@ -200,8 +200,8 @@ MUTATIONS = [
       '    best = result.get_best_checkpoint(SCORE, "max")', "    best = result.checkpoint",
       ("tests/test_reliability.py", "-k", "summary")),
     # --- Ray end to end (minutes each) -----------------------------------------------------------
-    M("train: val padded by DistributedSampler", "placesnet/ray_train.py",
-      "sampler=ShardSampler(val_ds, rank, world)", "sampler=DistributedSampler(val_ds, world, rank, shuffle=False)",
+    M("train: val padded by DistributedSampler", "placesnet/worker.py",
+      "sampler=ShardSampler(val_ds, rank, world)", "sampler=torch.utils.data.DistributedSampler(val_ds, world, rank, shuffle=False)",
       ("tests/test_faults.py", "-k", "skipped"), ray=True),
     M("ddp: every worker takes the whole global batch", "placesnet/data.py",
       "    per_rank = max(batch_size // world, 1)", "    per_rank = batch_size",
@@ -212,7 +212,7 @@ MUTATIONS = [
     M("quiet: Ray Train's PreemptionWatcher on", "placesnet/cli.py",
       "os.environ.get(PREEMPTION_WATCHER, \"0\")", "os.environ.get(PREEMPTION_WATCHER, \"1\")",
       ("tests/test_train_ray.py", "-k", "two_worker_ddp"), ray=True),
-    M("train: resume ignores the checkpoint", "placesnet/ray_train.py",
+    M("train: resume ignores the checkpoint", "placesnet/worker.py",
       "    checkpoint = ray.train.get_checkpoint()\n", "    checkpoint = None\n",
       ("tests/test_train_ray.py", "-k", "crash_recovery"), ray=True),
 ]

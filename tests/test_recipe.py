@@ -271,7 +271,7 @@ def test_no_warning_when_the_loss_falls_or_when_off():
 
 def test_a_checkpoint_from_before_per_step_schedules_resumes_at_its_epoch_boundary():
     """Older checkpoints counted scheduler steps in epochs: they resume at epochs x steps."""
-    from placesnet.ray_train import _move_scheduler
+    from placesnet.worker import _move_scheduler
 
     opt = _optimizer(0.1)
     sched = engine.build_scheduler(opt, "cosine", 30, 6)
