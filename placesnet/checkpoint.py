@@ -20,12 +20,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .config import TrainConfig, UserError, checkpoint_score
-from .model import build_model
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch is imported where weights are read or written, not here: resolving a path (a wrong
+# --checkpoint, `latest`, a run dir) answers in a fraction of a second instead of after torch's
+# seconds of import.
 
 FORMAT = "placesnet-checkpoint/1"
 MODEL_FILE, STATE_FILE, CONFIG_FILE, META_FILE = "model.pt", "train_state.pt", "config.json", "meta.json"
@@ -36,6 +41,8 @@ def save_checkpoint(directory: str | Path, *, model: nn.Module, config: TrainCon
                     classes: list[str], epoch: int, metrics: dict, history: list[dict],
                     optimizer=None, scheduler=None, scaler=None) -> Path:
     """Write a checkpoint for the end of ``epoch`` (0-based) into ``directory``."""
+    import torch
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # unwrap DDP
@@ -157,6 +164,8 @@ def _read_json(path: Path) -> dict:
 
 
 def _torch_load(path: Path, device="cpu"):
+    import torch
+
     if not path.is_file():
         raise UserError(f"not a checkpoint: {path.parent} has no {path.name}")
     try:
@@ -189,6 +198,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         config = TrainConfig.from_dict(_read_json(directory / CONFIG_FILE)).validate()
     except (TypeError, ValueError) as e:
         raise UserError(f"corrupt checkpoint: bad config.json in {directory}: {e}") from None
+    from .model import build_model
+
     classes = meta["classes"]
     model = build_model(config, len(classes))
     state = load_model_state(directory, device)

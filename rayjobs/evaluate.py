@@ -65,10 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from placesnet.checkpoint import load_checkpoint, resolve_checkpoint
+    from placesnet.config import UserError
+
+    args.checkpoint = resolve_checkpoint(args.checkpoint)  # a wrong path is an error at once
     import torch
 
-    from placesnet.checkpoint import load_checkpoint
-    from placesnet.config import UserError
     from placesnet.data import SPLITS, pretty, resolve_data_root
     from placesnet.evaluation import evaluate_checkpoint, per_class_table
     from placesnet.plots import (confused_pairs, confusion_figure, misclassified_figure, per_class_figure,

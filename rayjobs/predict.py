@@ -37,10 +37,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from placesnet.checkpoint import load_checkpoint, resolve_checkpoint
+    from placesnet.config import UserError
+
+    args.checkpoint = resolve_checkpoint(args.checkpoint)  # a wrong path is an error at once
     import torch
 
-    from placesnet.checkpoint import load_checkpoint
-    from placesnet.config import UserError
     from placesnet.evaluation import predict_images
     from placesnet.images import BadImage, load_image_file
 
