@@ -216,6 +216,22 @@ def test_bad_build_args_are_clear(tmp_path):
         build_app({"checkpoint": "x", "replicas": 3})
 
 
+def test_build_args_reach_the_deployment(trained_run):
+    """README: replicas autoscale between min_replicas and max_replicas on ongoing requests, with
+    the CPUs/GPUs given, and accept enough requests for a batch to fill. (Serve does the scaling;
+    this checks that it gets the options.)"""
+    from serving.app import build_app
+
+    run_dir, _ = trained_run
+    app = build_app({"checkpoint": str(run_dir), "min_replicas": 1, "max_replicas": 3,
+                     "target_ongoing_requests": 4, "num_cpus": 0.5, "num_gpus": 0.25, "max_batch_size": 24})
+    deployment = app._bound_deployment
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 4)
+    assert deployment.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.25}
+    assert deployment.max_ongoing_requests == 48  # two batches of 24 may be in flight
+
+
 def test_client_directory_summary(endpoint, tiny_root, tmp_path):
     base, *_ = endpoint
     proc = run_script("serving/client.py", tiny_root / "val_256", "--url", base, "--concurrency", 8,
