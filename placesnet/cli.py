@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .config import (BAD_IMAGE_POLICIES, DATASET_DEFAULTS, DATASETS, MODEL_LR, MODELS, REFERENCE_BATCH, SAMPLE_CLASSES,
+from .config import (BAD_IMAGE_POLICIES, DATASET_DEFAULTS, DATASETS, INPUTS, MODEL_LR, MODELS, REFERENCE_BATCH, SAMPLE_CLASSES,
                      SAMPLE_DIFFICULTIES, SCHEDULES, Interrupted, TrainConfig, UserError, default_lr)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -160,6 +160,15 @@ def data_config_from_args(args: argparse.Namespace) -> TrainConfig:
     ).validate()
 
 
+def add_input_arg(p: argparse.ArgumentParser) -> None:
+    """--input, for the commands that train under Ray (train.py, sweep.py)."""
+    p.add_argument("--input", choices=INPUTS, default="loader",
+                   help="how images reach the workers: loader = DataLoader processes on each "
+                        "worker's own CPUs; ray-data = Ray Data tasks decode on any node's CPUs, "
+                        "CPU-only nodes included, and stream batches to the workers (see "
+                        "docs/input.md) (default: %(default)s)")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A validated TrainConfig from parsed flags, with per-dataset defaults filled in."""
     defaults = DATASET_DEFAULTS[args.dataset]
@@ -181,6 +190,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         warmup_epochs=args.warmup_epochs, clip_grad_norm=getattr(args, "clip_grad_norm", None) or 0.0,
         amp=not args.no_amp,
         channels_last=not args.no_channels_last, compile=args.compile, loader_workers=args.loader_workers,
+        input=getattr(args, "input", "loader"),
         log_every=args.log_every, seed=args.seed,
     ).validate()
 

@@ -37,6 +37,7 @@ DATASETS = ("sample", "places365")
 MODELS = ("deepcnn", "workshop", "resnet18")
 SCHEDULES = ("cosine", "step", "none")
 BAD_IMAGE_POLICIES = ("fail", "skip")
+INPUTS = ("loader", "ray-data")  # how training images reach the workers (docs/input.md)
 
 # Where generated data and run outputs go by default. Absolute on purpose: under
 # `ray job submit --working-dir` the driver runs in a temporary copy of the tree.
@@ -109,6 +110,7 @@ class TrainConfig:
     channels_last: bool = True  # on GPU only
     compile: bool = False  # torch.compile the model (minutes of compile time; pays off on long GPU runs)
     loader_workers: int | None = None  # DataLoader processes per worker; None: from CPUs given
+    input: str = "loader"  # "ray-data": Ray Data decodes on any node's CPUs (placesnet/raydata.py)
     log_every: int = 0  # progress line every N steps from rank 0; 0: about 10 per epoch
     # --- where / how ---
     seed: int = 0
@@ -141,6 +143,8 @@ class TrainConfig:
         if self.bad_images not in BAD_IMAGE_POLICIES:
             raise UserError(f"unknown --bad-images {self.bad_images!r}; choose one of "
                             f"{', '.join(BAD_IMAGE_POLICIES)}")
+        if self.input not in INPUTS:
+            raise UserError(f"unknown --input {self.input!r}; choose one of {', '.join(INPUTS)}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         checks = [

@@ -4,6 +4,7 @@ the callback that keeps metrics.csv/curves.png, and cluster resource checks."""
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import posixpath
@@ -116,11 +117,17 @@ def worker_slots(nodes: list[dict], cpus_per_worker: float, use_gpu: bool) -> li
 
 
 def plan_resources(num_workers: int | None, gpu: bool | None, cpus_per_worker: float | None,
-                   placement_strategy: str = "PACK", autoscale: bool = False) -> Resources:
+                   placement_strategy: str = "PACK", autoscale: bool = False,
+                   ray_data: bool = False) -> Resources:
     """Pick GPU/CPU, the worker count (default: every GPU, or 2 on CPU) and CPUs per worker from
     what the connected cluster has, and refuse (with a UserError) a layout it can never place,
     instead of letting Ray wait for it forever. ``autoscale``: the cluster adds nodes on demand
-    (cluster.yaml's GPU workers start at 0), so only the request itself is checked."""
+    (cluster.yaml's GPU workers start at 0), so only the request itself is checked.
+
+    ``ray_data`` (--input ray-data): Ray Data tasks of one CPU each decode the images, on CPUs
+    the workers do not hold. By default a GPU worker then holds one CPU (it only drives its GPU)
+    and CPU workers share three quarters of the cluster's CPUs; a layout that leaves Ray Data no
+    whole CPU is refused (it would wait forever)."""
     nodes = alive_nodes()
     total_gpus = sum(n.get("GPU", 0) for n in nodes)
     total_cpus = sum(n.get("CPU", 0) for n in nodes)
@@ -132,6 +139,9 @@ def plan_resources(num_workers: int | None, gpu: bool | None, cpus_per_worker: f
         if autoscale:
             raise UserError("--autoscale needs an explicit --num-workers")
         num_workers = int(total_gpus) if use_gpu else 2
+    if cpus_per_worker is None and ray_data:
+        decoders = max(1, total_cpus // 4)  # as the DataLoader path: one CPU in four decodes
+        cpus_per_worker = 1.0 if use_gpu else max(0.5, math.floor((total_cpus - decoders) / num_workers * 2) / 2)
     if cpus_per_worker is None:
         if use_gpu and total_gpus == 0:  # nodes yet to come: a modest data-loading share
             cpus_per_worker = 4.0
@@ -152,6 +162,13 @@ def plan_resources(num_workers: int | None, gpu: bool | None, cpus_per_worker: f
             + " (or pass --autoscale if the cluster adds nodes on demand)"
             + ("" if use_gpu else " or --cpus-per-worker")
             + (" (STRICT_SPREAD: one worker per node)" if placement_strategy == "STRICT_SPREAD" else ""))
+    spare = total_cpus - num_workers * cpus_per_worker
+    if ray_data and spare < 1 and not autoscale:
+        raise UserError(
+            f"--input ray-data decodes images in Ray Data tasks of 1 CPU each, but {num_workers} "
+            f"workers of {cpus_per_worker:g} CPU leave {max(spare, 0):g} of the cluster's "
+            f"{total_cpus:g} CPUs; lower --cpus-per-worker or --num-workers, add a (CPU-only) node, "
+            "or use --input loader")
     return Resources(num_workers, use_gpu, cpus_per_worker, placement_strategy)
 
 
@@ -409,6 +426,11 @@ def make_trainer(cfg: TrainConfig, data_root: Path, resources: Resources, *, sto
                            fail_marker=str(Path(storage_path) / name / ".fault_injected"))
     if diverge_at_epoch:
         loop_config["diverge_at_epoch"] = diverge_at_epoch
+    data = {}
+    if cfg.input == "ray-data":  # Ray Data decodes on the cluster's CPUs (placesnet/raydata.py)
+        from .raydata import ExactValDataConfig, build_datasets
+
+        data = dict(datasets=build_datasets(cfg, data_root), dataset_config=ExactValDataConfig())
     return Trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -423,6 +445,7 @@ def make_trainer(cfg: TrainConfig, data_root: Path, resources: Resources, *, sto
             callbacks=[RunOutputs(), *(callbacks or [])],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
+        **data,
     )
 
 

@@ -33,12 +33,14 @@ class SweepPlan:
 
 
 def plan_sweep(workers_per_trial: int, use_gpu: bool, cpus_per_worker: float,
-               max_concurrent: int | None, autoscale: bool = False) -> SweepPlan:
+               max_concurrent: int | None, autoscale: bool = False, ray_data: bool = False) -> SweepPlan:
     """How many trials can run at once on the connected cluster; refuse what can never fit.
 
     Concurrency is capped so that every running trial's workers can be placed: Tune would
     otherwise start drivers whose TorchTrainers wait for workers forever. On an autoscaling
     cluster (``autoscale``) the nodes are not there yet: --max-concurrent sets it instead.
+    With ``ray_data`` (--input ray-data) every running trial also needs a CPU its workers do not
+    hold, for its Ray Data decode tasks.
     """
     resources = Resources(workers_per_trial, use_gpu, cpus_per_worker)
     if autoscale:
@@ -51,9 +53,11 @@ def plan_sweep(workers_per_trial: int, use_gpu: bool, cpus_per_worker: float,
     slots = sum(worker_slots(nodes, cpus_per_worker, use_gpu))  # workers placeable at once
     fits = slots // workers_per_trial
     total_cpus = sum(n.get("CPU", 0) for n in nodes)
-    fits = min(fits, int((total_cpus + 1e-9) // (workers_per_trial * cpus_per_worker + DRIVER_CPU)))
+    per_trial = workers_per_trial * cpus_per_worker + DRIVER_CPU + (1 if ray_data else 0)
+    fits = min(fits, int((total_cpus + 1e-9) // per_trial))
     if fits < 1:
         what = f"{workers_per_trial} worker(s) x ({cpus_per_worker:g} CPU{' + 1 GPU' if use_gpu else ''})"
+        what += " + 1 CPU for Ray Data" if ray_data else ""
         raise UserError(f"one trial needs {what}, more than the cluster ({len(nodes)} node(s), "
                         f"{total_cpus:g} CPUs) can place; lower --workers-per-trial or --cpus-per-worker")
     if max_concurrent:

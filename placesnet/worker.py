@@ -76,8 +76,9 @@ def train_worker(loop_config: dict) -> dict | None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
+    ray_data = cfg.input == "ray-data"  # Ray Data tasks decode: no DataLoader processes here
     plan = LoaderPlan.for_worker(loop_config["cpus_per_worker"], device.type == "cuda",
-                                 cfg.loader_workers)
+                                 0 if ray_data else cfg.loader_workers)
     if device.type == "cpu":
         torch.set_num_threads(plan.threads)
     log = _log if rank == 0 else None
@@ -89,15 +90,13 @@ def train_worker(loop_config: dict) -> dict | None:
     classes = class_names(train_ds)
     warn = (lambda message: _log(f"[rank {rank}] {message}"))
     bad_train, bad_val = BadImages(cfg.bad_images, train_ds, warn), BadImages(cfg.bad_images, val_ds, warn)
-    train_ds, val_ds = MarkBadImages(train_ds, cfg.image_size), MarkBadImages(val_ds, cfg.image_size)
-    per_worker = max(cfg.batch_size // world, 1)
-    kw = plan.kwargs()
-    train_loader = make_train_loader(train_ds, cfg.batch_size, rank, world, cfg.seed, **kw)
-    sampler = train_loader.sampler
-    val_loader = DataLoader(val_ds, batch_size=per_worker * 2,
-                            sampler=ShardSampler(val_ds, rank, world), **kw)
-    train_loader = ray.train.torch.prepare_data_loader(train_loader)  # sampler already set
-    val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=False)
+    if ray_data:
+        from .raydata import worker_inputs
+
+        train_loader, val_loader = worker_inputs(cfg, world, len(train_ds), plan.pin_memory)
+        set_epoch = train_loader.set_epoch
+    else:
+        train_loader, val_loader, set_epoch = _loaders(cfg, train_ds, val_ds, rank, world, plan)
 
     # --- model, optimiser, precision ---
     channels_last = cfg.channels_last and device.type == "cuda"
@@ -139,7 +138,7 @@ def train_worker(loop_config: dict) -> dict | None:
     # Progress inside long epochs (a Places365 epoch is 1.8 M images); short ones need none.
     log_every = cfg.log_every or (steps // 10 if steps >= 100 else 0)
     for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)  # the same permutation on every rank, a new one each epoch
+        set_epoch(epoch)  # the same permutation on every rank, a new one each epoch
         t0 = time.perf_counter()
         injected = _maybe_diverge(loop_config, epoch + 1, model)
         try:
@@ -161,7 +160,9 @@ def train_worker(loop_config: dict) -> dict | None:
                 injected.remove()
         for key in ("first_step_loss", "peak_step_loss"):  # for the rise warning, not metrics.csv
             train.pop(key)
-        val = engine.evaluate(model, val_loader, device, num_classes=len(classes),
+        # The module inside DDP: DDP's forward may broadcast buffers, a collective that would hang
+        # when ranks evaluate different numbers of batches (exact sharding, no padding).
+        val = engine.evaluate(getattr(model, "module", model), val_loader, device, num_classes=len(classes),
                               amp_dtype=amp_dtype, channels_last=channels_last, bad_images=bad_val)
         train["skipped_images"] += val.pop("val_skipped")  # --bad-images skip; 0 otherwise
         metrics = {"epoch": epoch + 1, **train, **val,
@@ -182,6 +183,20 @@ def train_worker(loop_config: dict) -> dict | None:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, SCORE: checkpoint_score(metrics)}, checkpoint=ckpt)
         _maybe_crash(loop_config, epoch + 1, rank)
+
+
+def _loaders(cfg: TrainConfig, train_ds, val_ds, rank: int, world: int, plan: LoaderPlan):
+    """--input loader: this worker's train and val DataLoaders, and the train sampler's set_epoch."""
+    train_ds, val_ds = MarkBadImages(train_ds, cfg.image_size), MarkBadImages(val_ds, cfg.image_size)
+    per_worker = max(cfg.batch_size // world, 1)
+    kw = plan.kwargs()
+    train_loader = make_train_loader(train_ds, cfg.batch_size, rank, world, cfg.seed, **kw)
+    sampler = train_loader.sampler
+    val_loader = DataLoader(val_ds, batch_size=per_worker * 2,
+                            sampler=ShardSampler(val_ds, rank, world), **kw)
+    train_loader = ray.train.torch.prepare_data_loader(train_loader)  # sampler already set
+    val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=False)
+    return train_loader, val_loader, sampler.set_epoch
 
 
 def _move_scheduler(scheduler, step: int) -> None:

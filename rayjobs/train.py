@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for placesnet
 
-from placesnet.cli import (add_data_args, add_model_args, config_from_args, lr_source, positive_int,  # noqa: E402
+from placesnet.cli import (add_data_args, add_input_arg, add_model_args, config_from_args, lr_source, positive_int,  # noqa: E402
                            ray_init, run_cli)
 from placesnet.config import DEFAULT_STORAGE, UserError  # noqa: E402
 
@@ -35,6 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(p)
     add_model_args(p)
+    add_input_arg(p)
     g = p.add_argument_group("cluster and outputs")
     g.add_argument("--num-workers", type=positive_int,
                    help="Ray Train workers (DDP ranks), one GPU each on GPUs (default: every GPU of "
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     import ray.train
 
     res = plan_resources(args.num_workers, args.gpu, args.cpus_per_worker, args.placement_strategy,
-                         args.autoscale)
+                         args.autoscale, ray_data=cfg.input == "ray-data")
     check_batch(cfg.batch_size, res.num_workers)
     check_cluster_paths(storage, root if cfg.dataset == "places365" else None)
     if args.lr == "auto" and not previous:

@@ -59,6 +59,22 @@ def tiny_root(tiny_config):
     return resolve_data_root(tiny_config)
 
 
+@pytest.fixture
+def broken_copy(tiny_root, tmp_path):
+    """A Places365-layout copy of the tiny sample with an undecodable train image (line 10 of
+    its list: truncated) and val image (line 2: not a JPEG), and 47 val images (shards of 24
+    and 23 on 2 workers): (root, the broken train image)."""
+    root = tmp_path / "p365"
+    shutil.copytree(tiny_root, root)
+    lines = (root / "places365_train_standard.txt").read_text().splitlines()
+    bad = root / "data_256_standard" / lines[9].split()[0].lstrip("/")  # line 10
+    bad.write_bytes(bad.read_bytes()[:300])  # truncated: present and non-empty, not decodable
+    (root / "val_256/Places365_val_00000002.jpg").write_bytes(b"not a jpeg at all")
+    val = (root / "places365_val.txt").read_text().splitlines(keepends=True)
+    (root / "places365_val.txt").write_text("".join(val[:-1]))
+    return root, bad
+
+
 @contextlib.contextmanager
 def ray_driver(address: str):
     """This test process as a driver of the cluster at ``address`` (the CLIs' own ray_init), for

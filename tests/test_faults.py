@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -136,21 +135,8 @@ def test_interrupt_driver_kill_corrupt_checkpoint_and_worker_kill_lose_no_epoch(
     assert metrics["val_top1"].notna().all()
 
 
-@pytest.fixture
-def copy(tiny_root, tmp_path):
-    root = tmp_path / "p365"
-    shutil.copytree(tiny_root, root)
-    lines = (root / "places365_train_standard.txt").read_text().splitlines()
-    bad = root / "data_256_standard" / lines[9].split()[0].lstrip("/")  # line 10
-    bad.write_bytes(bad.read_bytes()[:300])  # truncated: present and non-empty, not decodable
-    (root / "val_256/Places365_val_00000002.jpg").write_bytes(b"not a jpeg at all")
-    val = (root / "places365_val.txt").read_text().splitlines(keepends=True)
-    (root / "places365_val.txt").write_text("".join(val[:-1]))  # 47: shards of 24 and 23 on 2 workers
-    return root, bad
-
-
-def test_an_undecodable_image_stops_at_once_without_retries(ray_head, tmp_path, copy):
-    root, bad = copy
+def test_an_undecodable_image_stops_at_once_without_retries(ray_head, tmp_path, broken_copy):
+    root, bad = broken_copy
     run = _train(ray_head, tmp_path, "bad", tmp_path / "bad.log", *P365, "--data-root", root,
                  "--max-failures", 2, epochs=2)
     assert run.finish(300) == 2
@@ -162,8 +148,8 @@ def test_an_undecodable_image_stops_at_once_without_retries(ray_head, tmp_path, 
     assert out.count("rank 0/2 on node") == 1  # one attempt: the worker group was not restarted
 
 
-def test_skipped_images_are_logged_and_counted(ray_head, tmp_path, copy):
-    root, bad = copy
+def test_skipped_images_are_logged_and_counted(ray_head, tmp_path, broken_copy):
+    root, bad = broken_copy
     run = _train(ray_head, tmp_path, "skip", tmp_path / "skip.log", *P365, "--data-root", root,
                  "--bad-images", "skip", epochs=2)
     assert run.finish(300) == 0, run.text()[-3000:]

@@ -1,6 +1,6 @@
-"""A simulated two-node cluster on this machine: a head plus a `ray start --address` worker node,
-each with its own CPUs, running a 2-worker DDP job with one worker per node and a storage path
-both nodes share.
+"""A simulated two-node cluster on this machine: a head (2 CPUs) plus a `ray start --address`
+worker node (1 CPU), running a 2-worker DDP job with one worker per node and a storage path both
+nodes share, and a 2-worker job whose images Ray Data decodes on the other node.
 
 The worker node runs in a mount namespace of its own (``unshare -m``) with an empty tmpfs over one
 directory, PRIVATE: files the head writes there are invisible to it, like a local disk on another
@@ -31,7 +31,7 @@ def _can_unshare() -> bool:
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
-    head = RayHead(tmp_path_factory.mktemp("mnhead"), num_cpus=1)
+    head = RayHead(tmp_path_factory.mktemp("mnhead"), num_cpus=2)
     worker_dir = Path(tempfile.mkdtemp(prefix="rw", dir="/tmp"))
     private = Path(tempfile.mkdtemp(prefix="rp", dir="/tmp"))
     node = [str(BIN / "ray"), "start", "--address", head.address, "--block", "--num-cpus", "1",
@@ -87,6 +87,55 @@ def test_one_worker_per_node_with_shared_storage(two_nodes, tmp_path):
     assert summary["epochs_completed"] == 2 and Path(summary["best_checkpoint"]).is_dir()
     assert (shared / "mn" / "metrics.csv").is_file() and (shared / "mn" / "curves.png").is_file()
     assert f"file://{shared}/mn/summary.json" in proc.stdout
+
+
+def test_ray_data_decodes_on_a_node_without_workers_and_counts_every_val_image(two_nodes, broken_copy,
+                                                                              tmp_path):
+    """--input ray-data: both workers fill the head's 2 CPUs, so Ray Data's decode tasks can only
+    run on the other node, a CPU-only node that trains nothing. The data (a copy of the sample
+    with one undecodable train and one undecodable val image) is on a directory both nodes see."""
+    import pandas as pd
+    from ray.util.state import list_tasks
+
+    root, bad = broken_copy
+    proc = run_script("rayjobs/train.py", *TINY_ARGS, "--dataset", "places365", "--skip-verify",
+                      "--data-root", root, "--bad-images", "skip", "--input", "ray-data",
+                      "--epochs", 2, "--num-workers", 2, "--cpus-per-worker", 1,
+                      "--storage-path", tmp_path / "runs", "--name", "rd", env=two_nodes.env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    worker_nodes = set(re.findall(r"rank \d/2 on node (\w+)", proc.stdout))
+    assert len(worker_nodes) == 1, proc.stdout[-3000:]  # PACK: both ranks on the head
+    tasks = list_tasks(address=two_nodes.dashboard, filters=[("name", "=", "MapBatches(decode_batch)")],
+                       limit=10_000, detail=True)
+    decoded_on = {t.node_id for t in tasks}
+    assert decoded_on and not decoded_on & worker_nodes, (decoded_on, worker_nodes)
+    # The same promises as the DataLoader path (test_faults::test_skipped_images_are_logged_and_counted):
+    # the bad images named and skipped, every val image counted once (47 - 1 bad, on shards of
+    # unequal size), every train image but the bad one trained on (160 split equally over 2).
+    assert f"skipping a bad image: cannot decode image {bad}" in proc.stdout
+    assert "Places365_val_00000002.jpg (line 2 of" in proc.stdout
+    metrics = pd.read_csv(tmp_path / "runs" / "rd" / "metrics.csv")
+    assert list(metrics["skipped_images"]) == [2, 2]
+    assert list(metrics["train_images"]) == [159, 159] and list(metrics["val_images"]) == [46, 46]
+    # Exact: the best checkpoint's val metrics are those of a plain DataLoader pass over the split.
+    import torch
+    from torch.utils.data import DataLoader
+
+    from placesnet import engine
+    from placesnet.checkpoint import load_checkpoint
+    from placesnet.data import BadImages, MarkBadImages, open_split
+
+    loaded = load_checkpoint(tmp_path / "runs" / "rd")
+    val = open_split(loaded.config, "val", root)
+    plain = engine.evaluate(loaded.model, DataLoader(MarkBadImages(val, loaded.config.image_size), batch_size=16),
+                            torch.device("cpu"), num_classes=len(loaded.classes),
+                            bad_images=BadImages("skip", val, lambda message: None))
+    assert plain["val_images"] == 46 and plain["val_top1"] == loaded.meta["metrics"]["val_top1"]
+    assert plain["val_loss"] == pytest.approx(loaded.meta["metrics"]["val_loss"], rel=1e-5)
+    # Ray Data's own per-epoch lines stay out of the log.
+    out = proc.stdout + proc.stderr
+    assert "execution finished" not in out and "Progress bars disabled" not in out
+    assert "exclude_resources" not in out
 
 
 def test_paths_and_layouts_the_cluster_cannot_serve_are_refused_before_training(two_nodes, tiny_root,

@@ -125,5 +125,8 @@ def test_trial_that_cannot_fit(ray_head, tmp_path):
             plan_sweep(1, True, 1.0, None)
         assert plan_sweep(1, False, 0.5, None).max_concurrent == 7  # 4 CPUs: 0.5 + 0.01 each
         assert plan_sweep(2, False, 1.0, 5).max_concurrent == 1
+        assert plan_sweep(1, False, 0.5, None, ray_data=True).max_concurrent == 2  # + 1 CPU to decode
+        with pytest.raises(UserError, match=r"1 worker\(s\) x \(3.5 CPU\) \+ 1 CPU for Ray Data"):
+            plan_sweep(1, False, 3.5, None, ray_data=True)
         assert plan_sweep(1, True, 1.0, 3, autoscale=True).max_concurrent == 3  # no nodes yet
     assert not list(tmp_path.iterdir())

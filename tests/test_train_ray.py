@@ -133,58 +133,53 @@ def _schedule(lr, total, warmup, steps):
     return [lr * lr_factor(s, total, warmup, "cosine") for s in steps]
 
 
-def test_crash_recovery_then_resume(ray_head, tmp_path):
-    # A worker process dies after epoch 1, in the middle of an 8-step warmup (5 steps per epoch);
-    # Ray restarts the group from the latest checkpoint.
-    proc = train(ray_head, tmp_path, "ft", "--fail-after-epoch", 1, "--max-failures", 1,
-                 "--warmup-steps", 8, epochs=2)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "fault injection" in proc.stdout
-    assert "resuming from" in proc.stdout
-    assert "lr 0.05 (--lr), warmup + cosine per step" in proc.stdout
-    first = pd.read_csv(tmp_path / "ft" / "metrics.csv")
-    assert list(first["epoch"]) == [1, 2]
-    # The schedule went on from step 5, not from 0: epoch 2 ends at step 9 of 10, past the warmup.
-    assert list(first["lr"]) == pytest.approx(_schedule(0.05, 10, 8, [4, 9]))
-    # Re-running the same --storage-path/--name continues instead of starting over.
-    again = train(ray_head, tmp_path, "ft", "--warmup-steps", 8, epochs=3)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resuming from" in again.stdout and "at epoch 3/3" in again.stdout
-    metrics = pd.read_csv(tmp_path / "ft" / "metrics.csv")
-    assert list(metrics["epoch"]) == [1, 2, 3]
-    pd.testing.assert_frame_equal(metrics.iloc[:2], first)  # earlier epochs were not re-run
-    assert metrics["lr"].iloc[2] == pytest.approx(_schedule(0.05, 15, 8, [14])[0])  # the new length
-    assert json.loads((tmp_path / "ft" / "summary.json").read_text())["epochs_completed"] == 3
-    # ...but refuses to resume it as a different architecture.
-    changed = train(ray_head, tmp_path, "ft", "--model", "workshop", epochs=4)
-    assert_user_error(changed, "different model")
-
-
-def test_lr_auto_runs_the_range_test_then_trains_with_its_suggestion(ray_head, tmp_path):
+def test_lr_auto_then_crash_recovery_then_resume(ray_head, tmp_path):
+    """One run for three promises (each Ray Train run costs ~40 s here): --lr auto runs the LR
+    range test and trains with its suggestion; a worker process that dies after epoch 1, in the
+    middle of an 8-step warmup (5 steps per epoch), is restarted from the latest checkpoint and
+    the schedule goes on; rerunning the same name continues without a second range test."""
     import re
 
-    proc = train(ray_head, tmp_path, "auto", "--lr", "auto", "--num-workers", 1, epochs=2)
+    run_dir = tmp_path / "ft"
+    proc = train(ray_head, tmp_path, "ft", "--lr", "auto", "--fail-after-epoch", 1, "--max-failures", 1,
+                 "--warmup-steps", 8, epochs=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     found = re.search(r"suggested lr ([0-9.e-]+) \(plot: (\S+)\)", proc.stdout)
     assert found, proc.stdout
     suggestion = float(found.group(1))
-    assert found.group(2) == str(tmp_path / "auto" / "lr_find.png")
-    assert (tmp_path / "auto" / "lr_find.png").read_bytes().startswith(PNG)
-    curve = pd.read_csv(tmp_path / "auto" / "lr_find.csv")
+    assert found.group(2) == str(run_dir / "lr_find.png")
+    assert (run_dir / "lr_find.png").read_bytes().startswith(PNG)
+    curve = pd.read_csv(run_dir / "lr_find.csv")
     assert list(curve.columns) == ["lr", "loss", "smoothed_loss"] and len(curve) >= 10
-    assert f"lr {suggestion:.4g} (--lr auto: LR range test)" in proc.stdout
-    summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    assert f"lr {suggestion:.4g} (--lr auto: LR range test), warmup + cosine per step" in proc.stdout
+    assert "fault injection" in proc.stdout
+    assert "resuming from" in proc.stdout
+    first = pd.read_csv(run_dir / "metrics.csv")
+    assert list(first["epoch"]) == [1, 2]
+    # The schedule went on from step 5, not from 0: epoch 2 ends at step 9 of 10, past the warmup.
+    assert list(first["lr"]) == pytest.approx(_schedule(suggestion, 10, 8, [4, 9]), rel=1e-3)
+    summary = json.loads((run_dir / "summary.json").read_text())
     config = json.loads((Path(summary["best_checkpoint"]) / "config.json").read_text())
     assert config["lr"] == pytest.approx(suggestion, rel=1e-3)  # trained with the suggestion
-    assert summary["val_top1"] > 0.25  # chance
-    # Resuming keeps the lr found when the run started (the schedule continues) and does not
-    # run the test again.
-    stamp = (tmp_path / "auto" / "lr_find.csv").stat().st_mtime_ns
-    again = train(ray_head, tmp_path, "auto", "--lr", "auto", "--num-workers", 1, epochs=3)
+    # Re-running the same --storage-path/--name continues instead of starting over, keeps the lr
+    # found when the run started (the schedule continues) and does not run the test again.
+    stamp = (run_dir / "lr_find.csv").stat().st_mtime_ns
+    again = train(ray_head, tmp_path, "ft", "--lr", "auto", "--warmup-steps", 8, epochs=3)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming from" in again.stdout and "at epoch 3/3" in again.stdout
     assert "--lr auto, found when the run started" in again.stdout
     assert "LR range test:" not in again.stdout
-    assert (tmp_path / "auto" / "lr_find.csv").stat().st_mtime_ns == stamp
+    assert (run_dir / "lr_find.csv").stat().st_mtime_ns == stamp
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2, 3]
+    pd.testing.assert_frame_equal(metrics.iloc[:2], first)  # earlier epochs were not re-run
+    assert metrics["lr"].iloc[2] == pytest.approx(_schedule(suggestion, 15, 8, [14])[0], rel=1e-3)  # the new length
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs_completed"] == 3
+    assert summary["val_top1"] > 0.25  # chance
+    # ...but refuses to resume it as a different architecture.
+    changed = train(ray_head, tmp_path, "ft", "--model", "workshop", epochs=4)
+    assert_user_error(changed, "different model")
 
 
 def test_a_diverging_run_fails_at_once_and_keeps_the_epochs_before(ray_head, tmp_path):

@@ -33,7 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for placesnet
 
-from placesnet.cli import add_data_args, add_model_args, config_from_args, positive_int, ray_init, run_cli  # noqa: E402
+from placesnet.cli import (add_data_args, add_input_arg, add_model_args, config_from_args, positive_int,  # noqa: E402
+                           ray_init, run_cli)
 from placesnet.config import DEFAULT_STORAGE, Interrupted, UserError  # noqa: E402
 
 
@@ -55,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(p)
     add_model_args(p)
+    add_input_arg(p)
     g = p.add_argument_group("search space")
     g.add_argument("--batch-sizes", type=int_list, default=[32, 64, 128],
                    help="global batch sizes to choose from (default: 32,64,128)")
@@ -178,7 +180,7 @@ def main(argv=None) -> int:
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     use_gpu = bool(has_gpu if args.gpus_per_worker is None else args.gpus_per_worker)
     plan = plan_sweep(args.workers_per_trial, use_gpu, args.cpus_per_worker, args.max_concurrent,
-                      args.autoscale)
+                      args.autoscale, ray_data=cfg.input == "ray-data")
     check_cluster_paths(storage, root if cfg.dataset == "places365" else None)
     if args.grid:
         space = search_space(args.batch_sizes, lrs=args.lrs)
