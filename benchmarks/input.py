@@ -3,6 +3,7 @@
     python benchmarks/input.py                     # 1 loader process, the sample data's 256x256 JPEGs
     python benchmarks/input.py --loader-workers 4 --repeats 5
     python benchmarks/input.py --data-root /scratch/datasets/places365 --images 5000
+    python benchmarks/input.py --loader-workers 2 --ray-data   # + the --input ray-data path
 
 Both read the same JPEGs through torchvision's Places365 class and a DataLoader with the same
 batch size and loader processes:
@@ -11,6 +12,9 @@ batch size and loader processes:
             on the training device afterwards, so it is not part of the loader's work
   project + normalize on CPU: the same, plus normalize() in the main process, as when the
             training device is this CPU (on a GPU that step costs microseconds)
+  ray data (--ray-data): train.py's --input ray-data pipeline (placesnet/raydata.py) on a
+            local Ray with --loader-workers CPUs: the same decode + resize in Ray Data tasks of
+            one CPU each, batches streamed to this process (as to a Train worker)
 Prints images/s, images/s per loader process and bytes per batch, with ratios against the
 workshop run in the same invocation (runs alternate; each one's best of --repeats counts).
 """
@@ -59,14 +63,49 @@ def run_once(ds, batch_size: int, loader_workers: int, normalize_batches: bool) 
     return len(ds) / seconds, nbytes
 
 
+class RayDataInput:
+    """The --input ray-data pipeline over the first ``images`` train images, on a local Ray with
+    ``cpus`` CPUs (its decode tasks take one each), consumed here in batches."""
+
+    def __init__(self, root, image_size: int, images: int, cpus: int) -> None:
+        import ray
+
+        from placesnet.cli import PACKAGE_DIR
+        from placesnet.raydata import build_datasets
+
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False, runtime_env={"py_modules": [str(PACKAGE_DIR)]})
+        cfg = TrainConfig(dataset="places365", data_root=str(root), skip_verify=True, image_size=image_size)
+        self.ds, self.images = build_datasets(cfg, root, images=images)["train"], images
+
+    def __len__(self) -> int:
+        return self.images
+
+    def run_once(self, batch_size: int) -> tuple[float, int]:
+        nbytes = 0
+
+        def consume():
+            nonlocal nbytes
+            for batch in self.ds.iter_torch_batches(batch_size=batch_size, device="cpu", prefetch_batches=2):
+                nbytes = max(nbytes, batch["image"].nbytes)
+
+        consume()  # starts the Ray workers (imports), as the DataLoader's untimed pass does
+        return self.images / timed(consume), nbytes
+
+
 def measure(root, *, image_size: int, images: int, batch_size: int, loader_workers: int,
-            repeats: int) -> list[dict]:
+            repeats: int, ray_data: bool = False) -> list[dict]:
     torch.set_num_threads(1)
     sets = datasets(root, image_size, images)
+    if ray_data:
+        sets["ray data"] = (RayDataInput(root, image_size, len(sets["project"][0]), max(loader_workers, 1)), False)
     best: dict[str, tuple[float, int]] = {}
     for _, name in itertools.product(range(repeats), sets):  # alternate: drift hits both alike
         ds, normalize_batches = sets[name]
-        rate, nbytes = run_once(ds, batch_size, loader_workers, normalize_batches)
+        if isinstance(ds, RayDataInput):
+            rate, nbytes = ds.run_once(batch_size)
+        else:
+            rate, nbytes = run_once(ds, batch_size, loader_workers, normalize_batches)
         if rate > best.get(name, (0, 0))[0]:
             best[name] = (rate, nbytes)
     base_rate, base_bytes = best["workshop"]
@@ -87,10 +126,12 @@ def main(argv=None) -> None:
     p.add_argument("--loader-workers", type=int, default=1,
                    help="DataLoader processes; 0 decodes in the main process (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="runs per pipeline (default: %(default)s)")
+    p.add_argument("--ray-data", action="store_true",
+                   help="add train.py's --input ray-data pipeline on a local Ray with --loader-workers CPUs")
     args = p.parse_args(argv)
     root = args.data_root or sample_root(8, max(args.images // 8, 1))
     rows = measure(root, image_size=args.image_size, images=args.images, batch_size=args.batch_size,
-                   loader_workers=args.loader_workers, repeats=args.repeats)
+                   loader_workers=args.loader_workers, repeats=args.repeats, ray_data=args.ray_data)
     print_table(f"input: {args.images} JPEGs at {args.image_size} px, batch {args.batch_size}", rows,
                 note="goal: project >= 2x the workshop's images/s per loader process")
 

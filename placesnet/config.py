@@ -177,3 +177,8 @@ class TrainConfig:
             if not ok:
                 raise UserError(message)
         return self
+
+
+def pretty(name: str) -> str:
+    """'/f/forest/broadleaf' -> 'forest/broadleaf'."""
+    return name[3:] if len(name) > 3 and name[0] == "/" and name[2] == "/" else name

@@ -230,11 +230,6 @@ def class_names(ds: Places365) -> list[str]:
     return names
 
 
-def pretty(name: str) -> str:
-    """'/f/forest/broadleaf' -> 'forest/broadleaf'."""
-    return name[3:] if len(name) > 3 and name[0] == "/" and name[2] == "/" else name
-
-
 class ShardSampler(Sampler[int]):
     """Indices rank, rank + world, ... with NO padding, so evaluation counts every sample once.
 

@@ -14,8 +14,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from .checkpoint import Loaded
-from .config import UserError
-from .data import ShardSampler, class_names, eval_transform, loader_kwargs, normalize, open_split, pretty
+from .config import UserError, pretty
+from .data import ShardSampler, class_names, eval_transform, loader_kwargs, normalize, open_split
 from .engine import amp_dtype_for, evaluate
 
 

@@ -12,8 +12,7 @@ if "ipykernel" not in sys.modules:  # in Jupyter, keep its inline backend: figur
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .config import best_epoch  # noqa: E402
-from .data import pretty  # noqa: E402
+from .config import best_epoch, pretty  # noqa: E402  (not .data: torchvision costs the Train controller 3 s)
 
 
 def _png(fig) -> bytes:

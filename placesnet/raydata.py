@@ -51,11 +51,12 @@ BLOCK_ROWS = 64  # list rows per block: the unit of a decode task and of the per
 SHUFFLE_BATCHES = 4  # a worker's local shuffle buffer, in batches
 
 
-def build_datasets(cfg: TrainConfig, root: Path) -> dict:
+def build_datasets(cfg: TrainConfig, root: Path, images: int | None = None) -> dict:
     """The ``train`` and ``val`` Ray Datasets for ``cfg``: list rows -> decoded uint8 images.
 
     Runs on the driver. Only the lists (paths and labels) are read here; decoding happens in
-    ``map_batches`` tasks of one CPU each while the workers iterate.
+    ``map_batches`` tasks of one CPU each while the workers iterate. ``images``: only the first
+    N rows of each split (benchmarks/input.py).
     """
     import pyarrow as pa
     import ray.data
@@ -69,10 +70,11 @@ def build_datasets(cfg: TrainConfig, root: Path) -> dict:
         order = np.arange(len(rows))
         if split == "train":
             order = np.random.default_rng(cfg.seed).permutation(len(rows))
+        order = order[:images]
         table = pa.table({"index": pa.array(order, pa.int64()),
                           "path": pa.array([rows[i][0] for i in order], pa.string()),
                           "label": pa.array([rows[i][1] for i in order], pa.int64())})
-        ds = ray.data.from_arrow([table.slice(i, BLOCK_ROWS) for i in range(0, len(rows), BLOCK_ROWS)])
+        ds = ray.data.from_arrow([table.slice(i, BLOCK_ROWS) for i in range(0, len(order), BLOCK_ROWS)])
         if split == "train":
             ds = ds.randomize_block_order()  # re-drawn every epoch
         datasets[split] = ds.map_batches(

@@ -9,7 +9,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import class_names, pretty
+from .config import pretty
+from .data import class_names
 
 
 # --- the data --------------------------------------------------------------------------------

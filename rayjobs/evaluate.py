@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     args.checkpoint = resolve_checkpoint(args.checkpoint)  # a wrong path is an error at once
     import torch
 
-    from placesnet.data import SPLITS, pretty, resolve_data_root
+    from placesnet.config import pretty
+    from placesnet.data import SPLITS, resolve_data_root
     from placesnet.evaluation import evaluate_checkpoint, per_class_table
     from placesnet.plots import (confused_pairs, confusion_figure, misclassified_figure, per_class_figure,
                                  save_png)

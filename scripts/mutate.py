@@ -218,6 +218,18 @@ MUTATIONS = [
     M("train: resume ignores the checkpoint", "placesnet/worker.py",
       "    checkpoint = ray.train.get_checkpoint()\n", "    checkpoint = None\n",
       ("tests/test_train_ray.py", "-k", "crash_recovery"), ray=True),
+    M("raydata: val split equal=True (images dropped)", "placesnet/raydata.py",
+      "val.streaming_split(world_size, equal=False,", "val.streaming_split(world_size, equal=True,",
+      ("tests/test_multinode.py", "-k", "ray_data"), ray=True),
+    M("raydata: an undecodable image trains as a blank one", "placesnet/raydata.py",
+      "            labels[i] = -(int(batch[\"index\"][i]) + 1)\n", "            pass\n",
+      ("tests/test_multinode.py", "-k", "ray_data"), ray=True),
+    M("raydata: workers may take every CPU", "placesnet/ray_train.py",
+      "if ray_data and spare < 1 and not autoscale:", "if ray_data and spare < 0 and not autoscale:",
+      ("tests/test_train_ray.py", "-k", "cannot_place"), ray=True),
+    M("sweep: no decode CPU per ray-data trial", "placesnet/sweep.py",
+      "DRIVER_CPU + (1 if ray_data else 0)", "DRIVER_CPU",
+      ("tests/test_sweep.py", "-k", "cannot_fit"), ray=True),
 ]
 
 

@@ -130,7 +130,8 @@ class SceneClassifier:
         import torch
 
         from placesnet.checkpoint import load_checkpoint
-        from placesnet.data import eval_transform, normalize, pretty
+        from placesnet.config import pretty
+        from placesnet.data import eval_transform, normalize
 
         self.torch = torch
         self.normalize = normalize

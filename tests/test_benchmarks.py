@@ -39,14 +39,14 @@ def _check_ratios(out, first_col: str, value_col: str, ratio_col: str, base: str
 
 
 def test_input_benchmark_prints_ratios_against_the_workshop():
-    out = _table(run_script("benchmarks/input.py", "--images", 32, "--batch-size", 8, "--repeats", 1),
-                 "workshop", "project")
-    workshop, project = _cells(out, "workshop"), _cells(out, "project")
+    out = _table(run_script("benchmarks/input.py", "--images", 32, "--batch-size", 8, "--repeats", 1,
+                            "--ray-data"), "workshop", "project", "ray data")
+    workshop, project, ray_data = _cells(out, "workshop"), _cells(out, "project"), _cells(out, "ray data")
     assert workshop[-1] == "1.00x" and workshop[-2] == "1.00x"
-    assert project[-1] == "0.25x"  # uint8 batches: a quarter of float32's bytes
-    assert _number(project[-2]) > 0
-    _check_ratios(out, "pipeline", "images/s", "speed vs workshop", "workshop", ["project"])
-    _check_ratios(out, "pipeline", "MiB per batch", "bytes vs workshop", "workshop", ["project"])
+    assert project[-1] == ray_data[-1] == "0.25x"  # uint8 batches: a quarter of float32's bytes
+    assert _number(project[-2]) > 0 and _number(ray_data[-2]) > 0
+    _check_ratios(out, "pipeline", "images/s", "speed vs workshop", "workshop", ["project", "ray data"])
+    _check_ratios(out, "pipeline", "MiB per batch", "bytes vs workshop", "workshop", ["project", "ray data"])
 
 
 def test_compute_benchmark_refuses_zero_threads():

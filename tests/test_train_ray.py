@@ -212,6 +212,11 @@ def test_cluster_cannot_place_the_request(ray_head, tmp_path):
         with pytest.raises(UserError, match="--autoscale needs an explicit --num-workers"):
             plan_resources(None, True, None, "PACK", autoscale=True)
         assert plan_resources(2, True, None, "PACK", autoscale=True).use_gpu  # GPU nodes come later
+        # --input ray-data: Ray Data's decode tasks need a CPU the workers do not hold (4 here).
+        with pytest.raises(UserError, match="workers of 2 CPU leave 0 of the cluster's 4 CPUs"):
+            plan_resources(2, False, 2.0, "PACK", ray_data=True)
+        assert plan_resources(2, False, 1.5, "PACK", ray_data=True).cpus_per_worker == 1.5  # 1 left
+        assert plan_resources(2, False, None, "PACK", ray_data=True).cpus_per_worker == 1.5  # default
 
 
 def test_ray_job_submit_with_token_auth(ray_head, tmp_path):
