@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .config import (BAD_IMAGE_POLICIES, DATASET_DEFAULTS, DATASETS, INPUTS, MODEL_LR, MODELS, REFERENCE_BATCH, SAMPLE_CLASSES,
+from .config import (BAD_IMAGE_POLICIES, DATASET_DEFAULTS, DATASETS, DECODES, INPUTS, MODEL_LR, MODELS, REFERENCE_BATCH, SAMPLE_CLASSES,
                      SAMPLE_DIFFICULTIES, SCHEDULES, Interrupted, TrainConfig, UserError, default_lr)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -167,6 +167,11 @@ def add_input_arg(p: argparse.ArgumentParser) -> None:
                         "worker's own CPUs; ray-data = Ray Data tasks decode on any node's CPUs, "
                         "CPU-only nodes included, and stream batches to the workers (see "
                         "docs/input.md) (default: %(default)s)")
+    p.add_argument("--decode", choices=DECODES, default="auto",
+                   help="where --input loader decodes JPEGs: gpu = loader processes only read the "
+                        "files and each GPU worker decodes its batches with nvJPEG; cpu = in the "
+                        "loader processes; auto = gpu on GPU workers when the files are JPEGs "
+                        "(default: %(default)s)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -190,7 +195,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         warmup_epochs=args.warmup_epochs, clip_grad_norm=getattr(args, "clip_grad_norm", None) or 0.0,
         amp=not args.no_amp,
         channels_last=not args.no_channels_last, compile=args.compile, loader_workers=args.loader_workers,
-        input=getattr(args, "input", "loader"),
+        input=getattr(args, "input", "loader"), decode=getattr(args, "decode", "auto"),
         log_every=args.log_every, seed=args.seed,
     ).validate()
 

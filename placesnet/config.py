@@ -38,6 +38,7 @@ MODELS = ("deepcnn", "workshop", "resnet18")
 SCHEDULES = ("cosine", "step", "none")
 BAD_IMAGE_POLICIES = ("fail", "skip")
 INPUTS = ("loader", "ray-data")  # how training images reach the workers (docs/input.md)
+DECODES = ("auto", "cpu", "gpu")  # where --input loader decodes JPEGs (placesnet/gpudecode.py)
 
 # Where generated data and run outputs go by default. Absolute on purpose: under
 # `ray job submit --working-dir` the driver runs in a temporary copy of the tree.
@@ -111,6 +112,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (minutes of compile time; pays off on long GPU runs)
     loader_workers: int | None = None  # DataLoader processes per worker; None: from CPUs given
     input: str = "loader"  # "ray-data": Ray Data decodes on any node's CPUs (placesnet/raydata.py)
+    decode: str = "auto"  # "gpu": nvJPEG on the worker's GPU; auto: gpu on CUDA workers when the files are JPEGs
     log_every: int = 0  # progress line every N steps from rank 0; 0: about 10 per epoch
     # --- where / how ---
     seed: int = 0
@@ -145,6 +147,11 @@ class TrainConfig:
                             f"{', '.join(BAD_IMAGE_POLICIES)}")
         if self.input not in INPUTS:
             raise UserError(f"unknown --input {self.input!r}; choose one of {', '.join(INPUTS)}")
+        if self.decode not in DECODES:
+            raise UserError(f"unknown --decode {self.decode!r}; choose one of {', '.join(DECODES)}")
+        if self.decode == "gpu" and self.input == "ray-data":
+            raise UserError("--decode gpu is for --input loader: with --input ray-data, Ray Data's "
+                            "CPU tasks decode")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         checks = [

@@ -96,7 +96,7 @@ def train_worker(loop_config: dict) -> dict | None:
         train_loader, val_loader = worker_inputs(cfg, world, len(train_ds), plan.pin_memory)
         set_epoch = train_loader.set_epoch
     else:
-        train_loader, val_loader, set_epoch = _loaders(cfg, train_ds, val_ds, rank, world, plan)
+        train_loader, val_loader, set_epoch = _loaders(cfg, train_ds, val_ds, rank, world, plan, device, log)
 
     # --- model, optimiser, precision ---
     channels_last = cfg.channels_last and device.type == "cuda"
@@ -185,11 +185,38 @@ def train_worker(loop_config: dict) -> dict | None:
         _maybe_crash(loop_config, epoch + 1, rank)
 
 
-def _loaders(cfg: TrainConfig, train_ds, val_ds, rank: int, world: int, plan: LoaderPlan):
-    """--input loader: this worker's train and val DataLoaders, and the train sampler's set_epoch."""
-    train_ds, val_ds = MarkBadImages(train_ds, cfg.image_size), MarkBadImages(val_ds, cfg.image_size)
+def decode_on_gpu(cfg: TrainConfig, device: torch.device, train_ds) -> bool:
+    """--decode: gpu, or auto on a CUDA worker whose training files are JPEGs."""
+    if cfg.decode == "cpu" or device.type != "cuda":
+        return False
+    if cfg.decode == "gpu":
+        return True
+    from .gpudecode import JPEG_MAGIC
+
+    with open(train_ds.imgs[0][0], "rb") as f:
+        return f.read(3) == JPEG_MAGIC
+
+
+def _loaders(cfg: TrainConfig, train_ds, val_ds, rank: int, world: int, plan: LoaderPlan,
+             device: torch.device, log=None):
+    """--input loader: this worker's train and val batches, and the train sampler's set_epoch."""
     per_worker = max(cfg.batch_size // world, 1)
     kw = plan.kwargs()
+    if decode_on_gpu(cfg, device, train_ds):  # loader processes read bytes; nvJPEG decodes here
+        from .data import eval_transform, train_transform
+        from .gpudecode import DeviceDecode, FileBytes, pack
+
+        if log:
+            log("--decode gpu: loader processes read the files, nvJPEG decodes each batch on the GPU")
+        train_bytes, val_bytes = FileBytes(train_ds), FileBytes(val_ds)
+        train_loader = make_train_loader(train_bytes, cfg.batch_size, rank, world, cfg.seed, collate_fn=pack, **kw)
+        val_loader = DataLoader(val_bytes, batch_size=per_worker * 2, sampler=ShardSampler(val_bytes, rank, world),
+                                collate_fn=pack, **kw)
+        warn = log or (lambda message: None)
+        return (DeviceDecode(train_loader, device, train_transform(cfg.image_size, cfg.augment), cfg.image_size, warn),
+                DeviceDecode(val_loader, device, eval_transform(cfg.image_size), cfg.image_size, warn),
+                train_loader.sampler.set_epoch)
+    train_ds, val_ds = MarkBadImages(train_ds, cfg.image_size), MarkBadImages(val_ds, cfg.image_size)
     train_loader = make_train_loader(train_ds, cfg.batch_size, rank, world, cfg.seed, **kw)
     sampler = train_loader.sampler
     val_loader = DataLoader(val_ds, batch_size=per_worker * 2,

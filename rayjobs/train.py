@@ -80,6 +80,8 @@ def main(argv=None) -> int:
     cfg = config_from_args(args)
     if args.num_workers:
         check_batch(cfg.batch_size, args.num_workers, note=False)  # early: before data or Ray work
+    if cfg.decode == "gpu" and args.gpu is False:
+        raise UserError("--decode gpu decodes on the workers' GPUs, but --cpu trains on CPUs")
 
     # Imports that pull in Ray and torch come after argument checks, so --help and typos are fast.
     from placesnet.data import class_names, describe, open_split, resolve_data_root
@@ -128,6 +130,9 @@ def main(argv=None) -> int:
     res = plan_resources(args.num_workers, args.gpu, args.cpus_per_worker, args.placement_strategy,
                          args.autoscale, ray_data=cfg.input == "ray-data")
     check_batch(cfg.batch_size, res.num_workers)
+    if cfg.decode == "gpu" and not res.use_gpu:
+        raise UserError("--decode gpu decodes on the workers' GPUs, but this run trains on CPUs; "
+                        "drop --decode gpu or train with --gpu")
     check_cluster_paths(storage, root if cfg.dataset == "places365" else None)
     if args.lr == "auto" and not previous:
         cfg, source = find_lr_on_cluster(cfg, root, res, storage, name), "--lr auto: LR range test"

@@ -230,6 +230,19 @@ MUTATIONS = [
     M("sweep: no decode CPU per ray-data trial", "placesnet/sweep.py",
       "DRIVER_CPU + (1 if ray_data else 0)", "DRIVER_CPU",
       ("tests/test_sweep.py", "-k", "cannot_fit"), ray=True),
+    M("gpudecode: a broken file is not marked bad", "placesnet/gpudecode.py",
+      "            targets[i] = -(int(indices[i]) + 1)\n", "            pass\n",
+      ("tests/test_gpudecode.py",)),
+    M("gpudecode: offsets are sizes, not ends", "placesnet/gpudecode.py",
+      "torch.cumsum(sizes, 0, out=offsets[1:])", "offsets[1:] = sizes",
+      ("tests/test_gpudecode.py",)),
+    M("gpudecode: a failed batch is not retried file by file", "placesnet/gpudecode.py",
+      "            decoded = [_decode_one(files[i], device) for i in jpegs]\n",
+      "            decoded = [None for i in jpegs]\n",
+      ("tests/test_gpudecode.py",)),
+    M("config: --decode gpu accepted with --input ray-data", "placesnet/config.py",
+      'if self.decode == "gpu" and self.input == "ray-data":', 'if False:',
+      ("tests/test_gpudecode.py", "tests/test_cli_errors.py", "-k", "decode or bad_flags")),
 ]
 
 

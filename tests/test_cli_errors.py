@@ -28,6 +28,9 @@ def train(*args, tmp_path):
     (["--epochs", "0"], "must be >= 1"),
     (["--num-workers", "two"], "invalid"),
     (["--widths", "8,-1"], "positive integers"),
+    (["--decode", "gpu", "--cpu"], "--decode gpu decodes on the workers' GPUs, but --cpu"),
+    (["--decode", "gpu", "--input", "ray-data"], "--decode gpu is for --input loader"),
+    (["--input", "spark"], "invalid choice"),
 ])
 def test_bad_flags(args, fragment, tmp_path):
     proc = train(*TINY_ARGS, *args, tmp_path=tmp_path)
@@ -74,7 +77,7 @@ def test_help_documents_the_flags():
                  "--epochs", "--batch-size", "--lr", "--num-workers", "--gpu", "--cpu",
                  "--loader-workers", "--storage-path", "--name", "--max-failures", "--seed",
                  "--warmup-steps", "--clip-grad-norm", "--sample-difficulty", "'auto'",
-                 "linear scaling rule", "ray job submit"]:
+                 "linear scaling rule", "ray job submit", "--input", "ray-data", "--decode", "nvJPEG"]:
         assert flag in proc.stdout, flag
 
 
@@ -110,9 +113,10 @@ def test_speed_flags_reach_the_training_config(script):
     spec.loader.exec_module(module)
     extra = ["--grid", "--lrs", "0.1"] if "sweep" in script else []
     default = config_from_args(module.parse_args(extra))
-    assert (default.amp, default.channels_last, default.compile, default.loader_workers) == \
-        (True, True, False, None)
+    assert (default.amp, default.channels_last, default.compile, default.loader_workers, default.input,
+            default.decode) == (True, True, False, None, "loader", "auto")
     flipped = config_from_args(module.parse_args([*extra, "--no-amp", "--no-channels-last",
-                                                  "--compile", "--loader-workers", "3"]))
-    assert (flipped.amp, flipped.channels_last, flipped.compile, flipped.loader_workers) == \
-        (False, False, True, 3)
+                                                  "--compile", "--loader-workers", "3", "--input", "ray-data",
+                                                  "--decode", "cpu"]))
+    assert (flipped.amp, flipped.channels_last, flipped.compile, flipped.loader_workers, flipped.input,
+            flipped.decode) == (False, False, True, 3, "ray-data", "cpu")
