@@ -105,11 +105,7 @@ class RayHead:
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.token = os.environ["RAY_AUTH_TOKEN"]
         self.temp_dir = temp_dir
-        # Ray Train's controller polls its workers every 2 s by default: a run's start and end each
-        # wait for a poll. Tests run ~30 tiny runs, so poll faster (every process of the cluster
-        # inherits the head's environment): about 4 s less per run here.
-        self.env = {**os.environ, "RAY_ADDRESS": self.address, "PATH": f"{BIN}:{os.environ['PATH']}",
-                    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+        self.env = {**os.environ, "RAY_ADDRESS": self.address, "PATH": f"{BIN}:{os.environ['PATH']}"}
         self.log = open(temp_dir / "head.log", "w")
         self.proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus), "--num-gpus", "0",
