@@ -202,25 +202,27 @@ def _loaders(cfg: TrainConfig, train_ds, val_ds, rank: int, world: int, plan: Lo
     """--input loader: this worker's train and val batches, and the train sampler's set_epoch."""
     per_worker = max(cfg.batch_size // world, 1)
     kw = plan.kwargs()
-    if decode_on_gpu(cfg, device, train_ds):  # loader processes read bytes; nvJPEG decodes here
+    gpu = decode_on_gpu(cfg, device, train_ds)  # loader processes read bytes; nvJPEG decodes here
+    if gpu:
+        from .gpudecode import FileBytes, pack
+
+        train_src, val_src = FileBytes(train_ds), FileBytes(val_ds)
+        kw["collate_fn"] = pack
+    else:
+        train_src, val_src = MarkBadImages(train_ds, cfg.image_size), MarkBadImages(val_ds, cfg.image_size)
+    train_loader = make_train_loader(train_src, cfg.batch_size, rank, world, cfg.seed, **kw)
+    sampler = train_loader.sampler
+    val_loader = DataLoader(val_src, batch_size=per_worker * 2, sampler=ShardSampler(val_src, rank, world), **kw)
+    if gpu:
         from .data import eval_transform, train_transform
-        from .gpudecode import DeviceDecode, FileBytes, pack
+        from .gpudecode import DeviceDecode
 
         if log:
             log("--decode gpu: loader processes read the files, nvJPEG decodes each batch on the GPU")
-        train_bytes, val_bytes = FileBytes(train_ds), FileBytes(val_ds)
-        train_loader = make_train_loader(train_bytes, cfg.batch_size, rank, world, cfg.seed, collate_fn=pack, **kw)
-        val_loader = DataLoader(val_bytes, batch_size=per_worker * 2, sampler=ShardSampler(val_bytes, rank, world),
-                                collate_fn=pack, **kw)
         warn = log or (lambda message: None)
         return (DeviceDecode(train_loader, device, train_transform(cfg.image_size, cfg.augment), cfg.image_size, warn),
                 DeviceDecode(val_loader, device, eval_transform(cfg.image_size), cfg.image_size, warn),
-                train_loader.sampler.set_epoch)
-    train_ds, val_ds = MarkBadImages(train_ds, cfg.image_size), MarkBadImages(val_ds, cfg.image_size)
-    train_loader = make_train_loader(train_ds, cfg.batch_size, rank, world, cfg.seed, **kw)
-    sampler = train_loader.sampler
-    val_loader = DataLoader(val_ds, batch_size=per_worker * 2,
-                            sampler=ShardSampler(val_ds, rank, world), **kw)
+                sampler.set_epoch)
     train_loader = ray.train.torch.prepare_data_loader(train_loader)  # sampler already set
     val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=False)
     return train_loader, val_loader, sampler.set_epoch
