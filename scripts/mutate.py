@@ -204,7 +204,7 @@ MUTATIONS = [
       ("tests/test_reliability.py", "-k", "summary")),
     # --- Ray end to end (minutes each) -----------------------------------------------------------
     M("train: val padded by DistributedSampler", "placesnet/worker.py",
-      "sampler=ShardSampler(val_ds, rank, world)", "sampler=torch.utils.data.DistributedSampler(val_ds, world, rank, shuffle=False)",
+      "sampler=ShardSampler(val_src, rank, world)", "sampler=torch.utils.data.DistributedSampler(val_src, world, rank, shuffle=False)",
       ("tests/test_faults.py", "-k", "skipped"), ray=True),
     M("ddp: every worker takes the whole global batch", "placesnet/data.py",
       "    per_rank = max(batch_size // world, 1)", "    per_rank = batch_size",
