@@ -22,11 +22,16 @@ setup:
 demo: setup
 	$(PY) rayjobs/train.py $(ARGS)
 
+# 2 pytest processes, each with its own Ray head (tests/conftest.py says why and how tests are
+# grouped); TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 bench-tools:
 	@scripts/bench_tools.sh

@@ -45,6 +45,28 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_CACHE, ignore_errors=True)
 
 
+# `make test` runs the suite in 2 pytest-xdist processes (`-n 2 --dist loadgroup`): a tiny Ray
+# run keeps 2 cores only ~60 % busy (process starts, polling), so a second process fills the gaps.
+# Each process has its own session head. Tests that share an expensive fixture must run in the
+# same process, or it is built twice: every test that uses `trained_run` is one group, every other
+# file is a group of its own (its module fixtures built once). Groups start longest first (xdist
+# hands out groups in collection order with `--no-loadscope-reorder`), the quick files last.
+_LONGEST_FIRST = ["trained_run", "test_faults.py", "test_sweep.py", "test_recipe.py", "test_multinode.py",
+                  "test_benchmarks.py", "test_reliability.py", "test_cli_errors.py", "test_workshop.py"]
+
+
+def _group(item) -> str:
+    return "trained_run" if "trained_run" in item.fixturenames else item.path.name
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_group(item), len(rank)))  # stable: file order otherwise
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     from placesnet.config import TrainConfig
