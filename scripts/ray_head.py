@@ -1,6 +1,7 @@
 """A Ray head of your own on a shared machine: its own temp dir and ports, and `stop` ends only it.
 
-`ray start --head` takes the default ports (6379, 8265) and /tmp/ray, and `ray stop` stops EVERY
+`ray start --head` takes the default ports (6379, 8265, and 52365 for the job agent: a second
+head on the machine then refuses `ray job submit`) and /tmp/ray, and `ray stop` stops EVERY
 Ray of your user on the machine, other people's jobs of the same account and your other clusters
 included. This starts a head in its own process group with free ports and a private temp dir,
 prints the environment to reach it, and stops exactly that process group.
@@ -93,7 +94,10 @@ def start(state: Path, num_cpus: int | None, timeout: float) -> int:
     temp_dir = tempfile.mkdtemp(prefix=f"rh{os.getuid()}-", dir="/tmp")
     port, dashboard_port = _free_port(), _free_port()
     cmd = [ray, "start", "--head", "--block", "--port", str(port), "--dashboard-port", str(dashboard_port),
-           "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir, "--disable-usage-stats"]
+           "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir, "--disable-usage-stats",
+           # Ray's job agent listens on a fixed default port (52365): where another head holds it,
+           # this head would refuse every `ray job submit` ("No available agent to submit job")
+           "--dashboard-agent-listen-port", "0"]
     if num_cpus:
         cmd += ["--num-cpus", str(num_cpus)]
     log = open(state / "head.log", "w")

@@ -34,6 +34,8 @@ DEFAULTS: dict[str, Any] = {
     "min_replicas": 2,  # where the cluster has room (see replicas_with_room); else 1
     "max_replicas": 2,
     "target_ongoing_requests": 8,
+    "upscale_delay_s": 30.0,  # Serve's defaults: add a replica after 30 s of sustained load,
+    "downscale_delay_s": 600.0,  # remove one after 10 min of less
     "num_cpus": 1.0,
     "num_gpus": 0.0,
     "max_batch_size": 16,
@@ -424,7 +426,8 @@ def _number(args: dict, key: str, kind):
     except (TypeError, ValueError):
         raise ValueError(f"{key} must be a {kind.__name__}, got {args.get(key)!r}") from None
     if value < 0 or (value == 0 and key not in ("num_gpus", "batch_wait_timeout_s", "min_replicas",
-                                                "adaptive_batching")):
+                                                "adaptive_batching", "upscale_delay_s",
+                                                "downscale_delay_s")):
         raise ValueError(f"{key} must be positive, got {value}")
     return value
 
@@ -447,11 +450,13 @@ def replicas_with_room(opts: dict, resources: dict | None = None) -> int:
 def build_app(args: dict) -> Application:
     """Serve's app builder: ``serve run serving.app:build_app checkpoint=PATH [key=value ...]``.
 
-    Keys: checkpoint (required), min_replicas (default: 2 where the cluster has room), max_replicas, target_ongoing_requests, num_cpus,
+    Keys: checkpoint (required); autoscaling: min_replicas (default: 2 where the cluster has
+    room), max_replicas, target_ongoing_requests, upscale_delay_s, downscale_delay_s; num_cpus,
     num_gpus (fractions allowed), max_batch_size, batch_wait_timeout_s, adaptive_batching,
-    max_images_per_request, top_k, max_body_bytes, max_pixels, and for a bearer token
+    max_images_per_request, top_k, max_body_bytes, max_pixels; and for a bearer token
     api_key_env=NAME (the replicas read the key from $NAME or the file in $NAME_FILE) or
-    api_key_file=/abs/path (never the key itself). Raises ValueError with a clear message for a missing/corrupt checkpoint or bad values.
+    api_key_file=/abs/path (never the key itself). Raises ValueError with a clear message for a
+    missing/corrupt checkpoint or bad values.
     """
     from placesnet.checkpoint import load_checkpoint, resolve_checkpoint
     from placesnet.config import UserError
@@ -477,7 +482,9 @@ def build_app(args: dict) -> Application:
         opts["top_k"] = len(classes)
     deployment = SceneClassifier.options(
         autoscaling_config={"min_replicas": opts["min_replicas"], "max_replicas": opts["max_replicas"],
-                            "target_ongoing_requests": opts["target_ongoing_requests"]},
+                            "target_ongoing_requests": opts["target_ongoing_requests"],
+                            "upscale_delay_s": opts["upscale_delay_s"],
+                            "downscale_delay_s": opts["downscale_delay_s"]},
         ray_actor_options={"num_cpus": opts["num_cpus"], "num_gpus": opts["num_gpus"]},
         # batches can only fill if a replica accepts at least a batch's worth of requests
         max_ongoing_requests=max(32, 2 * opts["max_batch_size"]),

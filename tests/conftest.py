@@ -133,6 +133,9 @@ class RayHead:
             [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus), "--num-gpus", "0",
              "--port", str(self.port), "--dashboard-port", str(self.dashboard_port),
              "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
+             # the job agent's port from the OS too: with Ray's fixed default (52365) a second
+             # head on the machine has no job agent ("No available agent to submit job")
+             "--dashboard-agent-listen-port", "0",
              "--temp-dir", str(self.ray_dir), "--disable-usage-stats"],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 

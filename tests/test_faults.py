@@ -190,7 +190,12 @@ def test_an_interrupted_sweep_says_so_and_resumes(ray_head, tmp_path):
     assert (exp / "best.json").is_file()
 
 
-def test_a_replica_killed_under_load_costs_only_its_requests(ray_head, trained_run, tiny_root):
+def test_replicas_scale_up_under_load_and_a_killed_one_costs_only_its_requests(ray_head, trained_run,
+                                                                                  tiny_root):
+    """README: replicas autoscale on ongoing requests (here from 1 to 2 under a load of 8 clients,
+    target 2 per replica, no upscale delay); then one of the two is SIGKILLed under that load:
+    only the requests it held fail, the other serves on. Also: min_replicas defaults to 2 where
+    the cluster has room."""
     import ray
     from ray import serve
     from ray.util.state import list_actors
@@ -204,34 +209,48 @@ def test_a_replica_killed_under_load_costs_only_its_requests(ray_head, trained_r
     try:
         from serving.app import build_app
 
-        app = build_app({"checkpoint": str(run_dir), "num_cpus": 0.5, "max_batch_size": 4})
+        default = build_app({"checkpoint": str(run_dir), "num_cpus": 0.5})
+        assert default._bound_deployment._deployment_config.autoscaling_config.min_replicas == 2
+        app = build_app({"checkpoint": str(run_dir), "num_cpus": 0.5, "max_batch_size": 4,
+                         "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                         "upscale_delay_s": 0})
         serve.run(app, name="placesnet", route_prefix="/")
         jpeg = (tiny_root / "val_256/Places365_val_00000001.jpg").read_bytes()
         for method, path, status in (("GET", "/nope", 404), ("GET", "/predict", 405)):
             r = httpx.request(method, f"{base}{path}", timeout=30)
             assert r.status_code == status and "error" in r.json(), r.text
 
-        replicas = [a for a in list_actors(address=ray_head.dashboard,
-                                           filters=[("state", "=", "ALIVE")])
-                    if a.class_name.startswith("ServeReplica:placesnet")]
-        assert len(replicas) == 2  # the default where the cluster has room
-        concurrency, results = 8, []
+        def running() -> int:
+            states = serve.status().applications["placesnet"].deployments["SceneClassifier"].replica_states
+            return states.get("RUNNING", 0)
 
-        async def load(stop_at: float):
+        def alive() -> list:
+            return [a for a in list_actors(address=ray_head.dashboard, filters=[("state", "=", "ALIVE")])
+                    if a.class_name.startswith("ServeReplica:placesnet")]
+
+        assert running() == 1 and len(alive()) == 1
+        concurrency, results, stop = 8, [], [time.monotonic() + 120]
+
+        async def load():
             async with httpx.AsyncClient(timeout=60) as client:
                 async def one_client():
-                    while time.monotonic() < stop_at:
+                    while time.monotonic() < stop[0]:
                         r = await client.post(f"{base}/predict", content=jpeg,
                                               headers={"Content-Type": "image/jpeg"})
                         results.append((time.monotonic(), r.status_code, r.headers.get("content-type", "")))
                 await asyncio.gather(*[one_client() for _ in range(concurrency)])
 
         async def scenario():
-            start = time.monotonic()
-            task = asyncio.create_task(load(start + 12))
-            await asyncio.sleep(4)
+            task = asyncio.create_task(load())
+            while await asyncio.to_thread(running) < 2:  # Serve adds the second replica under load
+                assert time.monotonic() < stop[0] - 10, "no second replica after 110 s of load"
+                await asyncio.sleep(0.5)
+            replicas = await asyncio.to_thread(alive)
+            assert len(replicas) == 2
+            await asyncio.sleep(1)
             os.kill(replicas[0].pid, signal.SIGKILL)
             killed = time.monotonic()
+            stop[0] = killed + 8
             await task
             return killed
 

@@ -35,7 +35,8 @@ def two_nodes(tmp_path_factory):
     worker_dir = Path(tempfile.mkdtemp(prefix="rw", dir="/tmp"))
     private = Path(tempfile.mkdtemp(prefix="rp", dir="/tmp"))
     node = [str(BIN / "ray"), "start", "--address", head.address, "--block", "--num-cpus", "1",
-            "--num-gpus", "0", "--disable-usage-stats", "--temp-dir", str(worker_dir)]
+            "--num-gpus", "0", "--disable-usage-stats", "--temp-dir", str(worker_dir),
+            "--dashboard-agent-listen-port", "0"]
     if _can_unshare():  # the worker node gets an empty tmpfs over PRIVATE
         node = ["unshare", "-m", "--propagation", "private", "sh", "-c",
                 'mount -t tmpfs tmpfs "$0" && exec "$@"', str(private), *node]

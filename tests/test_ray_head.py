@@ -1,5 +1,6 @@
 """scripts/ray_head.py: a head of one's own on a shared machine, stopped without touching others."""
 
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -16,11 +17,29 @@ def _script(*args, env):
                           capture_output=True, text=True, timeout=180)
 
 
+def _hold_port(port: int) -> socket.socket | None:
+    """A listening socket on ``port`` (as another head's job agent would hold it), or None where
+    something already holds it."""
+    s = socket.socket()
+    try:
+        s.bind(("0.0.0.0", port))
+        s.listen()
+        return s
+    except OSError:
+        s.close()
+        return None
+
+
 def test_own_head_starts_and_stops_without_touching_others(ray_head, tmp_path):
     env = {k: v for k, v in ray_head.env.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{BIN}:{env['PATH']}"
     state = tmp_path / "state"
-    started = _script("start", "--state", state, "--num-cpus", "1", env=env)
+    held = _hold_port(52365)  # Ray's default job-agent port, taken as on a machine with another head
+    try:
+        started = _script("start", "--state", state, "--num-cpus", "1", env=env)
+    finally:
+        if held:
+            held.close()
     assert started.returncode == 0, started.stderr
     exports = dict(line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines())
     assert exports["RAY_ADDRESS"] != ray_head.address  # its own ports, not the defaults' or another's
@@ -30,6 +49,11 @@ def test_own_head_starts_and_stops_without_touching_others(ray_head, tmp_path):
     req = urllib.request.Request(f"{exports['PLACESNET_DASHBOARD']}/api/version",
                                  headers={"Authorization": f"Bearer {ray_head.token}"})
     assert urllib.request.urlopen(req, timeout=10).status == 200
+    # its job agent has a port of its own: jobs are accepted although 52365 was taken
+    job = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", exports["PLACESNET_DASHBOARD"],
+                          "--", "python", "-c", "print('job ran')"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=180)
+    assert job.returncode == 0 and "job ran" in job.stdout, job.stdout[-2000:] + job.stderr[-2000:]
     stopped = _script("stop", "--state", state, env=env)
     assert stopped.returncode == 0 and "other Ray instances untouched" in stopped.stderr
     assert _script("status", "--state", state, env=env).returncode == 1

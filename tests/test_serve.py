@@ -218,16 +218,18 @@ def test_bad_build_args_are_clear(tmp_path):
 
 def test_build_args_reach_the_deployment(trained_run):
     """README: replicas autoscale between min_replicas and max_replicas on ongoing requests, with
-    the CPUs/GPUs given, and accept enough requests for a batch to fill. (Serve does the scaling;
-    this checks that it gets the options.)"""
+    the CPUs/GPUs given, and accept enough requests for a batch to fill. (This checks that Serve
+    gets the options; test_faults.py watches it scale up under load.)"""
     from serving.app import build_app
 
     run_dir, _ = trained_run
     app = build_app({"checkpoint": str(run_dir), "min_replicas": 1, "max_replicas": 3,
-                     "target_ongoing_requests": 4, "num_cpus": 0.5, "num_gpus": 0.25, "max_batch_size": 24})
+                     "target_ongoing_requests": 4, "num_cpus": 0.5, "num_gpus": 0.25, "max_batch_size": 24,
+                     "upscale_delay_s": 5, "downscale_delay_s": 0})
     deployment = app._bound_deployment
     scaling = deployment._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 4)
+    assert (scaling.upscale_delay_s, scaling.downscale_delay_s) == (5, 0)
     assert deployment.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.25}
     assert deployment.max_ongoing_requests == 48  # two batches of 24 may be in flight
 
