@@ -36,10 +36,15 @@ def test_own_head_starts_and_stops_without_touching_others(ray_head, tmp_path):
     state = tmp_path / "state"
     held = _hold_port(52365)  # Ray's default job-agent port, taken as on a machine with another head
     try:
-        started = _script("start", "--state", state, "--num-cpus", "1", env=env)
+        _start_use_and_stop(ray_head, env, state, tmp_path)
     finally:
         if held:
             held.close()
+        _script("stop", "--state", state, env=env)  # ends the head if an assert stopped the test
+
+
+def _start_use_and_stop(ray_head, env, state, tmp_path):
+    started = _script("start", "--state", state, "--num-cpus", "1", env=env)
     assert started.returncode == 0, started.stderr
     exports = dict(line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines())
     assert exports["RAY_ADDRESS"] != ray_head.address  # its own ports, not the defaults' or another's
