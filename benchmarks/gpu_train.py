@@ -1,10 +1,13 @@
 """GPU fast path: DeepCNN training images/s at 256 px for fp32 vs AMP vs AMP + channels_last
 (+ torch.compile), the epoch loop's device-side loss sums against reading the loss on the host
-after every step (as it did before), and the input pipeline's images/s with all of this
-machine's CPUs.
+after every step (as it did before), the input pipeline's images/s with all of this machine's
+CPUs, and end to end: the same training step fed real JPEGs by each input mode of train.py
+(--decode cpu, --decode gpu, and with --ray-data --input ray-data), as a ratio of the synthetic
+row (issue #11's goal on an H100/H200 with compile: >= 0.9x).
 
     python benchmarks/gpu_train.py                    # on a CUDA machine; needs torch + torchvision, not Ray
     python benchmarks/gpu_train.py --batch-size 512 --steps 50
+    python benchmarks/gpu_train.py --ray-data         # + the Ray Data end-to-end row (needs Ray)
     python benchmarks/gpu_train.py --device cpu --image-size 32 --batch-size 8 --steps 2 --no-input
                                                       # a smoke run of the same code without a GPU
 
@@ -41,9 +44,10 @@ MODES = [  # name, amp, channels_last, compile, check_every (0: the epoch loop's
 
 
 def train_rate(cfg: TrainConfig, device: torch.device, batch_size: int, steps: int, amp: bool,
-               channels_last: bool, compile: bool, check_every: int = 0) -> float:
+               channels_last: bool, compile: bool, check_every: int = 0, loader=None) -> float:
     """Steady-state training images/s: one untimed epoch of ``steps`` (compiles, warms cuDNN),
-    then one timed epoch."""
+    then one timed epoch. ``loader``: real batches instead of synthetic ones on the device (its
+    untimed epoch also starts its processes and warms the page cache)."""
     torch.manual_seed(0)
     model = build_model(cfg, 365).to(device)
     if channels_last:
@@ -53,7 +57,7 @@ def train_rate(cfg: TrainConfig, device: torch.device, batch_size: int, steps: i
     batches = [(torch.randint(0, 256, (batch_size, 3, cfg.image_size, cfg.image_size),
                               dtype=torch.uint8, device=device),
                 torch.randint(0, 365, (batch_size,), device=device)) for _ in range(4)]
-    loader = [batches[i % len(batches)] for i in range(steps)]
+    loader = loader if loader is not None else [batches[i % len(batches)] for i in range(steps)]
     optimizer = engine.build_optimizer(model, 0.01, 0.9, 5e-4, device)
     amp_dtype = engine.amp_dtype_for(device, amp) if device.type == "cuda" else (
         torch.bfloat16 if amp else None)
@@ -61,6 +65,38 @@ def train_rate(cfg: TrainConfig, device: torch.device, batch_size: int, steps: i
     kwargs = dict(amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last, check_every=check_every)
     engine.train_one_epoch(model, loader, optimizer, device, **kwargs)
     return engine.train_one_epoch(model, loader, optimizer, device, **kwargs)["images_per_s"]
+
+
+def real_loaders(root, cfg: TrainConfig, device: torch.device, batch_size: int, cpus: int,
+                 ray_data: bool) -> dict:
+    """train.py's input modes for one worker with all ``cpus``, over the JPEGs under ``root``:
+    the DataLoader with CPU decoding, the DataLoader of packed bytes decoded on ``device``
+    (nvJPEG on a GPU; the same code decodes on the CPU in a smoke run), Ray Data."""
+    from placesnet.data import LoaderPlan, MarkBadImages, eval_transform, make_train_loader, open_split
+    from placesnet.gpudecode import DeviceDecode, FileBytes, pack
+
+    cfg = cfg.replace(dataset="places365", data_root=str(root), skip_verify=True)
+    ds = open_split(cfg, "train", root)
+    kw = LoaderPlan(cpus, 1, device.type == "cuda").kwargs()
+    loaders = {
+        "real JPEGs: loader, --decode cpu": make_train_loader(MarkBadImages(ds, cfg.image_size), batch_size,
+                                                              0, 1, cfg.seed, **kw),
+        "real JPEGs: loader, --decode gpu": DeviceDecode(
+            make_train_loader(FileBytes(ds), batch_size, 0, 1, cfg.seed, collate_fn=pack, **kw), device,
+            eval_transform(cfg.image_size), cfg.image_size),
+    }
+    if ray_data:
+        import ray
+
+        from placesnet.cli import PACKAGE_DIR
+        from placesnet.raydata import ShardBatches, build_datasets
+
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False, runtime_env={"py_modules": [str(PACKAGE_DIR)]})
+        loaders["real JPEGs: --input ray-data"] = ShardBatches(
+            build_datasets(cfg, root)["train"], batch_size, len(ds), shuffle=True,
+            pin_memory=device.type == "cuda")
+    return loaders
 
 
 def main(argv=None) -> int:
@@ -73,7 +109,10 @@ def main(argv=None) -> int:
     p.add_argument("--widths", default="32,64,128,256", help="DeepCNN stages (default: %(default)s)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     p.add_argument("--no-input", action="store_true", help="skip the input pipeline rows")
-    p.add_argument("--input-images", type=int, default=2048, help="default: %(default)s")
+    p.add_argument("--input-images", type=int, default=2048,
+                   help="JPEGs for the input and end-to-end rows (default: %(default)s)")
+    p.add_argument("--ray-data", action="store_true", help="add the --input ray-data end-to-end row "
+                   "(a local Ray with all CPUs)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_train: skipped: no CUDA device here (run it on a GPU machine; --device cpu "
@@ -103,6 +142,18 @@ def main(argv=None) -> int:
 
         cpus = os.cpu_count() or 1
         root = sample_root(8, max(args.input_images // 8, 1))
+        best = "amp + channels_last" + ("" if args.no_compile else " + compile")
+        e2e = [{"input": f"synthetic batches on the device ({best})", "images/s": rate[best]}]
+        for name, loader in real_loaders(root, cfg, device, args.batch_size, cpus, args.ray_data).items():
+            e2e.append({"input": name, "images/s": train_rate(cfg, device, args.batch_size, 0, True, True,
+                                                             not args.no_compile, loader=loader)})
+            print(f"  {name}: {e2e[-1]['images/s']:,.0f} images/s", file=sys.stderr, flush=True)
+        for row in e2e:
+            row["vs synthetic"] = ratio(row["images/s"], e2e[0]["images/s"])
+        print_table(f"gpu_train: end to end, {best}, {args.image_size} px, batch {args.batch_size}, "
+                    f"{device}, {cpus} CPUs", e2e,
+                    note=f"{len(loader)} steps of real 256 px JPEGs per epoch, the second epoch timed; goal "
+                         "on an H100/H200 with compile: >= 0.9x of synthetic")
         input_rows = measure(root, image_size=args.image_size, images=args.input_images,
                              batch_size=min(args.batch_size, 256), loader_workers=cpus, repeats=2)
         print_table(f"gpu_train: input pipeline with all {cpus} CPUs as loader processes", input_rows,

@@ -85,15 +85,10 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None
     return None if image is None else image.to(device)
 
 
-def decode_batch(buffer: torch.Tensor, offsets: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor,
-                 device: torch.device, transform, size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Decode a packed batch on ``device``: (uint8 (B, 3, S, S) images on ``device``, CPU targets
-    with undecodable files marked ``-(index + 1)``, how many files left nvJPEG's batch path).
-
-    ``transform`` maps one decoded (3, H, W) uint8 image to (3, ``size``, ``size``): the CPU
-    path's transform.
-    """
-    files = unpack(buffer, offsets)
+def decode_files(files: list[torch.Tensor], device: torch.device) -> tuple[list[torch.Tensor | None], int]:
+    """Each file decoded to a uint8 (3, H, W) RGB image on ``device`` (None if it cannot be), and
+    how many files left nvJPEG's batch path: the JPEGs go to nvJPEG as one batch (one by one if it
+    rejects the batch), every other file to the CPU decoder."""
     images: list[torch.Tensor | None] = [None] * len(files)
     jpegs = [i for i, data in enumerate(files) if is_jpeg(data)]
     slow = len(files) - len(jpegs)
@@ -110,6 +105,18 @@ def decode_batch(buffer: torch.Tensor, offsets: torch.Tensor, targets: torch.Ten
         if i not in batched:
             image = _decode_on_cpu(data)
             images[i] = None if image is None else image.to(device, non_blocking=True)
+    return images, slow
+
+
+def decode_batch(buffer: torch.Tensor, offsets: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor,
+                 device: torch.device, transform, size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Decode a packed batch on ``device``: (uint8 (B, 3, S, S) images on ``device``, CPU targets
+    with undecodable files marked ``-(index + 1)``, how many files left nvJPEG's batch path).
+
+    ``transform`` maps one decoded (3, H, W) uint8 image to (3, ``size``, ``size``): the CPU
+    path's transform.
+    """
+    images, slow = decode_files(unpack(buffer, offsets), device)
     targets = targets.clone()
     out = []
     for i, image in enumerate(images):
@@ -120,6 +127,53 @@ def decode_batch(buffer: torch.Tensor, offsets: torch.Tensor, targets: torch.Ten
             out.append(transform(image))
     blank = torch.zeros((3, size, size), dtype=torch.uint8, device=device)
     return torch.stack([blank if o is None else o for o in out]), targets, slow
+
+
+def decode_uploads(uploads: list[bytes], device: torch.device, transform,
+                   max_pixels: int) -> list[torch.Tensor | Exception]:
+    """The Serve endpoint's decode on a GPU replica: each uploaded image as ``transform``'s uint8
+    (3, S, S) tensor on ``device``, or the :class:`~placesnet.images.BadImage` that says why not.
+
+    Every upload's header is read first (PIL, no pixel decoded), so an image over ``max_pixels``
+    is refused before any decoding. Complete 8-bit JPEGs in RGB or grayscale go to nvJPEG
+    together (:func:`decode_files`); anything else (PNG, WebP, CMYK or truncated JPEGs, ...) and
+    any file nvJPEG rejects is decoded by :func:`~placesnet.images.decode_image`, the CPU path of
+    ``predict.py``, so its verdicts and messages are the same.
+    """
+    import io
+
+    from PIL import Image
+
+    from .images import BadImage, decode_image
+
+    def nvjpeg_can_take(data: bytes) -> bool:
+        # no end-of-image marker: truncated, or trailing bytes; PIL's verdict, not nvJPEG's guess
+        if not data.startswith(JPEG_MAGIC) or not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+            return False
+        try:
+            with Image.open(io.BytesIO(data)) as img:  # the header only
+                return img.format == "JPEG" and img.mode in ("RGB", "L") and \
+                    img.size[0] * img.size[1] <= max_pixels
+        except Exception:  # noqa: BLE001 (anything PIL cannot read: decode_image says what)
+            return False
+
+    def on_cpu(data: bytes):
+        try:
+            return transform(decode_image(data, max_pixels)).to(device, non_blocking=True)
+        except BadImage as e:
+            return e
+
+    out: list = [None] * len(uploads)
+    fast = [i for i, data in enumerate(uploads) if nvjpeg_can_take(data)]
+    if fast:
+        decoded, _ = decode_files([torch.frombuffer(bytearray(uploads[i]), dtype=torch.uint8) for i in fast],
+                                  device)
+        for i, image in zip(fast, decoded):
+            out[i] = on_cpu(uploads[i]) if image is None else transform(image)
+    for i, data in enumerate(uploads):
+        if out[i] is None:
+            out[i] = on_cpu(data)
+    return out
 
 
 class DeviceDecode:

@@ -182,6 +182,18 @@ MUTATIONS = [
       "                answers = (await self._predict_many(named, k))[\"results\"]",
       "                answers = (await self._predict_many(named, k))[\"results\"][::-1]",
       ("tests/test_serve.py", "-k", "grpc"), ray=True),
+    M("serve gpu decode: pixel limit checked after nvJPEG", "placesnet/gpudecode.py",
+      " and \\\n                    img.size[0] * img.size[1] <= max_pixels", "",
+      ("tests/test_gpudecode.py", "-k", "uploads_decode_like")),
+    M("serve gpu decode: answers out of order", "placesnet/gpudecode.py",
+      "for i, image in zip(fast, decoded):", "for i, image in zip(fast, decoded[::-1]):",
+      ("tests/test_gpudecode.py", "-k", "uploads_decode_like")),
+    M("serve gpu decode: a request's uploads one by one", "serving/app.py",
+      "decoded = iter(await asyncio.to_thread(self._preprocess_on_device,\n"
+      "                                                   [data for _, data in files if data]))",
+      "decoded = iter([(await asyncio.to_thread(self._preprocess_on_device, [data]))[0]\n"
+      "                            for _, data in files if data])",
+      ("tests/test_gpudecode.py", "-k", "replica")),
     # --- data --------------------------------------------------------------------------------
     M("data check: label == classes accepted", "placesnet/validate.py",
       "elif not 0 <= int(label) < num_classes:", "elif not 0 <= int(label) <= num_classes:",

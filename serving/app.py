@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_wait_timeout_s": 0.01,
     "adaptive_batching": 1,  # 1: a request with no other in flight on its replica skips the wait
     "max_images_per_request": 64,  # multipart requests with several `file` fields
+    "gpu_decode": 1,  # 1: a replica with a GPU decodes JPEGs with nvJPEG (0: always the CPU threads)
     "top_k": 5,
     "max_body_bytes": 20 * 1024 * 1024,
     "max_pixels": MAX_PIXELS,
@@ -57,6 +58,11 @@ class ClientError(Exception):
     def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers
+
+
+def _bad_image(e: Exception) -> ClientError:
+    """An image the decoder refused: 415 if it is no image format at all, else 400."""
+    return ClientError(415 if "not a recognised" in str(e) else 400, str(e))
 
 
 # --- optional bearer token (api_key_env / api_key_file) ------------------------------------------
@@ -150,6 +156,9 @@ class SceneClassifier:
         # given: more would only compete with the model's threads for the same cores.
         threads = max(1, math.ceil(float(self.options["num_cpus"])))
         self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+        # On a GPU replica, JPEGs are decoded by nvJPEG on the GPU, a request's images in one batch
+        # (about 14x a CPU thread on an H200, see docs/benchmarks.md); other formats on the CPU.
+        self.gpu_decode = bool(self.options["gpu_decode"]) and self.device.type == "cuda"
         self.predict_batch.set_max_batch_size(int(self.options["max_batch_size"]))
         self.predict_batch.set_batch_wait_timeout_s(float(self.options["batch_wait_timeout_s"]))
         self._run_model(self._probe())  # fail at start-up, not on the first request
@@ -192,11 +201,24 @@ class SceneClassifier:
     def _preprocess(self, data: bytes):
         from placesnet.images import BadImage, decode_image
 
+        if self.gpu_decode:
+            item = self._preprocess_on_device([data])[0]
+            if isinstance(item, ClientError):
+                raise item
+            return item
         try:
             image = decode_image(data, int(self.options["max_pixels"]))
         except BadImage as e:
-            raise ClientError(415 if "not a recognised" in str(e) else 400, str(e)) from None
+            raise _bad_image(e) from None
         return self.transform(image)
+
+    def _preprocess_on_device(self, uploads: list[bytes]) -> list:
+        """nvJPEG on this replica's GPU, all of ``uploads`` at once: a (3, S, S) uint8 tensor on
+        the GPU or a ClientError per upload (see gpudecode.decode_uploads)."""
+        from placesnet.gpudecode import decode_uploads
+
+        out = decode_uploads(uploads, self.device, self.transform, int(self.options["max_pixels"]))
+        return [_bad_image(item) if isinstance(item, Exception) else item for item in out]
 
     # --- HTTP API -----------------------------------------------------------------------------
 
@@ -275,10 +297,17 @@ class SceneClassifier:
 
     async def _predict_many(self, files: list[tuple[str, bytes]], k: int,
                             response: Response | None = None) -> dict:
-        """Several images of one request: decoded in parallel (the replica's decode threads), then
-        run together, ``max_batch_size`` per forward pass, without the batch queue's wait."""
-        prepared = await asyncio.gather(*(self._decode(self._preprocess_or_error, data)
-                                          for _, data in files))
+        """Several images of one request: decoded together (nvJPEG on a GPU replica, else in
+        parallel in the replica's decode threads), then run together, ``max_batch_size`` per
+        forward pass, without the batch queue's wait."""
+        if self.gpu_decode:  # one nvJPEG batch for the request's JPEGs
+            decoded = iter(await asyncio.to_thread(self._preprocess_on_device,
+                                                   [data for _, data in files if data]))
+            prepared = [next(decoded) if data else ClientError(400, "empty 'file' field")
+                        for _, data in files]
+        else:  # in parallel in the replica's decode threads
+            prepared = await asyncio.gather(*(self._decode(self._preprocess_or_error, data)
+                                              for _, data in files))
         good = [t for t in prepared if not isinstance(t, ClientError)]
         probs = iter(await asyncio.to_thread(self._run_chunks, good) if good else [])
         results = []
@@ -399,7 +428,8 @@ class SceneClassifier:
                 "val_top5": meta["metrics"].get("val_top5"), "num_classes": len(self.labels),
                 "image_size": self.loaded.config.image_size, "config": self.loaded.config.to_dict(),
                 "device": str(self.device), "max_batch_size": self.options["max_batch_size"],
-                "decode_threads": self.decode_pool._max_workers}
+                "decode_threads": self.decode_pool._max_workers,
+                "decode": "nvjpeg" if self.gpu_decode else "cpu"}
 
     def check_health(self) -> None:
         """Serve's own health check: a replica whose model cannot run is replaced."""
@@ -426,7 +456,7 @@ def _number(args: dict, key: str, kind):
     except (TypeError, ValueError):
         raise ValueError(f"{key} must be a {kind.__name__}, got {args.get(key)!r}") from None
     if value < 0 or (value == 0 and key not in ("num_gpus", "batch_wait_timeout_s", "min_replicas",
-                                                "adaptive_batching", "upscale_delay_s",
+                                                "adaptive_batching", "gpu_decode", "upscale_delay_s",
                                                 "downscale_delay_s")):
         raise ValueError(f"{key} must be positive, got {value}")
     return value
@@ -453,7 +483,7 @@ def build_app(args: dict) -> Application:
     Keys: checkpoint (required); autoscaling: min_replicas (default: 2 where the cluster has
     room), max_replicas, target_ongoing_requests, upscale_delay_s, downscale_delay_s; num_cpus,
     num_gpus (fractions allowed), max_batch_size, batch_wait_timeout_s, adaptive_batching,
-    max_images_per_request, top_k, max_body_bytes, max_pixels; and for a bearer token
+    max_images_per_request, top_k, max_body_bytes, max_pixels, gpu_decode; and for a bearer token
     api_key_env=NAME (the replicas read the key from $NAME or the file in $NAME_FILE) or
     api_key_file=/abs/path (never the key itself). Raises ValueError with a clear message for a
     missing/corrupt checkpoint or bad values.

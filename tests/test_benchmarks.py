@@ -73,12 +73,17 @@ def test_gpu_train_benchmark_skips_without_cuda_and_runs_on_cpu():
         assert proc.returncode == 0 and "skipped: no CUDA device" in proc.stdout
     out = _table(run_script("benchmarks/gpu_train.py", "--device", "cpu", "--image-size", 32,
                             "--batch-size", 4, "--steps", 2, "--widths", "8,16", "--no-compile",
-                            "--input-images", 16),
+                            "--input-images", 16, "--ray-data"),
                  "fp32", "amp", "amp + channels_last", "amp + channels_last, host sync every step",
                  "workshop", "project")
     _check_ratios(out, "mode", "images/s", "vs fp32", "fp32",
                   ["amp", "amp + channels_last", "amp + channels_last, host sync every step"])
     assert re.search(r"read at check points / host sync every step: \d+\.\d\dx", out), out
+    # end to end: the synthetic row's step fed by each of train.py's input modes, real JPEGs
+    e2e = ["real JPEGs: loader, --decode cpu", "real JPEGs: loader, --decode gpu", "real JPEGs: --input ray-data"]
+    _check_ratios(out, "input", "images/s", "vs synthetic", "synthetic batches on the device (amp + channels_last)",
+                  e2e)
+    assert "4 steps of real 256 px JPEGs per epoch" in out  # 16 images, batch 4
 
 
 @pytest.mark.slow

@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader
 from torchvision.io import encode_png, read_file
 
 from placesnet.config import TrainConfig, UserError
-from placesnet.data import (MarkBadImages, ShardSampler, eval_transform, make_train_loader, open_split,
-                            read_image_uint8, train_transform)
+from placesnet.data import (MarkBadImages, ShardSampler, eval_transform, make_train_loader, normalize,
+                            open_split, read_image_uint8, train_transform)
 from placesnet.gpudecode import DeviceDecode, FileBytes, decode_batch, pack, unpack
 from placesnet.worker import decode_on_gpu
 
@@ -112,3 +112,115 @@ def test_nvjpeg_matches_the_cpu_decoder_within_one_intensity_level(tiny_root, ti
     diff = (images.cpu().int() - expected.int()).abs()
     assert diff.max() <= 1, (diff.max(), diff.float().mean())
     assert read_file(ds.imgs[0][0]).numel() > 0
+
+
+def _serving_uploads(tiny_root) -> dict[str, bytes]:
+    """What clients send the endpoint: photos of several sizes and modes, and broken files."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def encode(img, fmt, **kw):
+        buf = io.BytesIO()
+        img.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    rng = np.random.default_rng(0)
+    # a smooth "photo" (gradients + noise), not square, larger than the model's 32 px
+    yy, xx = np.mgrid[0:180, 0:250]
+    photo = np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1) + rng.integers(0, 40, (180, 250, 3))
+    photo = Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8))
+    sample = (tiny_root / "val_256/Places365_val_00000001.jpg").read_bytes()
+    return {
+        "sample": sample,
+        "photo": encode(photo, "JPEG", quality=90),
+        "progressive": encode(photo, "JPEG", quality=75, progressive=True),
+        "gray": encode(photo.convert("L"), "JPEG"),
+        "cmyk": encode(photo.convert("CMYK"), "JPEG"),
+        "png": encode(photo, "PNG"),
+        "truncated": sample[: len(sample) // 2],
+        "garbage jpeg": b"\xff\xd8\xff\xe0" + b"\x00garbage" * 50 + b"\xff\xd9",
+        "text": b"not an image at all",
+        "huge": encode(Image.new("RGB", (400, 300)), "JPEG"),  # over the max_pixels given below
+    }
+
+
+def test_serving_uploads_decode_like_predict_py_and_are_refused_alike(tiny_root):
+    """gpudecode.decode_uploads (a GPU replica's decode, here on the CPU): the same (3, S, S)
+    uint8 tensors as predict.py's path (PIL decode_image + the eval transform) within one
+    intensity level, and the same BadImage messages for what it refuses, in the order given."""
+    from placesnet.gpudecode import decode_uploads
+    from placesnet.images import BadImage, decode_image
+
+    uploads, transform, limit = _serving_uploads(tiny_root), eval_transform(32), 100_000
+    got = dict(zip(uploads, decode_uploads(list(uploads.values()), CPU, transform, limit), strict=True))
+    for name, data in uploads.items():
+        try:
+            expected = transform(decode_image(data, limit))
+        except BadImage as e:
+            assert isinstance(got[name], BadImage) and str(got[name]) == str(e), (name, got[name])
+            continue
+        assert isinstance(got[name], torch.Tensor) and got[name].shape == (3, 32, 32), (name, got[name])
+        assert (got[name].int() - expected.int()).abs().max() <= 1, name
+    refused = {name for name, item in got.items() if isinstance(item, BadImage)}
+    assert refused == {"truncated", "garbage jpeg", "text", "huge"}
+    assert "over the limit" in str(got["huge"]) and "not a recognised" in str(got["text"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_serving_uploads_on_the_gpu_match_the_cpu_and_give_the_same_predictions(tiny_root):
+    from placesnet.gpudecode import decode_uploads
+    from placesnet.model import build_model
+
+    uploads, transform = list(_serving_uploads(tiny_root).values()), eval_transform(32)
+    cpu = decode_uploads(uploads, CPU, transform, 100_000)
+    gpu = decode_uploads(uploads, torch.device("cuda"), transform, 100_000)
+    good = [i for i, item in enumerate(cpu) if isinstance(item, torch.Tensor)]
+    assert [i for i, item in enumerate(gpu) if isinstance(item, torch.Tensor)] == good
+    a, b = torch.stack([cpu[i] for i in good]), torch.stack([gpu[i] for i in good]).cpu()
+    assert (a.int() - b.int()).abs().max() <= 3  # nvJPEG's IDCT/upsampling vs libjpeg-turbo's
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(image_size=32), 365).eval()
+    with torch.inference_mode():
+        pa, pb = (torch.softmax(model(normalize(x)), 1) for x in (a, b))
+    assert torch.allclose(pa, pb, atol=2e-2) and torch.equal(pa.argmax(1), pb.argmax(1))
+
+
+def test_a_gpu_replica_sends_a_requests_uploads_through_one_device_decode(tiny_config, tiny_root, tmp_path):
+    """serving/app.py with gpu_decode on (forced here on a CPU; a replica turns it on only with a
+    GPU): a multi-image request's uploads go to decode_uploads as ONE batch, the answers come in
+    the request's order and match the CPU replica's, broken files get the CPU path's status."""
+    import asyncio
+
+    from placesnet.checkpoint import save_checkpoint
+    from placesnet.model import build_model
+    from serving.app import ClientError, SceneClassifier
+
+    replica_class = SceneClassifier.func_or_class.__mro__[1]  # the class under Serve's wrappers
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ckpt", model=build_model(tiny_config, 4), config=tiny_config,
+                    classes=["/b/beach", "/d/desert/sand", "/f/field/wild", "/f/forest/broadleaf"],
+                    epoch=0, metrics={"epoch": 1, "val_top1": 0.0}, history=[])
+    options = {"num_cpus": 1, "max_pixels": 100_000, "max_batch_size": 4}
+    cpu, dev = replica_class(str(tmp_path / "ckpt"), options), replica_class(str(tmp_path / "ckpt"), options)
+    assert not cpu.gpu_decode  # no GPU here
+    dev.gpu_decode, batches = True, []
+    device_decode = dev._preprocess_on_device
+    dev._preprocess_on_device = lambda uploads: batches.append(len(uploads)) or device_decode(uploads)
+    files = [*_serving_uploads(tiny_root).items(), ("empty", b"")]
+    a, b = (asyncio.run(r._predict_many(files, 3)) for r in (cpu, dev))
+    assert batches == [len(files) - 1]  # every non-empty upload in one device batch
+    assert [r["file"] for r in b["results"]] == [name for name, _ in files]
+    for ra, rb in zip(a["results"], b["results"], strict=True):
+        assert ra.get("status") == rb.get("status") and ra.get("error") == rb.get("error"), (ra, rb)
+        if "predictions" in ra:
+            assert [p["label"] for p in ra["predictions"]] == [p["label"] for p in rb["predictions"]]
+            assert [p["probability"] for p in ra["predictions"]] == \
+                pytest.approx([p["probability"] for p in rb["predictions"]], abs=1e-3)
+    assert sum("predictions" in r for r in b["results"]) == 6
+    # one image per request: the same route, one upload per device batch
+    assert (dev._preprocess(files[1][1]).int() - cpu._preprocess(files[1][1]).int()).abs().max() <= 1
+    with pytest.raises(ClientError) as refused:
+        dev._preprocess(b"not an image at all")
+    assert refused.value.status == 415 and batches[-1] == 1
