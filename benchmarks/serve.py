@@ -5,6 +5,7 @@ app serving the same model.
     python benchmarks/serve.py                               # local Ray, a random-weight sample model
     python benchmarks/serve.py --checkpoint ~/ray_results/deepcnn-sample-... --requests 500
     python benchmarks/serve.py --address auto --concurrency 1,8,32,64
+    python benchmarks/serve.py --gpus 0.25 --cpus 2 --image-size 256   # GPU replicas (and plain app)
 
 Two more rows send the batched endpoint the same image over gRPC (serving/scene.proto through
 Serve's gRPC proxy), one and --per-request images per call, next to HTTP. A fifth row is the batched endpoint with ``adaptive_batching=0``: Serve's plain ``@serve.batch``,
@@ -57,7 +58,7 @@ def random_checkpoint(directory: Path, image_size: int) -> Path:
 
 # --- the plain baseline: one process, FastAPI + uvicorn, same preprocessing and model -----------
 
-def plain_server(checkpoint: str, port: int, threads: int) -> None:
+def plain_server(checkpoint: str, port: int, threads: int, gpu: bool = False) -> None:
     import torch
     import uvicorn
     from fastapi import FastAPI, Request
@@ -67,7 +68,7 @@ def plain_server(checkpoint: str, port: int, threads: int) -> None:
     from placesnet.images import decode_image
 
     torch.set_num_threads(threads)
-    loaded = load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint, torch.device("cuda" if gpu else "cpu"))
     app = FastAPI()
 
     @app.post(ROUTE + "/predict")
@@ -81,10 +82,10 @@ def plain_server(checkpoint: str, port: int, threads: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def start_plain(checkpoint: str, port: int, threads: int) -> subprocess.Popen:
+def start_plain(checkpoint: str, port: int, threads: int, gpus: float = 0) -> subprocess.Popen:
     """The plain app in a subprocess; it starts while the Serve apps deploy."""
     return subprocess.Popen([sys.executable, __file__, "--plain-server", str(port),
-                             "--checkpoint", checkpoint, "--cpus", str(threads)])
+                             "--checkpoint", checkpoint, "--cpus", str(threads), "--gpus", str(gpus)])
 
 
 # --- Ray Serve -------------------------------------------------------------------------------
@@ -99,11 +100,11 @@ def deploy(app, name: str, port: int) -> str:
     return f"http://127.0.0.1:{port}{route}"
 
 
-def model_app(checkpoint: str, cpus: float, max_batch_size: int, adaptive: bool = True):
+def model_app(checkpoint: str, cpus: float, max_batch_size: int, adaptive: bool = True, gpus: float = 0):
     from serving.app import build_app
 
     return build_app({"checkpoint": checkpoint, "min_replicas": 1, "max_replicas": 1,
-                      "num_cpus": cpus, "max_batch_size": max_batch_size,
+                      "num_cpus": cpus, "num_gpus": gpus, "max_batch_size": max_batch_size,
                       "adaptive_batching": int(adaptive)})
 
 
@@ -302,10 +303,20 @@ def main(argv=None) -> None:
     p.add_argument("--plain-port", type=int, default=8124, help="the plain app's port")
     p.add_argument("--grpc-port", type=int, default=9124, help="Serve's gRPC port, when this run starts "
                    "Serve (default: %(default)s)")
+    p.add_argument("--gpus", type=float, default=0,
+                   help="GPU per model replica (fractions allowed; the three model apps share the "
+                        "GPUs) and the plain app on a GPU; 0: CPU only (default: %(default)s)")
     p.add_argument("--plain-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.plain_server:
-        return plain_server(args.checkpoint, args.plain_server, max(1, int(args.cpus)))
+        return plain_server(args.checkpoint, args.plain_server, max(1, int(args.cpus)), args.gpus > 0)
+    if args.gpus < 0:
+        p.error(f"--gpus must be >= 0, got {args.gpus:g}")
+    if args.gpus > 0 and not args.address:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error(f"--gpus {args.gpus:g} needs a CUDA GPU here (or --address of a cluster with GPUs)")
 
     import ray
     from ray import serve
@@ -323,7 +334,7 @@ def main(argv=None) -> None:
             serve.start(http_options={"host": "127.0.0.1", "port": args.port},
                         grpc_options={"port": args.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]})
         port = args.port
-        plain_proc = start_plain(checkpoint, args.plain_port, max(1, int(args.cpus)))
+        plain_proc = start_plain(checkpoint, args.plain_port, max(1, int(args.cpus)), args.gpus)
         names = [f"serve, batching (max {args.max_batch_size})", "serve, batching off",
                  "plain FastAPI + uvicorn", "serve, echo (no model)",
                  "serve, batching, always queued (adaptive_batching=0)",
@@ -333,12 +344,13 @@ def main(argv=None) -> None:
         results, wrk_results = {}, {}
         try:
             bases = {
-                names[0]: deploy(model_app(checkpoint, args.cpus, args.max_batch_size), "batched", port),
-                names[1]: deploy(model_app(checkpoint, args.cpus, 1), "unbatched", port),
+                names[0]: deploy(model_app(checkpoint, args.cpus, args.max_batch_size, gpus=args.gpus),
+                                 "batched", port),
+                names[1]: deploy(model_app(checkpoint, args.cpus, 1, gpus=args.gpus), "unbatched", port),
                 names[2]: f"http://127.0.0.1:{args.plain_port}{ROUTE}",
                 names[3]: deploy(echo_app(args.cpus), "echo", port),
-                names[4]: deploy(model_app(checkpoint, args.cpus, args.max_batch_size, adaptive=False),
-                                 "queued", port),
+                names[4]: deploy(model_app(checkpoint, args.cpus, args.max_batch_size, adaptive=False,
+                                           gpus=args.gpus), "queued", port),
             }
             bases[names[5]] = bases[names[0]]  # the batched app, sent several images per request
             for name in grpc_rows:  # the batched app again, over gRPC
@@ -367,7 +379,8 @@ def main(argv=None) -> None:
                     with contextlib.suppress(Exception):
                         serve.delete(f"{APP_NAME}-{app}")
             ray.shutdown()
-        costs = stage_costs(checkpoint, body, max(1, int(args.cpus)), args.max_batch_size)
+        # the stage table splits CPU time: on GPU replicas the model's share is not CPU time
+        costs = None if args.gpus else stage_costs(checkpoint, body, max(1, int(args.cpus)), args.max_batch_size)
     if not grpc_rows:
         print("\ngRPC rows: left out, Serve was already running here without the project's gRPC "
               "servicer (start it with grpc_options, see serving/config.yaml)")
@@ -385,7 +398,8 @@ def main(argv=None) -> None:
     ceiling = ratio(results[names[3], top]["requests/s"], results[names[1], top]["requests/s"])
     where = "this machine" if not args.address else "the client's machine only"
     print_table(f"serve: {len(body):,}-byte JPEG, model at {args.image_size if not args.checkpoint else 'ckpt'} px, "
-                f"{args.cpus} CPU per server, {args.requests} requests per row", rows,
+                f"{args.cpus} CPU{f' + {args.gpus:g} GPU' if args.gpus else ''} per server, "
+                f"{args.requests} requests per row", rows,
                 note=f"goal: batching >= 2x batching off at concurrency 32; {args.per_request} images per "
                      f"request >= 3x the images/s of one per request; at concurrency 1 batching's "
                      f"p50 within 1.1x of batching off (adaptive: a lone request skips the batch wait; "
@@ -395,7 +409,8 @@ def main(argv=None) -> None:
                      f"cost); CPU ms/req: busy CPU on {where} per request, all processes")
 
 
-    stages(costs, args, results, names, top)
+    if costs:
+        stages(costs, args, results, names, top)
     wrk_rows = [{"server": name, "concurrency": top, **r,
                  "wrk / httpx req/s": ratio(r["requests/s"], results[name, top]["requests/s"])}
                 for name, r in wrk_results.items() if r]

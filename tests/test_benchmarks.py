@@ -55,6 +55,17 @@ def test_compute_benchmark_refuses_zero_threads():
     assert "Traceback" not in proc.stderr
 
 
+def test_serve_benchmark_refuses_gpus_it_cannot_have():
+    import torch
+
+    negative = run_script("benchmarks/serve.py", "--gpus", -1)
+    assert negative.returncode == 2 and "--gpus must be >= 0, got -1" in negative.stderr
+    if not torch.cuda.is_available():  # refused before Ray starts, not after minutes of deploying
+        proc = run_script("benchmarks/serve.py", "--gpus", 0.25)
+        assert proc.returncode == 2 and "--gpus 0.25 needs a CUDA GPU here" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
 def test_compute_benchmark_reports_a_fraction_of_the_matmul_peak():
     out = _table(run_script("benchmarks/compute.py", "--device", "cpu", "--image-size", 32,
                             "--batch-size", 2, "--steps", 1, "--matmul-size", 256,

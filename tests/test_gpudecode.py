@@ -100,6 +100,7 @@ def test_when_the_gpu_decodes():
         cfg.replace(decode="nvjpeg").validate()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_nvjpeg_matches_the_cpu_decoder_within_one_intensity_level(tiny_root, tiny_config):
     ds = open_split(tiny_config, "val", tiny_root)
@@ -168,6 +169,7 @@ def test_serving_uploads_decode_like_predict_py_and_are_refused_alike(tiny_root)
     assert "over the limit" in str(got["huge"]) and "not a recognised" in str(got["text"])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_serving_uploads_on_the_gpu_match_the_cpu_and_give_the_same_predictions(tiny_root):
     from placesnet.gpudecode import decode_uploads
