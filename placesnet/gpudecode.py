@@ -20,11 +20,16 @@ one by one, on the device and else on the CPU, so only the broken file is marked
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+# A Serve replica decodes requests in several threads; its GPU's decoder takes one call at a time
+# (the header checks and CPU fallbacks of decode_uploads stay outside the lock).
+_DEVICE_DECODE = threading.Lock()
 
 
 class FileBytes(Dataset):
@@ -166,8 +171,9 @@ def decode_uploads(uploads: list[bytes], device: torch.device, transform,
     out: list = [None] * len(uploads)
     fast = [i for i, data in enumerate(uploads) if nvjpeg_can_take(data)]
     if fast:
-        decoded, _ = decode_files([torch.frombuffer(bytearray(uploads[i]), dtype=torch.uint8) for i in fast],
-                                  device)
+        with _DEVICE_DECODE:
+            decoded, _ = decode_files([torch.frombuffer(bytearray(uploads[i]), dtype=torch.uint8)
+                                       for i in fast], device)
         for i, image in zip(fast, decoded):
             out[i] = on_cpu(uploads[i]) if image is None else transform(image)
     for i, data in enumerate(uploads):
