@@ -72,30 +72,21 @@ def real_loaders(root, cfg: TrainConfig, device: torch.device, batch_size: int, 
     """train.py's input modes for one worker with all ``cpus``, over the JPEGs under ``root``:
     the DataLoader with CPU decoding, the DataLoader of packed bytes decoded on ``device``
     (nvJPEG on a GPU; the same code decodes on the CPU in a smoke run), Ray Data."""
-    from placesnet.data import LoaderPlan, MarkBadImages, eval_transform, make_train_loader, open_split
-    from placesnet.gpudecode import DeviceDecode, FileBytes, pack
+    from placesnet.data import LoaderPlan, make_loaders, open_split
 
-    cfg = cfg.replace(dataset="places365", data_root=str(root), skip_verify=True)
+    cfg = cfg.replace(dataset="places365", data_root=str(root), skip_verify=True, batch_size=batch_size)
     ds = open_split(cfg, "train", root)
     kw = LoaderPlan(cpus, 1, device.type == "cuda").kwargs()
-    loaders = {
-        "real JPEGs: loader, --decode cpu": make_train_loader(MarkBadImages(ds, cfg.image_size), batch_size,
-                                                              0, 1, cfg.seed, **kw),
-        "real JPEGs: loader, --decode gpu": DeviceDecode(
-            make_train_loader(FileBytes(ds), batch_size, 0, 1, cfg.seed, collate_fn=pack, **kw), device,
-            eval_transform(cfg.image_size), cfg.image_size),
-    }
+    loaders = {f"real JPEGs: loader, --decode {mode}": make_loaders(cfg, ds, ds, 0, 1, kw, decode)[0]
+               for mode, decode in (("cpu", None), ("gpu", device))}
     if ray_data:
-        import ray
+        from input import RayDataInput
 
-        from placesnet.cli import PACKAGE_DIR
-        from placesnet.raydata import ShardBatches, build_datasets
+        from placesnet.raydata import ShardBatches
 
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="ERROR",
-                 log_to_driver=False, runtime_env={"py_modules": [str(PACKAGE_DIR)]})
-        loaders["real JPEGs: --input ray-data"] = ShardBatches(
-            build_datasets(cfg, root)["train"], batch_size, len(ds), shuffle=True,
-            pin_memory=device.type == "cuda")
+        pipeline = RayDataInput(root, cfg.image_size, len(ds), cpus)
+        loaders["real JPEGs: --input ray-data"] = ShardBatches(pipeline.ds, batch_size, len(ds), shuffle=True,
+                                                               pin_memory=device.type == "cuda")
     return loaders
 
 

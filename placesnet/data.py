@@ -270,6 +270,33 @@ def make_train_loader(dataset: Dataset, batch_size: int, rank: int, world: int, 
                       drop_last=drop_last_batch(len(sampler), per_rank), **kw)
 
 
+def make_loaders(cfg: TrainConfig, train_ds, val_ds, rank: int, world: int, kw: dict,
+                 decode_device: torch.device | None = None, warn=None) -> tuple:
+    """``--input loader`` for rank ``rank`` of ``world``, without Ray: (train batches, val batches,
+    the train sampler), each batch ``(uint8 images, targets)``. ``kw``: DataLoader settings
+    (:meth:`LoaderPlan.kwargs`). With ``decode_device`` the loader processes only read file bytes
+    and each batch is decoded there (``--decode gpu``, :mod:`gpudecode`); ``warn`` then gets one
+    line if files leave nvJPEG's batch path."""
+    per_worker = max(cfg.batch_size // world, 1)
+    if decode_device is not None:
+        from .gpudecode import FileBytes, pack
+
+        train_src, val_src = FileBytes(train_ds), FileBytes(val_ds)
+        kw = {**kw, "collate_fn": pack}
+    else:
+        train_src, val_src = MarkBadImages(train_ds, cfg.image_size), MarkBadImages(val_ds, cfg.image_size)
+    train = make_train_loader(train_src, cfg.batch_size, rank, world, cfg.seed, **kw)
+    sampler = train.sampler
+    val = DataLoader(val_src, batch_size=per_worker * 2, sampler=ShardSampler(val_src, rank, world), **kw)
+    if decode_device is not None:
+        from .gpudecode import DeviceDecode
+
+        size, warn = cfg.image_size, warn or (lambda message: None)
+        train = DeviceDecode(train, decode_device, train_transform(size, cfg.augment), size, warn)
+        val = DeviceDecode(val, decode_device, eval_transform(size), size, warn)
+    return train, val, sampler
+
+
 @dataclass(frozen=True)
 class LoaderPlan:
     """DataLoader settings for one training worker, derived from the CPUs Ray gives it."""

@@ -17,14 +17,12 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from torch.utils.data import DataLoader
 
 from . import engine
 from .checkpoint import (load_checkpoint, load_model_state, load_train_state, read_meta, save_checkpoint,
                          verify_checkpoint)
 from .config import SCORE, TrainConfig, UserError, checkpoint_score
-from .data import (BadImages, LoaderPlan, MarkBadImages, ShardSampler, class_names, make_train_loader,
-                   open_split, resolve_data_root)
+from .data import BadImages, LoaderPlan, class_names, make_loaders, open_split, resolve_data_root
 from .evaluation import evaluate_checkpoint
 from .model import build_model
 from .ray_train import _log
@@ -200,31 +198,14 @@ def decode_on_gpu(cfg: TrainConfig, device: torch.device, train_ds) -> bool:
 def _loaders(cfg: TrainConfig, train_ds, val_ds, rank: int, world: int, plan: LoaderPlan,
              device: torch.device, log=None):
     """--input loader: this worker's train and val batches, and the train sampler's set_epoch."""
-    per_worker = max(cfg.batch_size // world, 1)
-    kw = plan.kwargs()
     gpu = decode_on_gpu(cfg, device, train_ds)  # loader processes read bytes; nvJPEG decodes here
-    if gpu:
-        from .gpudecode import FileBytes, pack
-
-        train_src, val_src = FileBytes(train_ds), FileBytes(val_ds)
-        kw["collate_fn"] = pack
-    else:
-        train_src, val_src = MarkBadImages(train_ds, cfg.image_size), MarkBadImages(val_ds, cfg.image_size)
-    train_loader = make_train_loader(train_src, cfg.batch_size, rank, world, cfg.seed, **kw)
-    sampler = train_loader.sampler
-    val_loader = DataLoader(val_src, batch_size=per_worker * 2, sampler=ShardSampler(val_src, rank, world), **kw)
-    if gpu:
-        from .data import eval_transform, train_transform
-        from .gpudecode import DeviceDecode
-
-        if log:
-            log("--decode gpu: loader processes read the files, nvJPEG decodes each batch on the GPU")
-        warn = log or (lambda message: None)
-        return (DeviceDecode(train_loader, device, train_transform(cfg.image_size, cfg.augment), cfg.image_size, warn),
-                DeviceDecode(val_loader, device, eval_transform(cfg.image_size), cfg.image_size, warn),
-                sampler.set_epoch)
-    train_loader = ray.train.torch.prepare_data_loader(train_loader)  # sampler already set
-    val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=False)
+    if gpu and log:
+        log("--decode gpu: loader processes read the files, nvJPEG decodes each batch on the GPU")
+    train_loader, val_loader, sampler = make_loaders(cfg, train_ds, val_ds, rank, world, plan.kwargs(),
+                                                     device if gpu else None, log)
+    if not gpu:  # batches to the device (DeviceDecode's are there already); sampler already set
+        train_loader = ray.train.torch.prepare_data_loader(train_loader)
+        val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=False)
     return train_loader, val_loader, sampler.set_epoch
 
 

@@ -226,7 +226,7 @@ MUTATIONS = [
       '    best = result.get_best_checkpoint(SCORE, "max")', "    best = result.checkpoint",
       ("tests/test_reliability.py", "-k", "summary")),
     # --- Ray end to end (minutes each) -----------------------------------------------------------
-    M("train: val padded by DistributedSampler", "placesnet/worker.py",
+    M("train: val padded by DistributedSampler", "placesnet/data.py",
       "sampler=ShardSampler(val_src, rank, world)", "sampler=torch.utils.data.DistributedSampler(val_src, world, rank, shuffle=False)",
       ("tests/test_faults.py", "-k", "skipped"), ray=True),
     M("ddp: every worker takes the whole global batch", "placesnet/data.py",

@@ -60,6 +60,9 @@ class ClientError(Exception):
         self.status, self.message, self.headers = status, message, headers
 
 
+EMPTY_FIELD = "empty 'file' field"
+
+
 def _bad_image(e: Exception) -> ClientError:
     """An image the decoder refused: 415 if it is no image format at all, else 400."""
     return ClientError(415 if "not a recognised" in str(e) else 400, str(e))
@@ -284,7 +287,7 @@ class SceneClassifier:
 
     def _preprocess_or_error(self, data: bytes):
         try:
-            return self._preprocess(data) if data else ClientError(400, "empty 'file' field")
+            return self._preprocess(data) if data else ClientError(400, EMPTY_FIELD)
         except ClientError as e:
             return e
 
@@ -303,7 +306,7 @@ class SceneClassifier:
         if self.gpu_decode:  # one nvJPEG batch for the request's JPEGs
             decoded = iter(await asyncio.to_thread(self._preprocess_on_device,
                                                    [data for _, data in files if data]))
-            prepared = [next(decoded) if data else ClientError(400, "empty 'file' field")
+            prepared = [next(decoded) if data else ClientError(400, EMPTY_FIELD)
                         for _, data in files]
         else:  # in parallel in the replica's decode threads
             prepared = await asyncio.gather(*(self._decode(self._preprocess_or_error, data)
@@ -363,7 +366,7 @@ class SceneClassifier:
         self._check_count_and_size(len(uploads), 0)
         files = [(u.filename or f"file{i}", await u.read()) for i, u in enumerate(uploads, start=1)]
         if len(files) == 1 and not files[0][1]:
-            raise ClientError(400, "empty 'file' field")
+            raise ClientError(400, EMPTY_FIELD)
         return files
 
     # --- gRPC API (serving/scene.proto; Serve's gRPC proxy calls the method of the RPC's name) ------
