@@ -7,7 +7,6 @@ has shut its own instance down (modules run in name order).
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 
@@ -15,14 +14,9 @@ import httpx
 import pytest
 import yaml
 
-from conftest import BIN, REPO, _free_port
+from conftest import BIN, REPO, _free_port, ray_driver
 
 pytestmark = pytest.mark.slow
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
 
 
 def _serve_run(args, env, url, image, dashboard, grpc_target=None):
@@ -85,10 +79,16 @@ def test_serve_run_config_file(ray_head, trained_run, tiny_root, tmp_path):
                grpc_target=f"127.0.0.1:{grpc_port}")
 
 
-def test_serve_run_documented_command_on_port_8000(ray_head, trained_run, tiny_root):
-    if not _port_free(8000):
-        pytest.skip("port 8000 is taken on this machine")
+def test_serve_run_documented_command(ray_head, trained_run, tiny_root):
+    """The README's `serve run serving.app:build_app checkpoint=...`, word for word. It would take
+    port 8000, which another program on the machine may hold; a Serve instance started first on a
+    free port is the one it deploys to (Serve keeps a running instance's HTTP options)."""
+    from ray import serve
+
     run_dir, _ = trained_run
+    port = _free_port()
+    with ray_driver(ray_head.address):
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
     _serve_run(["serving.app:build_app", f"checkpoint={run_dir}", "num_cpus=0.5"], ray_head.env,
-               "http://127.0.0.1:8000", tiny_root / "val_256/Places365_val_00000002.jpg",
+               f"http://127.0.0.1:{port}", tiny_root / "val_256/Places365_val_00000002.jpg",
                ray_head.dashboard)
