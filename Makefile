@@ -6,12 +6,13 @@ PY := $(VENV)/bin/python
 export VENV
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test test-fast bench bench-tools mutate notebook help
+.PHONY: setup demo test test-fast lint bench bench-tools mutate notebook help
 
 help:
 	@echo "make demo   - set up and train on the embedded sample data (ARGS='...' adds flags)"
 	@echo "make test   - set up and run the tests (PYTEST_ARGS='...' adds pytest flags)"
 	@echo "make setup  - only create/update the virtual environment in $(VENV)"
+	@echo "make lint   - ruff check and ruff format --check (the pinned ruff; 'ruff format .' fixes layout)"
 	@echo "make bench  - run every benchmark in benchmarks/ (tables for docs/benchmarks.md)"
 	@echo "make mutate - deliberate bugs in a fresh clone each, against their tests (MUTATE_ARGS='--fast')"
 	@echo "make notebook - JupyterLab (own venv) with the project's kernel, on notebooks/workshop.ipynb"
@@ -32,6 +33,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench-tools:
 	@scripts/bench_tools.sh

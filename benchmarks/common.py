@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Callable
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for placesnet
 
 
 def machine() -> str:
@@ -18,8 +15,10 @@ def machine() -> str:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}, "
-            f"torch {torch.__version__}, python {platform.python_version()}")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}, "
+        f"torch {torch.__version__}, python {platform.python_version()}"
+    )
 
 
 def print_table(title: str, rows: list[dict], note: str = "") -> None:
@@ -71,6 +70,6 @@ def busy_cpu_seconds() -> float | None:
 
 def sample_root(classes: int, per_class: int) -> Path:
     """A generated Places365-layout dataset of 256x256 JPEGs (cached under PLACESNET_CACHE)."""
-    from placesnet.sample import ensure_sample
+    from placesnet.data.sample import ensure_sample
 
     return ensure_sample(classes, per_class, max(per_class // 4, 1), 0, None)

@@ -1,4 +1,4 @@
-"""How long the driver-side data check (placesnet/validate.py) takes, per list line and per file.
+"""How long the driver-side data check (placesnet/data/validate.py) takes, per list line and per file.
 
 Builds a dataset in the Places365 layout with --lines training images (hard links to one JPEG:
 real directory entries to stat, no disk space) and times, in this process:
@@ -21,14 +21,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from placesnet.validate import check_dataset  # noqa: E402
+from placesnet.data.validate import check_dataset
 
 PLACES365_TRAIN_LINES = 1_803_460
 
@@ -79,14 +76,18 @@ def main() -> None:
     root.mkdir(parents=True)
     try:
         build(root, args.lines)
-        rows = [("baseline: sequential parse + stat", timed(lambda: naive(root))),
-                ("check_dataset (parse + 32 stat threads)", timed(lambda: check_dataset(root, ("train",)))),
-                ("check_dataset --no-check-files", timed(lambda: check_dataset(root, ("train",), files=False)))]
+        rows = [
+            ("baseline: sequential parse + stat", timed(lambda: naive(root))),
+            ("check_dataset (parse + 32 stat threads)", timed(lambda: check_dataset(root, ("train",)))),
+            ("check_dataset --no-check-files", timed(lambda: check_dataset(root, ("train",), files=False))),
+        ]
         print(f"{args.lines:,} list lines on {base} (best of 3):")
         print("| check | seconds | vs baseline | lines/s | 1.8 M lines |\n|---|---|---|---|---|")
         for name, t in rows:
-            print(f"| {name} | {t:.2f} | {t / rows[0][1]:.2f}x | {args.lines / t:,.0f} | "
-                  f"{PLACES365_TRAIN_LINES / (args.lines / t):.0f} s |")
+            print(
+                f"| {name} | {t:.2f} | {t / rows[0][1]:.2f}x | {args.lines / t:,.0f} | "
+                f"{PLACES365_TRAIN_LINES / (args.lines / t):.0f} s |"
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
         if not args.root:

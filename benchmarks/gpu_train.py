@@ -24,13 +24,12 @@ import argparse
 import os
 import sys
 
-from common import print_table, ratio, sample_root  # noqa: I001  (sets sys.path)
-
 import torch
+from common import print_table, ratio, sample_root
 
-from placesnet import engine
 from placesnet.config import TrainConfig
 from placesnet.model import build_model
+from placesnet.train import engine, optim
 
 SYNCED = "amp + channels_last, host sync every step"
 MODES = [  # name, amp, channels_last, compile, check_every (0: the epoch loop's default)
@@ -43,8 +42,17 @@ MODES = [  # name, amp, channels_last, compile, check_every (0: the epoch loop's
 ]
 
 
-def train_rate(cfg: TrainConfig, device: torch.device, batch_size: int, steps: int, amp: bool,
-               channels_last: bool, compile: bool, check_every: int = 0, loader=None) -> float:
+def train_rate(
+    cfg: TrainConfig,
+    device: torch.device,
+    batch_size: int,
+    steps: int,
+    amp: bool,
+    channels_last: bool,
+    compile: bool,
+    check_every: int = 0,
+    loader=None,
+) -> float:
     """Steady-state training images/s: one untimed epoch of ``steps`` (compiles, warms cuDNN),
     then one timed epoch. ``loader``: real batches instead of synthetic ones on the device (its
     untimed epoch also starts its processes and warms the page cache)."""
@@ -54,60 +62,85 @@ def train_rate(cfg: TrainConfig, device: torch.device, batch_size: int, steps: i
         model = model.to(memory_format=torch.channels_last)
     if compile:
         model.compile()
-    batches = [(torch.randint(0, 256, (batch_size, 3, cfg.image_size, cfg.image_size),
-                              dtype=torch.uint8, device=device),
-                torch.randint(0, 365, (batch_size,), device=device)) for _ in range(4)]
+    batches = [
+        (
+            torch.randint(
+                0, 256, (batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, device=device
+            ),
+            torch.randint(0, 365, (batch_size,), device=device),
+        )
+        for _ in range(4)
+    ]
     loader = loader if loader is not None else [batches[i % len(batches)] for i in range(steps)]
-    optimizer = engine.build_optimizer(model, 0.01, 0.9, 5e-4, device)
-    amp_dtype = engine.amp_dtype_for(device, amp) if device.type == "cuda" else (
-        torch.bfloat16 if amp else None)
+    optimizer = optim.build_optimizer(model, 0.01, 0.9, 5e-4, device)
+    amp_dtype = (
+        engine.amp_dtype_for(device, amp) if device.type == "cuda" else (torch.bfloat16 if amp else None)
+    )
     scaler = engine.make_scaler(device, amp_dtype)
     kwargs = dict(amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last, check_every=check_every)
     engine.train_one_epoch(model, loader, optimizer, device, **kwargs)
     return engine.train_one_epoch(model, loader, optimizer, device, **kwargs)["images_per_s"]
 
 
-def real_loaders(root, cfg: TrainConfig, device: torch.device, batch_size: int, cpus: int,
-                 ray_data: bool) -> dict:
+def real_loaders(
+    root, cfg: TrainConfig, device: torch.device, batch_size: int, cpus: int, ray_data: bool
+) -> dict:
     """train.py's input modes for one worker with all ``cpus``, over the JPEGs under ``root``:
     the DataLoader with CPU decoding, the DataLoader of packed bytes decoded on ``device``
     (nvJPEG on a GPU; the same code decodes on the CPU in a smoke run), Ray Data."""
-    from placesnet.data import LoaderPlan, make_loaders, open_split
+    from placesnet.data.loaders import LoaderPlan, make_loaders
+    from placesnet.data.places import open_split
 
     cfg = cfg.replace(dataset="places365", data_root=str(root), skip_verify=True, batch_size=batch_size)
     ds = open_split(cfg, "train", root)
     kw = LoaderPlan(cpus, 1, device.type == "cuda").kwargs()
-    loaders = {f"real JPEGs: loader, --decode {mode}": make_loaders(cfg, ds, ds, 0, 1, kw, decode)[0]
-               for mode, decode in (("cpu", None), ("gpu", device))}
+    loaders = {
+        f"real JPEGs: loader, --decode {mode}": make_loaders(cfg, ds, ds, 0, 1, kw, decode)[0]
+        for mode, decode in (("cpu", None), ("gpu", device))
+    }
     if ray_data:
         from input import RayDataInput
 
-        from placesnet.raydata import ShardBatches
+        from placesnet.data.raydata import ShardBatches
 
         pipeline = RayDataInput(root, cfg.image_size, len(ds), cpus)
-        loaders["real JPEGs: --input ray-data"] = ShardBatches(pipeline.ds, batch_size, len(ds), shuffle=True,
-                                                               pin_memory=device.type == "cuda")
+        loaders["real JPEGs: --input ray-data"] = ShardBatches(
+            pipeline.ds, batch_size, len(ds), shuffle=True, pin_memory=device.type == "cuda"
+        )
     return loaders
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                   help="cpu: a smoke run of the same code (default: %(default)s)")
+    p.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="cpu: a smoke run of the same code (default: %(default)s)",
+    )
     p.add_argument("--image-size", type=int, default=256, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=256, help="default: %(default)s")
     p.add_argument("--steps", type=int, default=30, help="timed steps per mode (default: %(default)s)")
     p.add_argument("--widths", default="32,64,128,256", help="DeepCNN stages (default: %(default)s)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     p.add_argument("--no-input", action="store_true", help="skip the input pipeline rows")
-    p.add_argument("--input-images", type=int, default=2048,
-                   help="JPEGs for the input and end-to-end rows (default: %(default)s)")
-    p.add_argument("--ray-data", action="store_true", help="add the --input ray-data end-to-end row "
-                   "(a local Ray with all CPUs)")
+    p.add_argument(
+        "--input-images",
+        type=int,
+        default=2048,
+        help="JPEGs for the input and end-to-end rows (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ray-data",
+        action="store_true",
+        help="add the --input ray-data end-to-end row (a local Ray with all CPUs)",
+    )
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_train: skipped: no CUDA device here (run it on a GPU machine; --device cpu "
-              "runs the same code on the CPU as a smoke test)")
+        print(
+            "gpu_train: skipped: no CUDA device here (run it on a GPU machine; --device cpu "
+            "runs the same code on the CPU as a smoke test)"
+        )
         return 0
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -124,10 +157,13 @@ def main(argv=None) -> int:
         row["vs fp32"] = ratio(row["images/s"], rows[0]["images/s"])
     amp_name = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
     rate = {r["mode"]: r["images/s"] for r in rows}
-    print_table(f"gpu_train: DeepCNN training, {args.image_size} px, batch {args.batch_size}, "
-                f"{device}", rows, note=f"amp = {amp_name} autocast; synthetic uint8 batches on the device\n"
-                f"losses summed on the device, read at check points / host sync every step: "
-                f"{ratio(rate['amp + channels_last'], rate[SYNCED])}")
+    print_table(
+        f"gpu_train: DeepCNN training, {args.image_size} px, batch {args.batch_size}, {device}",
+        rows,
+        note=f"amp = {amp_name} autocast; synthetic uint8 batches on the device\n"
+        f"losses summed on the device, read at check points / host sync every step: "
+        f"{ratio(rate['amp + channels_last'], rate[SYNCED])}",
+    )
     if not args.no_input:
         from input import measure
 
@@ -136,19 +172,37 @@ def main(argv=None) -> int:
         best = "amp + channels_last" + ("" if args.no_compile else " + compile")
         e2e = [{"input": f"synthetic batches on the device ({best})", "images/s": rate[best]}]
         for name, loader in real_loaders(root, cfg, device, args.batch_size, cpus, args.ray_data).items():
-            e2e.append({"input": name, "images/s": train_rate(cfg, device, args.batch_size, 0, True, True,
-                                                             not args.no_compile, loader=loader)})
+            e2e.append(
+                {
+                    "input": name,
+                    "images/s": train_rate(
+                        cfg, device, args.batch_size, 0, True, True, not args.no_compile, loader=loader
+                    ),
+                }
+            )
             print(f"  {name}: {e2e[-1]['images/s']:,.0f} images/s", file=sys.stderr, flush=True)
         for row in e2e:
             row["vs synthetic"] = ratio(row["images/s"], e2e[0]["images/s"])
-        print_table(f"gpu_train: end to end, {best}, {args.image_size} px, batch {args.batch_size}, "
-                    f"{device}, {cpus} CPUs", e2e,
-                    note=f"{len(loader)} steps of real 256 px JPEGs per epoch, the second epoch timed; goal "
-                         "on an H100/H200 with compile: >= 0.9x of synthetic")
-        input_rows = measure(root, image_size=args.image_size, images=args.input_images,
-                             batch_size=min(args.batch_size, 256), loader_workers=cpus, repeats=2)
-        print_table(f"gpu_train: input pipeline with all {cpus} CPUs as loader processes", input_rows,
-                    note=f"the GPU consumes {max(r['images/s'] for r in rows):,.0f} images/s at best")
+        print_table(
+            f"gpu_train: end to end, {best}, {args.image_size} px, batch {args.batch_size}, "
+            f"{device}, {cpus} CPUs",
+            e2e,
+            note=f"{len(loader)} steps of real 256 px JPEGs per epoch, the second epoch timed; goal "
+            "on an H100/H200 with compile: >= 0.9x of synthetic",
+        )
+        input_rows = measure(
+            root,
+            image_size=args.image_size,
+            images=args.input_images,
+            batch_size=min(args.batch_size, 256),
+            loader_workers=cpus,
+            repeats=2,
+        )
+        print_table(
+            f"gpu_train: input pipeline with all {cpus} CPUs as loader processes",
+            input_rows,
+            note=f"the GPU consumes {max(r['images/s'] for r in rows):,.0f} images/s at best",
+        )
     return 0
 
 

@@ -12,7 +12,7 @@ batch size and loader processes:
             on the training device afterwards, so it is not part of the loader's work
   project + normalize on CPU: the same, plus normalize() in the main process, as when the
             training device is this CPU (on a GPU that step costs microseconds)
-  ray data (--ray-data): train.py's --input ray-data pipeline (placesnet/raydata.py) on a
+  ray data (--ray-data): train.py's --input ray-data pipeline (placesnet/data/raydata.py) on a
             local Ray with --loader-workers CPUs: the same decode + resize in Ray Data tasks of
             one CPU each, batches streamed to this process (as to a Train worker)
 Prints images/s, images/s per loader process and bytes per batch, with ratios against the
@@ -24,25 +24,29 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from common import print_table, ratio, sample_root, timed  # noqa: I001  (sets sys.path)
-
 import torch
+from common import print_table, ratio, sample_root, timed
 from torch.utils.data import DataLoader, Subset
 
 from placesnet.config import TrainConfig
-from placesnet.data import LoaderPlan, Places365Copy, normalize, open_split, workshop_transform
+from placesnet.data.loaders import LoaderPlan
+from placesnet.data.places import Places365Copy, open_split
+from placesnet.data.transforms import normalize, workshop_transform
 
 
 def datasets(root, image_size: int, images: int) -> dict:
     """The same files, as the workshop and as this project read them."""
-    cfg = TrainConfig(dataset="places365", data_root=str(root), skip_verify=True,
-                      image_size=image_size)
+    cfg = TrainConfig(dataset="places365", data_root=str(root), skip_verify=True, image_size=image_size)
     ours = open_split(cfg, "train", root)
-    workshop = Places365Copy(str(root), split="train-standard", small=True,
-                             transform=workshop_transform(image_size))  # torchvision's PIL loader
+    workshop = Places365Copy(
+        str(root), split="train-standard", small=True, transform=workshop_transform(image_size)
+    )  # torchvision's PIL loader
     n = min(images, len(ours))
-    return {"workshop": (Subset(workshop, range(n)), False), "project": (Subset(ours, range(n)), False),
-            "project + normalize on CPU": (Subset(ours, range(n)), True)}
+    return {
+        "workshop": (Subset(workshop, range(n)), False),
+        "project": (Subset(ours, range(n)), False),
+        "project + normalize on CPU": (Subset(ours, range(n)), True),
+    }
 
 
 def run_once(ds, batch_size: int, loader_workers: int, normalize_batches: bool) -> tuple[float, int]:
@@ -71,10 +75,16 @@ class RayDataInput:
         import ray
 
         from placesnet.cli import PACKAGE_DIR
-        from placesnet.raydata import build_datasets
+        from placesnet.data.raydata import build_datasets
 
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="ERROR",
-                 log_to_driver=False, runtime_env={"py_modules": [str(PACKAGE_DIR)]})
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=False,
+            runtime_env={"py_modules": [str(PACKAGE_DIR)]},
+        )
         cfg = TrainConfig(dataset="places365", data_root=str(root), skip_verify=True, image_size=image_size)
         self.ds, self.images = build_datasets(cfg, root, images=images)["train"], images
 
@@ -93,12 +103,23 @@ class RayDataInput:
         return self.images / timed(consume), nbytes
 
 
-def measure(root, *, image_size: int, images: int, batch_size: int, loader_workers: int,
-            repeats: int, ray_data: bool = False) -> list[dict]:
+def measure(
+    root,
+    *,
+    image_size: int,
+    images: int,
+    batch_size: int,
+    loader_workers: int,
+    repeats: int,
+    ray_data: bool = False,
+) -> list[dict]:
     torch.set_num_threads(1)
     sets = datasets(root, image_size, images)
     if ray_data:
-        sets["ray data"] = (RayDataInput(root, image_size, len(sets["project"][0]), max(loader_workers, 1)), False)
+        sets["ray data"] = (
+            RayDataInput(root, image_size, len(sets["project"][0]), max(loader_workers, 1)),
+            False,
+        )
     best: dict[str, tuple[float, int]] = {}
     for _, name in itertools.product(range(repeats), sets):  # alternate: drift hits both alike
         ds, normalize_batches = sets[name]
@@ -110,11 +131,18 @@ def measure(root, *, image_size: int, images: int, batch_size: int, loader_worke
             best[name] = (rate, nbytes)
     base_rate, base_bytes = best["workshop"]
     procs = max(loader_workers, 1)
-    return [{"pipeline": name, "loader procs": loader_workers, "images/s": rate,
-             "images/s per proc": rate / procs, "MiB per batch": nbytes / 2**20,
-             "speed vs workshop": ratio(rate, base_rate),
-             "bytes vs workshop": ratio(nbytes, base_bytes)}
-            for name, (rate, nbytes) in best.items()]
+    return [
+        {
+            "pipeline": name,
+            "loader procs": loader_workers,
+            "images/s": rate,
+            "images/s per proc": rate / procs,
+            "MiB per batch": nbytes / 2**20,
+            "speed vs workshop": ratio(rate, base_rate),
+            "bytes vs workshop": ratio(nbytes, base_bytes),
+        }
+        for name, (rate, nbytes) in best.items()
+    ]
 
 
 def main(argv=None) -> None:
@@ -123,17 +151,34 @@ def main(argv=None) -> None:
     p.add_argument("--images", type=int, default=1024, help="images per run (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=256, help="default: %(default)s (the workshop's)")
     p.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
-    p.add_argument("--loader-workers", type=int, default=1,
-                   help="DataLoader processes; 0 decodes in the main process (default: %(default)s)")
+    p.add_argument(
+        "--loader-workers",
+        type=int,
+        default=1,
+        help="DataLoader processes; 0 decodes in the main process (default: %(default)s)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="runs per pipeline (default: %(default)s)")
-    p.add_argument("--ray-data", action="store_true",
-                   help="add train.py's --input ray-data pipeline on a local Ray with --loader-workers CPUs")
+    p.add_argument(
+        "--ray-data",
+        action="store_true",
+        help="add train.py's --input ray-data pipeline on a local Ray with --loader-workers CPUs",
+    )
     args = p.parse_args(argv)
     root = args.data_root or sample_root(8, max(args.images // 8, 1))
-    rows = measure(root, image_size=args.image_size, images=args.images, batch_size=args.batch_size,
-                   loader_workers=args.loader_workers, repeats=args.repeats, ray_data=args.ray_data)
-    print_table(f"input: {args.images} JPEGs at {args.image_size} px, batch {args.batch_size}", rows,
-                note="goal: project >= 2x the workshop's images/s per loader process")
+    rows = measure(
+        root,
+        image_size=args.image_size,
+        images=args.images,
+        batch_size=args.batch_size,
+        loader_workers=args.loader_workers,
+        repeats=args.repeats,
+        ray_data=args.ray_data,
+    )
+    print_table(
+        f"input: {args.images} JPEGs at {args.image_size} px, batch {args.batch_size}",
+        rows,
+        note="goal: project >= 2x the workshop's images/s per loader process",
+    )
 
 
 if __name__ == "__main__":

@@ -8,17 +8,17 @@ app serving the same model.
     python benchmarks/serve.py --gpus 0.25 --cpus 2 --image-size 256   # GPU replicas (and plain app)
 
 Two more rows send the batched endpoint the same image over gRPC (serving/scene.proto through
-Serve's gRPC proxy), one and --per-request images per call, next to HTTP. A fifth row is the batched endpoint with ``adaptive_batching=0``: Serve's plain ``@serve.batch``,
-where even a lone request waits ``batch_wait_timeout_s`` for company. The fourth row, an echo deployment that only reads the body, is Serve's own per-request floor on
-this machine (proxy + ingress, no model): no change on the model side can make batching beat
-batching off by more than echo does, and the table prints that ceiling. Every server gets the
-same CPU budget (--cpus: one Serve replica with that many CPUs, or that many torch threads in the
-plain app) and the same JPEG, and runs the project's preprocessing
-(``decode_image`` + ``eval_transform`` + ``normalize``). All servers are started first and then
-loaded one at a time (the others sit idle); the load comes from an asyncio httpx client in this
-process, and needs 4x --cpus free CPUs on the cluster. Ratios are against batching off, measured in
-the same invocation.
-"""
+Serve's gRPC proxy), one and --per-request images per call, next to HTTP. A fifth row is the
+batched endpoint with ``adaptive_batching=0``: Serve's plain ``@serve.batch``, where even a lone
+request waits ``batch_wait_timeout_s`` for company. The fourth row, an echo deployment that only
+reads the body, is Serve's own per-request floor on this machine (proxy + ingress, no model): no
+change on the model side can make batching beat batching off by more than echo does, and the table
+prints that ceiling. Every server gets the same CPU budget (--cpus: one Serve replica with that
+many CPUs, or that many torch threads in the plain app) and the same JPEG, and runs the project's
+preprocessing (``decode_image`` + ``eval_transform`` + ``normalize``). All servers are started
+first and then loaded one at a time (the others sit idle); the load comes from an asyncio httpx
+client in this process, and needs 4x --cpus free CPUs on the cluster. Ratios are against batching
+off, measured in the same invocation."""
 
 # No `from __future__ import annotations`: FastAPI must see the real Request type.
 import argparse
@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import busy_cpu_seconds, print_table, ratio, sample_root  # noqa: I001  (sets sys.path)
+from common import busy_cpu_seconds, print_table, ratio, sample_root
 
 REPO = Path(__file__).resolve().parents[1]
 APP_NAME, ROUTE = "placesnet-bench", "/placesnet-bench"
@@ -45,18 +45,26 @@ def random_checkpoint(directory: Path, image_size: int) -> Path:
 
     from placesnet.checkpoint import save_checkpoint
     from placesnet.config import TrainConfig
+    from placesnet.data.scenes import official_categories
     from placesnet.model import build_model
-    from placesnet.sample import official_categories
 
     cfg = TrainConfig(image_size=image_size)
-    classes = official_categories()[:cfg.sample_classes]
+    classes = official_categories()[: cfg.sample_classes]
     torch.manual_seed(0)
     metrics = {"epoch": 1, "val_top1": 0.0, "val_top5": 0.0}
-    return save_checkpoint(directory, model=build_model(cfg, len(classes)), config=cfg,
-                           classes=classes, epoch=0, metrics=metrics, history=[metrics])
+    return save_checkpoint(
+        directory,
+        model=build_model(cfg, len(classes)),
+        config=cfg,
+        classes=classes,
+        epoch=0,
+        metrics=metrics,
+        history=[metrics],
+    )
 
 
 # --- the plain baseline: one process, FastAPI + uvicorn, same preprocessing and model -----------
+
 
 def plain_server(checkpoint: str, port: int, threads: int, gpu: bool = False) -> None:
     import torch
@@ -84,11 +92,24 @@ def plain_server(checkpoint: str, port: int, threads: int, gpu: bool = False) ->
 
 def start_plain(checkpoint: str, port: int, threads: int, gpus: float = 0) -> subprocess.Popen:
     """The plain app in a subprocess; it starts while the Serve apps deploy."""
-    return subprocess.Popen([sys.executable, __file__, "--plain-server", str(port),
-                             "--checkpoint", checkpoint, "--cpus", str(threads), "--gpus", str(gpus)])
+    return subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--plain-server",
+            str(port),
+            "--checkpoint",
+            checkpoint,
+            "--cpus",
+            str(threads),
+            "--gpus",
+            str(gpus),
+        ]
+    )
 
 
 # --- Ray Serve -------------------------------------------------------------------------------
+
 
 def deploy(app, name: str, port: int) -> str:
     """Deploy ``app`` under its own name and route (apps stay up until the end, so no waiting
@@ -103,9 +124,17 @@ def deploy(app, name: str, port: int) -> str:
 def model_app(checkpoint: str, cpus: float, max_batch_size: int, adaptive: bool = True, gpus: float = 0):
     from serving.app import build_app
 
-    return build_app({"checkpoint": checkpoint, "min_replicas": 1, "max_replicas": 1,
-                      "num_cpus": cpus, "num_gpus": gpus, "max_batch_size": max_batch_size,
-                      "adaptive_batching": int(adaptive)})
+    return build_app(
+        {
+            "checkpoint": checkpoint,
+            "min_replicas": 1,
+            "max_replicas": 1,
+            "num_cpus": cpus,
+            "num_gpus": gpus,
+            "max_batch_size": max_batch_size,
+            "adaptive_batching": int(adaptive),
+        }
+    )
 
 
 def echo_app(cpus: float):
@@ -153,6 +182,7 @@ def wait_healthy(base: str, timeout: float = 120) -> None:
 
 # --- load --------------------------------------------------------------------------------------
 
+
 async def _drive(send, concurrency: int, requests: int, per_request: int) -> dict:
     """``requests`` calls of ``send()`` (an async callable: True when the answer was an error),
     ``concurrency`` at a time after a short warm-up; throughput and latency percentiles."""
@@ -174,8 +204,13 @@ async def _drive(send, concurrency: int, requests: int, per_request: int) -> dic
     wall = time.perf_counter() - start
     latencies.sort()
     pick = lambda q: latencies[min(int(q * len(latencies)), len(latencies) - 1)] * 1000  # noqa: E731
-    return {"requests/s": len(latencies) / wall, "images/s": len(latencies) * per_request / wall,
-            "p50 ms": pick(0.50), "p99 ms": pick(0.99), "errors": errors}
+    return {
+        "requests/s": len(latencies) / wall,
+        "images/s": len(latencies) * per_request / wall,
+        "p50 ms": pick(0.50),
+        "p99 ms": pick(0.99),
+        "errors": errors,
+    }
 
 
 async def _load(url: str, body: bytes, concurrency: int, requests: int, per_request: int = 1) -> dict:
@@ -188,6 +223,7 @@ async def _load(url: str, body: bytes, concurrency: int, requests: int, per_requ
         kwargs = dict(content=body, headers={"Content-Type": "image/jpeg"})
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+
         async def send() -> bool:
             return (await client.post(url, **kwargs)).status_code != 200
 
@@ -203,8 +239,9 @@ wrk.headers["Content-Type"] = "image/jpeg"
 """
 
 
-async def _grpc_load(target: str, app: str, body: bytes, concurrency: int, requests: int,
-                     per_request: int = 1) -> dict:
+async def _grpc_load(
+    target: str, app: str, body: bytes, concurrency: int, requests: int, per_request: int = 1
+) -> dict:
     """The same load over gRPC (serving/scene.proto): one channel, ``concurrency`` calls in flight."""
     import grpc
 
@@ -226,7 +263,9 @@ async def _grpc_load(target: str, app: str, body: bytes, concurrency: int, reque
         return await _drive(send, concurrency, requests, per_request)
 
 
-def grpc_load(target: str, app: str, body: bytes, concurrency: int, requests: int, per_request: int = 1) -> dict:
+def grpc_load(
+    target: str, app: str, body: bytes, concurrency: int, requests: int, per_request: int = 1
+) -> dict:
     before = busy_cpu_seconds()
     out = asyncio.run(_grpc_load(target, app, body, concurrency, requests, per_request))
     after = busy_cpu_seconds()
@@ -237,7 +276,7 @@ def grpc_load(target: str, app: str, body: bytes, concurrency: int, requests: in
 def _ms(text: str) -> float:
     units = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
     number = text.rstrip("usm")
-    return float(number) * units[text[len(number):]]
+    return float(number) * units[text[len(number) :]]
 
 
 def wrk_load(base: str, body: bytes, concurrency: int, seconds: float) -> dict | None:
@@ -253,10 +292,22 @@ def wrk_load(base: str, body: bytes, concurrency: int, seconds: float) -> dict |
         (Path(tmp) / "body.jpg").write_bytes(body)
         (Path(tmp) / "post.lua").write_text(WRK_SCRIPT)
         before = busy_cpu_seconds()
-        out = subprocess.run([wrk, "-t1", f"-c{concurrency}", f"-d{max(seconds, 1):.0f}s", "--latency",
-                              "-s", str(Path(tmp) / "post.lua"), f"{base}/predict"], capture_output=True,
-                             text=True, timeout=seconds + 60,
-                             env={**os.environ, "PLACESNET_WRK_BODY": str(Path(tmp) / "body.jpg")})
+        out = subprocess.run(
+            [
+                wrk,
+                "-t1",
+                f"-c{concurrency}",
+                f"-d{max(seconds, 1):.0f}s",
+                "--latency",
+                "-s",
+                str(Path(tmp) / "post.lua"),
+                f"{base}/predict",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+            env={**os.environ, "PLACESNET_WRK_BODY": str(Path(tmp) / "body.jpg")},
+        )
         after = busy_cpu_seconds()
     text = out.stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
@@ -265,9 +316,13 @@ def wrk_load(base: str, body: bytes, concurrency: int, seconds: float) -> dict |
         raise RuntimeError(f"wrk failed: {out.stderr[-500:]}{text[-500:]}")
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     requests = int(total.group(1))
-    return {"requests/s": float(rps.group(1)), "p50 ms": _ms(re.search(r"50%\s+(\S+)", text).group(1)),
-            "p99 ms": _ms(re.search(r"99%\s+(\S+)", text).group(1)), "errors": int(bad.group(1)) if bad else 0,
-            "CPU ms/req": (after - before) * 1000 / requests if before is not None and requests else ""}
+    return {
+        "requests/s": float(rps.group(1)),
+        "p50 ms": _ms(re.search(r"50%\s+(\S+)", text).group(1)),
+        "p99 ms": _ms(re.search(r"99%\s+(\S+)", text).group(1)),
+        "errors": int(bad.group(1)) if bad else 0,
+        "CPU ms/req": (after - before) * 1000 / requests if before is not None and requests else "",
+    }
 
 
 def load(base: str, body: bytes, concurrency: int, requests: int, per_request: int = 1) -> dict:
@@ -283,29 +338,58 @@ def load(base: str, body: bytes, concurrency: int, requests: int, per_request: i
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", help="a running Ray cluster (default: start a local one)")
-    p.add_argument("--checkpoint", help="checkpoint, run dir or best.json (default: an untrained "
-                   "DeepCNN at --image-size)")
-    p.add_argument("--image-size", type=int, default=64,
-                   help="of the default model (default: %(default)s, the sample model's)")
+    p.add_argument(
+        "--checkpoint",
+        help="checkpoint, run dir or best.json (default: an untrained DeepCNN at --image-size)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=64,
+        help="of the default model (default: %(default)s, the sample model's)",
+    )
     p.add_argument("--concurrency", default="1,8,32", help="client concurrencies (default: %(default)s)")
     p.add_argument("--requests", type=int, default=300, help="per concurrency (default: %(default)s)")
-    p.add_argument("--cpus", type=float, default=1, help="CPUs per server, fractions allowed for the "
-                   "Serve replicas (the plain app gets max(1, int(CPUS)) threads; default: %(default)s)")
+    p.add_argument(
+        "--cpus",
+        type=float,
+        default=1,
+        help="CPUs per server, fractions allowed for the "
+        "Serve replicas (the plain app gets max(1, int(CPUS)) threads; default: %(default)s)",
+    )
     p.add_argument("--max-batch-size", type=int, default=16, help="batched server (default: %(default)s)")
-    p.add_argument("--wrk-seconds", type=float, default=5,
-                   help="seconds of wrk load per server at the top concurrency (0: no wrk rows; "
-                        "default: %(default)s)")
-    p.add_argument("--per-request", type=int, default=16,
-                   help="images per request of the multi-image row (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8000,
-                   help="Serve's HTTP port: the running Serve's, or the one to start it on "
-                        "(default: %(default)s)")
+    p.add_argument(
+        "--wrk-seconds",
+        type=float,
+        default=5,
+        help="seconds of wrk load per server at the top concurrency (0: no wrk rows; default: %(default)s)",
+    )
+    p.add_argument(
+        "--per-request",
+        type=int,
+        default=16,
+        help="images per request of the multi-image row (default: %(default)s)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=8000,
+        help="Serve's HTTP port: the running Serve's, or the one to start it on (default: %(default)s)",
+    )
     p.add_argument("--plain-port", type=int, default=8124, help="the plain app's port")
-    p.add_argument("--grpc-port", type=int, default=9124, help="Serve's gRPC port, when this run starts "
-                   "Serve (default: %(default)s)")
-    p.add_argument("--gpus", type=float, default=0,
-                   help="GPU per model replica (fractions allowed; the three model apps share the "
-                        "GPUs) and the plain app on a GPU; 0: CPU only (default: %(default)s)")
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=9124,
+        help="Serve's gRPC port, when this run starts Serve (default: %(default)s)",
+    )
+    p.add_argument(
+        "--gpus",
+        type=float,
+        default=0,
+        help="GPU per model replica (fractions allowed; the three model apps share the "
+        "GPUs) and the plain app on a GPU; 0: CPU only (default: %(default)s)",
+    )
     p.add_argument("--plain-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.plain_server:
@@ -324,33 +408,51 @@ def main(argv=None) -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     body = next((sample_root(8, 8) / "val_256").glob("*.jpg")).read_bytes()
     with tempfile.TemporaryDirectory(prefix="placesnet-serve-bench-") as tmp:
-        checkpoint = str(Path(args.checkpoint).expanduser().resolve() if args.checkpoint
-                         else random_checkpoint(Path(tmp) / "ckpt", args.image_size))
-        ray.init(address=args.address, logging_level="WARNING", log_to_driver=False,
-                 num_cpus=None if args.address else math.ceil(4 * args.cpus) + 1,  # four Serve apps
-                 runtime_env={"py_modules": [str(REPO / "placesnet"), str(REPO / "serving")]})
+        checkpoint = str(
+            Path(args.checkpoint).expanduser().resolve()
+            if args.checkpoint
+            else random_checkpoint(Path(tmp) / "ckpt", args.image_size)
+        )
+        ray.init(
+            address=args.address,
+            logging_level="WARNING",
+            log_to_driver=False,
+            num_cpus=None if args.address else math.ceil(4 * args.cpus) + 1,  # four Serve apps
+            runtime_env={"py_modules": [str(REPO / "placesnet"), str(REPO / "serving")]},
+        )
         started = not serve_running()
         if started:
-            serve.start(http_options={"host": "127.0.0.1", "port": args.port},
-                        grpc_options={"port": args.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]})
+            serve.start(
+                http_options={"host": "127.0.0.1", "port": args.port},
+                grpc_options={"port": args.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+            )
         port = args.port
         plain_proc = start_plain(checkpoint, args.plain_port, max(1, int(args.cpus)), args.gpus)
-        names = [f"serve, batching (max {args.max_batch_size})", "serve, batching off",
-                 "plain FastAPI + uvicorn", "serve, echo (no model)",
-                 "serve, batching, always queued (adaptive_batching=0)",
-                 f"serve, batching, {args.per_request} images per request",
-                 "serve, batching, gRPC", f"serve, batching, gRPC, {args.per_request} images per call"]
+        names = [
+            f"serve, batching (max {args.max_batch_size})",
+            "serve, batching off",
+            "plain FastAPI + uvicorn",
+            "serve, echo (no model)",
+            "serve, batching, always queued (adaptive_batching=0)",
+            f"serve, batching, {args.per_request} images per request",
+            "serve, batching, gRPC",
+            f"serve, batching, gRPC, {args.per_request} images per call",
+        ]
         grpc_rows = {names[6]: 1, names[7]: args.per_request} if started else {}
         results, wrk_results = {}, {}
         try:
             bases = {
-                names[0]: deploy(model_app(checkpoint, args.cpus, args.max_batch_size, gpus=args.gpus),
-                                 "batched", port),
+                names[0]: deploy(
+                    model_app(checkpoint, args.cpus, args.max_batch_size, gpus=args.gpus), "batched", port
+                ),
                 names[1]: deploy(model_app(checkpoint, args.cpus, 1, gpus=args.gpus), "unbatched", port),
                 names[2]: f"http://127.0.0.1:{args.plain_port}{ROUTE}",
                 names[3]: deploy(echo_app(args.cpus), "echo", port),
-                names[4]: deploy(model_app(checkpoint, args.cpus, args.max_batch_size, adaptive=False,
-                                           gpus=args.gpus), "queued", port),
+                names[4]: deploy(
+                    model_app(checkpoint, args.cpus, args.max_batch_size, adaptive=False, gpus=args.gpus),
+                    "queued",
+                    port,
+                ),
             }
             bases[names[5]] = bases[names[0]]  # the batched app, sent several images per request
             for name in grpc_rows:  # the batched app again, over gRPC
@@ -361,14 +463,18 @@ def main(argv=None) -> None:
                 n = args.per_request if name == names[5] else grpc_rows.get(name, 1)
                 for c in levels:
                     if name in grpc_rows:
-                        results[name, c] = grpc_load(target, f"{APP_NAME}-batched", body, c,
-                                                     max(args.requests // n, 2), n)
+                        results[name, c] = grpc_load(
+                            target, f"{APP_NAME}-batched", body, c, max(args.requests // n, 2), n
+                        )
                     else:
                         results[name, c] = load(base, body, c, max(args.requests // n, 2), n)
                 if n == 1 and args.wrk_seconds > 0 and name not in grpc_rows:
                     wrk_results[name] = wrk_load(base, body, max(levels), args.wrk_seconds)
-                    print(f"  {name} @ {c}: {results[name, c]['requests/s']:.0f} req/s",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"  {name} @ {c}: {results[name, c]['requests/s']:.0f} req/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         finally:
             plain_proc.terminate()
             plain_proc.wait(timeout=30)
@@ -380,45 +486,67 @@ def main(argv=None) -> None:
                         serve.delete(f"{APP_NAME}-{app}")
             ray.shutdown()
         # the stage table splits CPU time: on GPU replicas the model's share is not CPU time
-        costs = None if args.gpus else stage_costs(checkpoint, body, max(1, int(args.cpus)), args.max_batch_size)
+        costs = (
+            None if args.gpus else stage_costs(checkpoint, body, max(1, int(args.cpus)), args.max_batch_size)
+        )
     if not grpc_rows:
-        print("\ngRPC rows: left out, Serve was already running here without the project's gRPC "
-              "servicer (start it with grpc_options, see serving/config.yaml)")
+        print(
+            "\ngRPC rows: left out, Serve was already running here without the project's gRPC "
+            "servicer (start it with grpc_options, see serving/config.yaml)"
+        )
     names = [n for n in names if n in bases]
     rows = []
     for c in levels:
         base = results["serve, batching off", c]
         for name in names:
             r = results[name, c]
-            rows.append({"server": name, "concurrency": c, **r,
-                         "vs batching off": ratio(r["requests/s"], base["requests/s"]),
-                         "images/s vs batching off": ratio(r["images/s"], base["images/s"]),
-                         "p50 vs batching off": ratio(r["p50 ms"], base["p50 ms"])})
+            rows.append(
+                {
+                    "server": name,
+                    "concurrency": c,
+                    **r,
+                    "vs batching off": ratio(r["requests/s"], base["requests/s"]),
+                    "images/s vs batching off": ratio(r["images/s"], base["images/s"]),
+                    "p50 vs batching off": ratio(r["p50 ms"], base["p50 ms"]),
+                }
+            )
     top = max(levels)
     ceiling = ratio(results[names[3], top]["requests/s"], results[names[1], top]["requests/s"])
     where = "this machine" if not args.address else "the client's machine only"
-    print_table(f"serve: {len(body):,}-byte JPEG, model at {args.image_size if not args.checkpoint else 'ckpt'} px, "
-                f"{args.cpus} CPU{f' + {args.gpus:g} GPU' if args.gpus else ''} per server, "
-                f"{args.requests} requests per row", rows,
-                note=f"goal: batching >= 2x batching off at concurrency 32; {args.per_request} images per "
-                     f"request >= 3x the images/s of one per request; at concurrency 1 batching's "
-                     f"p50 within 1.1x of batching off (adaptive: a lone request skips the batch wait; "
-                     f"'always queued' is Serve's plain @serve.batch)\n"
-                     f"ceiling for any model-side speed-up at concurrency {top}: echo / batching off = "
-                     f"{ceiling} (a model that cost nothing would still pay Serve's per-request "
-                     f"cost); CPU ms/req: busy CPU on {where} per request, all processes")
-
+    print_table(
+        f"serve: {len(body):,}-byte JPEG, model at {args.image_size if not args.checkpoint else 'ckpt'} px, "
+        f"{args.cpus} CPU{f' + {args.gpus:g} GPU' if args.gpus else ''} per server, "
+        f"{args.requests} requests per row",
+        rows,
+        note=f"goal: batching >= 2x batching off at concurrency 32; {args.per_request} images per "
+        f"request >= 3x the images/s of one per request; at concurrency 1 batching's "
+        f"p50 within 1.1x of batching off (adaptive: a lone request skips the batch wait; "
+        f"'always queued' is Serve's plain @serve.batch)\n"
+        f"ceiling for any model-side speed-up at concurrency {top}: echo / batching off = "
+        f"{ceiling} (a model that cost nothing would still pay Serve's per-request "
+        f"cost); CPU ms/req: busy CPU on {where} per request, all processes",
+    )
 
     if costs:
         stages(costs, args, results, names, top)
-    wrk_rows = [{"server": name, "concurrency": top, **r,
-                 "wrk / httpx req/s": ratio(r["requests/s"], results[name, top]["requests/s"])}
-                for name, r in wrk_results.items() if r]
+    wrk_rows = [
+        {
+            "server": name,
+            "concurrency": top,
+            **r,
+            "wrk / httpx req/s": ratio(r["requests/s"], results[name, top]["requests/s"]),
+        }
+        for name, r in wrk_results.items()
+        if r
+    ]
     if wrk_rows:
-        print_table(f"serve under wrk (compiled load generator), concurrency {top}, {args.wrk_seconds:g} s each",
-                    wrk_rows, note="wrk / httpx: how much faster the endpoint answers a client that costs "
-                                   "almost no CPU; if it is well above 1, the Python client was part of the "
-                                   "ceiling in the table above")
+        print_table(
+            f"serve under wrk (compiled load generator), concurrency {top}, {args.wrk_seconds:g} s each",
+            wrk_rows,
+            note="wrk / httpx: how much faster the endpoint answers a client that costs "
+            "almost no CPU; if it is well above 1, the Python client was part of the "
+            "ceiling in the table above",
+        )
     elif args.wrk_seconds > 0:
         print("\nwrk rows: wrk is not installed (make bench-tools, or apt-get install wrk)")
 
@@ -430,7 +558,7 @@ def stage_costs(checkpoint: str, body: bytes, threads: int, batch: int, repeats:
     import torch
 
     from placesnet.checkpoint import load_checkpoint
-    from placesnet.data import eval_transform, normalize
+    from placesnet.data.transforms import eval_transform, normalize
     from placesnet.images import decode_image
 
     torch.set_num_threads(threads)
@@ -451,9 +579,11 @@ def stage_costs(checkpoint: str, body: bytes, threads: int, batch: int, repeats:
         with torch.inference_mode():
             torch.softmax(loaded.model(normalize(x)).float(), dim=1)
 
-    return {"decode + resize": cpu_ms(lambda: transform(decode_image(body)), repeats),
-            "model, batch 1": cpu_ms(lambda: model(one[None]), repeats),
-            f"model per image, batch {batch}": cpu_ms(lambda: model(stacked), max(repeats // 4, 2)) / batch}
+    return {
+        "decode + resize": cpu_ms(lambda: transform(decode_image(body)), repeats),
+        "model, batch 1": cpu_ms(lambda: model(one[None]), repeats),
+        f"model per image, batch {batch}": cpu_ms(lambda: model(stacked), max(repeats // 4, 2)) / batch,
+    }
 
 
 def stages(costs: dict, args, results: dict, names: list[str], top: int) -> None:
@@ -462,22 +592,33 @@ def stages(costs: dict, args, results: dict, names: list[str], top: int) -> None
     the event loop's own work) as the difference to the whole endpoint's CPU ms/request."""
     echo = results[names[3], top].get("CPU ms/req")
     rows = []
-    for name, model_key in ((names[1], "model, batch 1"), (names[0], f"model per image, batch {args.max_batch_size}")):
+    for name, model_key in (
+        (names[1], "model, batch 1"),
+        (names[0], f"model per image, batch {args.max_batch_size}"),
+    ):
         total = results[name, top].get("CPU ms/req")
         if not isinstance(total, float) or not isinstance(echo, float):
             continue
-        parts = {"proxy + ingress (echo)": echo, "decode + resize": costs["decode + resize"],
-                 "model": costs[model_key]}
+        parts = {
+            "proxy + ingress (echo)": echo,
+            "decode + resize": costs["decode + resize"],
+            "model": costs[model_key],
+        }
         parts["response, batching, rest"] = total - sum(parts.values())
-        rows += [{"endpoint": name, "stage": k, "CPU ms/request": v, "share": f"{v / total:.0%}"}
-                 for k, v in parts.items()]
+        rows += [
+            {"endpoint": name, "stage": k, "CPU ms/request": v, "share": f"{v / total:.0%}"}
+            for k, v in parts.items()
+        ]
         rows.append({"endpoint": name, "stage": "total (measured)", "CPU ms/request": total, "share": "100%"})
     if rows:
-        print_table(f"serve: where the CPU of a request goes, at concurrency {top}", rows,
-                    note="proxy + ingress: echo's CPU ms/request (Serve with no model); decode + resize "
-                         "and model: measured in this process with the replica's threads; rest: the "
-                         "endpoint's measured total minus those (the client's own CPU is in every "
-                         "total: it shares the machine)")
+        print_table(
+            f"serve: where the CPU of a request goes, at concurrency {top}",
+            rows,
+            note="proxy + ingress: echo's CPU ms/request (Serve with no model); decode + resize "
+            "and model: measured in this process with the replica's threads; rest: the "
+            "endpoint's measured total minus those (the client's own CPU is in every "
+            "total: it shares the machine)",
+        )
 
 
 if __name__ == "__main__":

@@ -18,15 +18,15 @@ import statistics
 import tempfile
 import time
 
-from common import print_table, ratio  # noqa: I001  (sets sys.path)
-
 import torch
+from common import print_table, ratio
 from torch.utils.data import DataLoader
 
-from placesnet import engine
 from placesnet.config import TrainConfig
-from placesnet.data import LoaderPlan, class_names, open_split, resolve_data_root
+from placesnet.data.loaders import LoaderPlan
+from placesnet.data.places import class_names, open_split, resolve_data_root
 from placesnet.model import build_model
+from placesnet.train import engine
 
 CPU = torch.device("cpu")
 
@@ -38,8 +38,13 @@ def plain_loop(cfg: TrainConfig, root, cpus: int) -> list[dict]:
     torch.manual_seed(cfg.seed)
     train, val = open_split(cfg, "train", root), open_split(cfg, "val", root)
     classes = class_names(train)
-    train_loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True,
-                              drop_last=len(train) >= cfg.batch_size, **plan.kwargs())
+    train_loader = DataLoader(
+        train,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=len(train) >= cfg.batch_size,
+        **plan.kwargs(),
+    )
     val_loader = DataLoader(val, batch_size=cfg.batch_size * 2, **plan.kwargs())
     model = build_model(cfg, len(classes))
     history, t0 = [], time.perf_counter()
@@ -51,11 +56,20 @@ def plain_loop(cfg: TrainConfig, root, cpus: int) -> list[dict]:
 
 def ray_loop(cfg: TrainConfig, root, cpus: int) -> list[dict]:
     """One Ray Train worker running the project's own train_loop_per_worker."""
-    from placesnet.ray_train import Resources, make_trainer, summarize
+    from placesnet.launch.outputs import summarize
+    from placesnet.launch.resources import Resources
+    from placesnet.launch.trainer import make_trainer
 
     with tempfile.TemporaryDirectory(prefix="placesnet-bench-") as storage:
-        trainer = make_trainer(cfg, root, Resources(1, False, float(cpus)), storage_path=storage,
-                               name="overhead", max_failures=0, keep=1)
+        trainer = make_trainer(
+            cfg,
+            root,
+            Resources(1, False, float(cpus)),
+            storage_path=storage,
+            name="overhead",
+            max_failures=0,
+            keep=1,
+        )
         result = trainer.fit()
         return summarize(result, storage, "overhead")[1]
 
@@ -76,11 +90,15 @@ def main(argv=None) -> None:
     p.add_argument("--sample-classes", type=int, default=8, help="default: %(default)s")
     p.add_argument("--sample-train-per-class", type=int, default=150, help="default: %(default)s")
     args = p.parse_args(argv)
-    cfg = TrainConfig(epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size,
-                      widths=tuple(int(w) for w in args.widths.split(",")),
-                      sample_classes=args.sample_classes,
-                      sample_train_per_class=args.sample_train_per_class,
-                      sample_val_per_class=max(args.sample_train_per_class // 4, 1)).validate()
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        widths=tuple(int(w) for w in args.widths.split(",")),
+        sample_classes=args.sample_classes,
+        sample_train_per_class=args.sample_train_per_class,
+        sample_val_per_class=max(args.sample_train_per_class // 4, 1),
+    ).validate()
     root = resolve_data_root(cfg)
 
     from placesnet.cli import ray_init
@@ -90,13 +108,23 @@ def main(argv=None) -> None:
     runs["ray train"] = ray_loop(cfg, root, args.cpus)
     runs["plain (after)"] = plain_loop(cfg, root, args.cpus)
     base = max(steady(runs["plain (before)"], "images_per_s"), steady(runs["plain (after)"], "images_per_s"))
-    rows = [{"loop": name, "epochs": len(h), "steady train images/s": steady(h, "images_per_s"),
-             "vs plain": ratio(steady(h, "images_per_s"), base),
-             "steady epoch s (train+val)": steady(h, "epoch_time_s"),
-             "final val_top1": h[-1]["val_top1"]} for name, h in runs.items()]
-    print_table(f"train_overhead: 1 worker, {args.cpus} CPUs, {cfg.image_size} px, batch "
-                f"{cfg.batch_size}, {len(open_split(cfg, 'train', root))} train images", rows,
-                note="goal: ray train >= 0.95x plain (baseline: the faster plain run)")
+    rows = [
+        {
+            "loop": name,
+            "epochs": len(h),
+            "steady train images/s": steady(h, "images_per_s"),
+            "vs plain": ratio(steady(h, "images_per_s"), base),
+            "steady epoch s (train+val)": steady(h, "epoch_time_s"),
+            "final val_top1": h[-1]["val_top1"],
+        }
+        for name, h in runs.items()
+    ]
+    print_table(
+        f"train_overhead: 1 worker, {args.cpus} CPUs, {cfg.image_size} px, batch "
+        f"{cfg.batch_size}, {len(open_split(cfg, 'train', root))} train images",
+        rows,
+        note="goal: ray train >= 0.95x plain (baseline: the faster plain run)",
+    )
 
 
 if __name__ == "__main__":

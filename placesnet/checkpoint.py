@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import TrainConfig, UserError, checkpoint_score
+from placesnet.config import TrainConfig, UserError, checkpoint_score
 
 if TYPE_CHECKING:
     import torch
@@ -37,9 +37,19 @@ MODEL_FILE, STATE_FILE, CONFIG_FILE, META_FILE = "model.pt", "train_state.pt", "
 SUMMARY_FILE = "summary.json"
 
 
-def save_checkpoint(directory: str | Path, *, model: nn.Module, config: TrainConfig,
-                    classes: list[str], epoch: int, metrics: dict, history: list[dict],
-                    optimizer=None, scheduler=None, scaler=None) -> Path:
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    model: nn.Module,
+    config: TrainConfig,
+    classes: list[str],
+    epoch: int,
+    metrics: dict,
+    history: list[dict],
+    optimizer=None,
+    scheduler=None,
+    scaler=None,
+) -> Path:
     """Write a checkpoint for the end of ``epoch`` (0-based) into ``directory``."""
     import torch
 
@@ -47,16 +57,27 @@ def save_checkpoint(directory: str | Path, *, model: nn.Module, config: TrainCon
     directory.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # unwrap DDP
     _atomic(directory / MODEL_FILE, lambda f: torch.save(model.state_dict(), f))
-    _atomic(directory / STATE_FILE, lambda f: torch.save({
-        "optimizer": optimizer.state_dict() if optimizer else None,
-        "scheduler": scheduler.state_dict() if scheduler else None,
-        "scaler": scaler.state_dict() if scaler else None,
-        "schedule_unit": "step",  # the scheduler counts optimizer steps (before 2026-11-28: epochs)
-    }, f))
+    _atomic(
+        directory / STATE_FILE,
+        lambda f: torch.save(
+            {
+                "optimizer": optimizer.state_dict() if optimizer else None,
+                "scheduler": scheduler.state_dict() if scheduler else None,
+                "scaler": scaler.state_dict() if scaler else None,
+                "schedule_unit": "step",  # the scheduler counts optimizer steps (before 2026-11-28: epochs)
+            },
+            f,
+        ),
+    )
     _atomic(directory / CONFIG_FILE, lambda f: f.write(json.dumps(config.to_dict(), indent=2).encode()))
-    meta = {"format": FORMAT, "epoch": epoch, "classes": list(classes), "metrics": metrics,
-            "history": history,
-            "files": {name: _fingerprint(directory / name) for name in (MODEL_FILE, STATE_FILE, CONFIG_FILE)}}
+    meta = {
+        "format": FORMAT,
+        "epoch": epoch,
+        "classes": list(classes),
+        "metrics": metrics,
+        "history": history,
+        "files": {name: _fingerprint(directory / name) for name in (MODEL_FILE, STATE_FILE, CONFIG_FILE)},
+    }
     _atomic(directory / META_FILE, lambda f: f.write(json.dumps(meta, indent=2).encode()))
     return directory
 
@@ -110,7 +131,9 @@ def verify_checkpoint(directory: str | Path) -> str | None:
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != expected.get("bytes"):
-            return f"{name} has {path.stat().st_size} bytes, {expected.get('bytes')} were written (truncated?)"
+            return (
+                f"{name} has {path.stat().st_size} bytes, {expected.get('bytes')} were written (truncated?)"
+            )
         if _fingerprint(path)["sha256"] != expected.get("sha256"):
             return f"{name} does not match its sha256 (changed or corrupted since it was written)"
     return None
@@ -146,9 +169,11 @@ def scope_note(config: TrainConfig, classes: list[str]) -> str | None:
     any real photo one of them, often with high confidence."""
     n = len(classes)
     if config.dataset == "sample":
-        return (f"this model was trained on the embedded sample data and knows only its {n} classes "
-                f"of drawn scenes; its answer for a real photo is one of them, however confident. "
-                f"Train with --dataset places365 for real photos")
+        return (
+            f"this model was trained on the embedded sample data and knows only its {n} classes "
+            f"of drawn scenes; its answer for a real photo is one of them, however confident. "
+            f"Train with --dataset places365 for real photos"
+        )
     if n < PLACES365_CLASSES:
         return f"this model knows only {n} of Places365's {PLACES365_CLASSES} scene classes"
     return None
@@ -171,8 +196,10 @@ def _torch_load(path: Path, device="cpu"):
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated zip, pickle with code in it, ...
-        raise UserError(f"corrupt checkpoint: cannot load {path} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else 'no details'})") from None
+        raise UserError(
+            f"corrupt checkpoint: cannot load {path} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else 'no details'})"
+        ) from None
 
 
 def read_meta(directory: str | Path) -> dict:
@@ -198,7 +225,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         config = TrainConfig.from_dict(_read_json(directory / CONFIG_FILE)).validate()
     except (TypeError, ValueError) as e:
         raise UserError(f"corrupt checkpoint: bad config.json in {directory}: {e}") from None
-    from .model import build_model
+    from placesnet.model import build_model
 
     classes = meta["classes"]
     model = build_model(config, len(classes))
@@ -206,9 +233,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
-        raise UserError(f"corrupt checkpoint: weights in {directory} do not fit a "
-                        f"{config.model} with {len(classes)} classes "
-                        f"({str(e).splitlines()[0][:200]})") from None
+        raise UserError(
+            f"corrupt checkpoint: weights in {directory} do not fit a "
+            f"{config.model} with {len(classes)} classes "
+            f"({str(e).splitlines()[0][:200]})"
+        ) from None
     model.to(device).eval()
     return Loaded(directory, config, classes, meta, model)
 
@@ -223,8 +252,10 @@ def _best_in_run(run_dir: Path) -> Path:
             return Path(best)
     candidates = [d for d in run_dir.glob("checkpoint_*") if verify_checkpoint(d) is None]
     if not candidates:
-        raise UserError(f"no checkpoint in {run_dir}: expected a checkpoint directory (with "
-                        f"{MODEL_FILE}), a training run directory or a sweep's best.json")
+        raise UserError(
+            f"no checkpoint in {run_dir}: expected a checkpoint directory (with "
+            f"{MODEL_FILE}), a training run directory or a sweep's best.json"
+        )
     return max(candidates, key=lambda d: (checkpoint_score(read_meta(d)["metrics"]), d.name))
 
 
@@ -235,11 +266,16 @@ def latest_run(storage: str | Path) -> Path:
     """The newest finished run or sweep directly under ``storage``: the newest
     ``<storage>/<name>/summary.json`` (train.py) or ``best.json`` (sweep.py)."""
     storage = Path(storage).expanduser()
-    found = [p for pattern in ("*/" + SUMMARY_FILE, "*/best.json") for p in storage.glob(pattern)
-             if p.is_file()] if storage.is_dir() else []
+    found = (
+        [p for pattern in ("*/" + SUMMARY_FILE, "*/best.json") for p in storage.glob(pattern) if p.is_file()]
+        if storage.is_dir()
+        else []
+    )
     if not found:
-        raise UserError(f"--checkpoint latest: no finished run (*/{SUMMARY_FILE} or */best.json) "
-                        f"under {storage}; give latest:STORAGE_PATH or a path")
+        raise UserError(
+            f"--checkpoint latest: no finished run (*/{SUMMARY_FILE} or */best.json) "
+            f"under {storage}; give latest:STORAGE_PATH or a path"
+        )
     return max(found, key=lambda p: (p.stat().st_mtime, str(p)))
 
 
@@ -249,9 +285,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     (``latest:STORAGE_PATH``): the best checkpoint of the newest finished run or sweep under
     ~/ray_results (or STORAGE_PATH)."""
     if str(path) == LATEST or str(path).startswith(LATEST + ":"):
-        from .config import DEFAULT_STORAGE
+        from placesnet.config import DEFAULT_STORAGE
 
-        storage = str(path)[len(LATEST) + 1:] or DEFAULT_STORAGE
+        storage = str(path)[len(LATEST) + 1 :] or DEFAULT_STORAGE
         return resolve_checkpoint(latest_run(storage))
     p = Path(path).expanduser()
     if not p.exists():
@@ -259,8 +295,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = p.resolve()
     if p.is_file():
         if p.suffix != ".json":
-            raise UserError(f"not a checkpoint: {p} (give a checkpoint directory, a run directory "
-                            "or a summary/best .json file)")
+            raise UserError(
+                f"not a checkpoint: {p} (give a checkpoint directory, a run directory "
+                "or a summary/best .json file)"
+            )
         best = _read_json(p).get("best_checkpoint")
         if not best:
             raise UserError(f"{p} names no best_checkpoint")

@@ -33,12 +33,13 @@ def best_epoch(history: list[dict]) -> dict | None:
     """The history row of the best epoch (see checkpoint_score), None for an empty history."""
     return max(history, key=checkpoint_score, default=None)
 
+
 DATASETS = ("sample", "places365")
 MODELS = ("deepcnn", "workshop", "resnet18")
 SCHEDULES = ("cosine", "step", "none")
 BAD_IMAGE_POLICIES = ("fail", "skip")
 INPUTS = ("loader", "ray-data")  # how training images reach the workers (docs/input.md)
-DECODES = ("auto", "cpu", "gpu")  # where --input loader decodes JPEGs (placesnet/gpudecode.py)
+DECODES = ("auto", "cpu", "gpu")  # where --input loader decodes JPEGs (placesnet/data/gpudecode.py)
 
 # Where generated data and run outputs go by default. Absolute on purpose: under
 # `ray job submit --working-dir` the driver runs in a temporary copy of the tree.
@@ -102,7 +103,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"  # evaluated per optimizer step
-    warmup_steps: int = -1  # linear warmup steps; -1: automatic (engine.warmup_steps_for)
+    warmup_steps: int = -1  # linear warmup steps; -1: automatic (optim.warmup_steps_for)
     warmup_epochs: int = 0  # > 0: warm up over this many epochs instead
     clip_grad_norm: float = 0.0  # > 0: clip the global gradient norm to this before each step
     label_smoothing: float = 0.0
@@ -111,8 +112,10 @@ class TrainConfig:
     channels_last: bool = True  # on GPU only
     compile: bool = False  # torch.compile the model (minutes of compile time; pays off on long GPU runs)
     loader_workers: int | None = None  # DataLoader processes per worker; None: from CPUs given
-    input: str = "loader"  # "ray-data": Ray Data decodes on any node's CPUs (placesnet/raydata.py)
-    decode: str = "auto"  # "gpu": nvJPEG on the worker's GPU; auto: gpu on CUDA workers when the files are JPEGs
+    input: str = "loader"  # "ray-data": Ray Data decodes on any node's CPUs (placesnet/data/raydata.py)
+    decode: str = (
+        "auto"  # "gpu": nvJPEG on the worker's GPU; auto: gpu on CUDA workers when the files are JPEGs
+    )
     log_every: int = 0  # progress line every N steps from rank 0; 0: about 10 per epoch
     # --- where / how ---
     seed: int = 0
@@ -143,15 +146,17 @@ class TrainConfig:
         if self.model not in MODELS:
             raise UserError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         if self.bad_images not in BAD_IMAGE_POLICIES:
-            raise UserError(f"unknown --bad-images {self.bad_images!r}; choose one of "
-                            f"{', '.join(BAD_IMAGE_POLICIES)}")
+            raise UserError(
+                f"unknown --bad-images {self.bad_images!r}; choose one of {', '.join(BAD_IMAGE_POLICIES)}"
+            )
         if self.input not in INPUTS:
             raise UserError(f"unknown --input {self.input!r}; choose one of {', '.join(INPUTS)}")
         if self.decode not in DECODES:
             raise UserError(f"unknown --decode {self.decode!r}; choose one of {', '.join(DECODES)}")
         if self.decode == "gpu" and self.input == "ray-data":
-            raise UserError("--decode gpu is for --input loader: with --input ray-data, Ray Data's "
-                            "CPU tasks decode")
+            raise UserError(
+                "--decode gpu is for --input loader: with --input ray-data, Ray Data's CPU tasks decode"
+            )
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         checks = [
@@ -162,23 +167,35 @@ class TrainConfig:
             (self.momentum >= 0, f"--momentum must be >= 0, got {self.momentum}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
-            (0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
-             f"--warmup-epochs must be smaller than --epochs, got {self.warmup_epochs}"),
+            (
+                0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
+                f"--warmup-epochs must be smaller than --epochs, got {self.warmup_epochs}",
+            ),
             (self.warmup_steps >= -1, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
             (self.clip_grad_norm >= 0, f"--clip-grad-norm must be > 0, got {self.clip_grad_norm}"),
-            (self.sample_difficulty in SAMPLE_DIFFICULTIES,
-             f"unknown sample difficulty {self.sample_difficulty!r}; choose one of "
-             f"{', '.join(SAMPLE_DIFFICULTIES)}"),
-            (self.loader_workers is None or self.loader_workers >= 0,
-             f"--loader-workers must be >= 0, got {self.loader_workers}"),
-            (len(self.widths) >= 1 and all(w >= 1 for w in self.widths),
-             f"--widths must be positive integers, got {list(self.widths)}"),
-            (self.dataset != "sample" or 2 <= self.sample_classes
-             <= SAMPLE_CLASSES.get(self.sample_difficulty, 0),
-             f"--sample-classes must be 2 to {SAMPLE_CLASSES.get(self.sample_difficulty)} for the "
-             f"{self.sample_difficulty} sample, got {self.sample_classes}"),
-            (self.sample_train_per_class >= 1 and self.sample_val_per_class >= 1,
-             "sample_train_per_class and sample_val_per_class must be >= 1"),
+            (
+                self.sample_difficulty in SAMPLE_DIFFICULTIES,
+                f"unknown sample difficulty {self.sample_difficulty!r}; choose one of "
+                f"{', '.join(SAMPLE_DIFFICULTIES)}",
+            ),
+            (
+                self.loader_workers is None or self.loader_workers >= 0,
+                f"--loader-workers must be >= 0, got {self.loader_workers}",
+            ),
+            (
+                len(self.widths) >= 1 and all(w >= 1 for w in self.widths),
+                f"--widths must be positive integers, got {list(self.widths)}",
+            ),
+            (
+                self.dataset != "sample"
+                or 2 <= self.sample_classes <= SAMPLE_CLASSES.get(self.sample_difficulty, 0),
+                f"--sample-classes must be 2 to {SAMPLE_CLASSES.get(self.sample_difficulty)} for the "
+                f"{self.sample_difficulty} sample, got {self.sample_classes}",
+            ),
+            (
+                self.sample_train_per_class >= 1 and self.sample_val_per_class >= 1,
+                "sample_train_per_class and sample_val_per_class must be >= 1",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .config import UserError
+from placesnet.config import UserError
 
 MAX_PIXELS = 40_000_000  # a 40 MP photo is fine; a decompression bomb is not
 
@@ -34,8 +34,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:  # checked before decoding a single pixel
-                raise BadImage(f"image is {width}x{height} = {width * height} pixels, over the "
-                               f"limit of {max_pixels}")
+                raise BadImage(
+                    f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+                )
             img.load()  # decode now, so truncation shows here and not later
     except BadImage:
         raise

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from placesnet.config import TrainConfig
 
 
 class DeepCNN(nn.Module):

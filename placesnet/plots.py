@@ -12,7 +12,7 @@ if "ipykernel" not in sys.modules:  # in Jupyter, keep its inline backend: figur
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .config import best_epoch, pretty  # noqa: E402  (not .data: torchvision costs the Train controller 3 s)
+from placesnet.config import best_epoch, pretty
 
 
 def _png(fig) -> bytes:
@@ -51,8 +51,15 @@ def curves_figure(history: list[dict], title: str = ""):
         label = f"best epoch {best['epoch']} (val top-1 {best['val_top1']:.4f})"
         for ax in (ax_loss, ax_acc):
             ax.axvline(best["epoch"], color="crimson", linestyle=":", linewidth=1.5, label=label)
-        ax_acc.plot([best["epoch"]], [best["val_top1"]], "*", color="crimson", markersize=16,
-                    markeredgecolor="k", zorder=5)
+        ax_acc.plot(
+            [best["epoch"]],
+            [best["val_top1"]],
+            "*",
+            color="crimson",
+            markersize=16,
+            markeredgecolor="k",
+            zorder=5,
+        )
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -70,8 +77,15 @@ def confused_pairs(confusion: torch.Tensor, classes: list[str], top: int = 15) -
     n = min(top, int((off > 0).sum()))
     values, flat = off.flatten().topk(n) if n else (torch.empty(0), torch.empty(0, dtype=torch.long))
     k = confusion.shape[0]
-    return [{"true": classes[int(i) // k], "predicted": classes[int(i) % k], "count": int(v),
-             "rate": float(v / totals[int(i) // k])} for v, i in zip(values, flat)]
+    return [
+        {
+            "true": classes[int(i) // k],
+            "predicted": classes[int(i) % k],
+            "count": int(v),
+            "rate": float(v / totals[int(i) // k]),
+        }
+        for v, i in zip(values, flat)
+    ]
 
 
 def confusion_png(confusion: torch.Tensor, classes: list[str], top: int = 15) -> bytes:
@@ -97,8 +111,10 @@ def confusion_figure(confusion: torch.Tensor, classes: list[str], top: int = 15)
         ax.set_xlim(0, max(counts) * 1.35 + 0.5)
         ax.xaxis.get_major_locator().set_params(integer=True)
         wrong = int(confusion.sum() - confusion.trace())
-        ax.set(xlabel="images of the true class predicted as the other",
-               title=f"most confused pairs (true -> predicted): {wrong} of {int(confusion.sum())} wrong")
+        ax.set(
+            xlabel="images of the true class predicted as the other",
+            title=f"most confused pairs (true -> predicted): {wrong} of {int(confusion.sum())} wrong",
+        )
     else:
         ax.text(0.5, 0.5, "no confusions", ha="center", va="center")
         ax.set_axis_off()
@@ -110,8 +126,16 @@ def confusion_figure(confusion: torch.Tensor, classes: list[str], top: int = 15)
             for j in range(len(classes)):
                 n = int(confusion[i, j])
                 if n:
-                    m.text(j, i, str(n), ha="center", va="center", fontsize=8,
-                           color="white" if rates[i, j] > 0.5 else "black", gid=f"cell:{i}:{j}")
+                    m.text(
+                        j,
+                        i,
+                        str(n),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if rates[i, j] > 0.5 else "black",
+                        gid=f"cell:{i}:{j}",
+                    )
         names = [pretty(c) for c in classes]
         m.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
         m.set_yticks(range(len(names)), names, fontsize=8)
@@ -142,8 +166,11 @@ def per_class_figure(table, most: int = 40):
     mean = table["correct"].sum() / max(table["images"].sum(), 1)
     ax.axvline(mean, color="tab:blue", linestyle=":", label=f"overall top-1 {mean:.3f}")
     shown = f"lowest {cut} and highest {len(t) - cut} of {len(table)}" if cut else f"all {len(table)}"
-    ax.set(xlim=(0, 1.15), xlabel="top-1 accuracy (correct/images)",
-           title=f"per-class accuracy ({shown} classes)")
+    ax.set(
+        xlim=(0, 1.15),
+        xlabel="top-1 accuracy (correct/images)",
+        title=f"per-class accuracy ({shown} classes)",
+    )
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
@@ -172,8 +199,12 @@ def misclassified_figure(mistakes: list[dict], classes: list[str], columns: int 
     fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.6 * rows), squeeze=False)
     for ax, m in zip(axes.flat, mistakes):
         ax.imshow(_thumbnail(m["image"]))
-        ax.set_title(f"true: {pretty(classes[m['true']])}\npred: {pretty(classes[m['predicted']])} "
-                     f"{m['probability']:.0%}", fontsize=8, color="tab:red")
+        ax.set_title(
+            f"true: {pretty(classes[m['true']])}\npred: {pretty(classes[m['predicted']])} "
+            f"{m['probability']:.0%}",
+            fontsize=8,
+            color="tab:red",
+        )
         ax.set_gid(f"mistake:{m['index']}")
         ax.set_axis_off()
     for ax in list(axes.flat)[n:]:
@@ -187,8 +218,13 @@ def predictions_figure(items: list[tuple[str, object, list[dict]]], note: str | 
     """One row per image: the image, and its top-k classes as probability bars.
     ``items``: (title, PIL image, predictions as predict_images gives them)."""
     rows = len(items)
-    fig, axes = plt.subplots(rows, 2, figsize=(10, 2.6 * rows + (0.6 if note else 0)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 1.6]})
+    fig, axes = plt.subplots(
+        rows,
+        2,
+        figsize=(10, 2.6 * rows + (0.6 if note else 0)),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [1, 1.6]},
+    )
     for (title, image, preds), (ax_img, ax_bar) in zip(items, axes):
         ax_img.imshow(image)
         ax_img.set_title(title, fontsize=8)
@@ -251,18 +287,39 @@ def sweep_figure(table):
     for _, row in table.iterrows():
         if row["trial_id"] == best_id or row["best_val_top1"] != row["best_val_top1"]:
             continue  # the best is drawn last, on top; a trial without a result has no point
-        ax_lr.scatter([row["lr"]], [row["best_val_top1"]], s=70, color=colours[row["trial_id"]],
-                      marker=markers.get(row["batch_size"], "o"), edgecolor="k", zorder=3,
-                      label=f"{name(row)} ({row['status']})")
+        ax_lr.scatter(
+            [row["lr"]],
+            [row["best_val_top1"]],
+            s=70,
+            color=colours[row["trial_id"]],
+            marker=markers.get(row["batch_size"], "o"),
+            edgecolor="k",
+            zorder=3,
+            label=f"{name(row)} ({row['status']})",
+        )
     if best is not None:
-        ax_lr.scatter([best["lr"]], [best["best_val_top1"]], marker="*", s=480, color="gold",
-                      edgecolor=BEST_COLOUR, linewidth=1.5, zorder=5, clip_on=False,
-                      label=f"best: {name(best)}, val top-1 {best['best_val_top1']:.4f}")
+        ax_lr.scatter(
+            [best["lr"]],
+            [best["best_val_top1"]],
+            marker="*",
+            s=480,
+            color="gold",
+            edgecolor=BEST_COLOUR,
+            linewidth=1.5,
+            zorder=5,
+            clip_on=False,
+            label=f"best: {name(best)}, val top-1 {best['best_val_top1']:.4f}",
+        )
     lrs = table["lr"].dropna().astype(float)
     if len(lrs):
         ax_lr.set_xlim(lrs.min() / 2, lrs.max() * 2)  # a log axis: a factor of 2 each side
-    ax_lr.set(xscale="log", xlabel="learning rate", ylabel="best val top-1", ylim=(0, 1.06),
-              title="val top-1 vs learning rate (marker: batch size)")
+    ax_lr.set(
+        xscale="log",
+        xlabel="learning rate",
+        ylabel="best val top-1",
+        ylim=(0, 1.06),
+        title="val top-1 vs learning rate (marker: batch size)",
+    )
     ax_lr.grid(alpha=0.3)
     if ax_lr.get_legend_handles_labels()[0]:
         ax_lr.legend(fontsize=7, loc="lower left")
@@ -274,15 +331,35 @@ def sweep_figure(table):
         is_best = row["trial_id"] == best_id
         early = row["status"] == "stopped early"
         x = np.arange(1, len(curve) + 1)
-        ax_curve.plot(x, curve, "--" if early else "-", marker="o", ms=3, color=colours[row["trial_id"]],
-                      linewidth=3 if is_best else 1.3, zorder=4 if is_best else 2,
-                      label=f"{'best: ' if is_best else ''}{name(row)} ({row['status']})")
+        ax_curve.plot(
+            x,
+            curve,
+            "--" if early else "-",
+            marker="o",
+            ms=3,
+            color=colours[row["trial_id"]],
+            linewidth=3 if is_best else 1.3,
+            zorder=4 if is_best else 2,
+            label=f"{'best: ' if is_best else ''}{name(row)} ({row['status']})",
+        )
         if early or row["status"] == "interrupted":
-            ax_curve.plot([x[-1]], [curve[-1]], "x" if early else "o", ms=10, mew=2.5,
-                          color=colours[row["trial_id"]], mfc="none" if not early else None, zorder=5,
-                          gid=f"end:{row['trial_id']}:{row['status']}")
-    ax_curve.set(xlabel="epoch", ylabel="val top-1", ylim=(0, 1.06),
-                 title="learning curves (x: stopped early by ASHA, o: interrupted)")
+            ax_curve.plot(
+                [x[-1]],
+                [curve[-1]],
+                "x" if early else "o",
+                ms=10,
+                mew=2.5,
+                color=colours[row["trial_id"]],
+                mfc="none" if not early else None,
+                zorder=5,
+                gid=f"end:{row['trial_id']}:{row['status']}",
+            )
+    ax_curve.set(
+        xlabel="epoch",
+        ylabel="val top-1",
+        ylim=(0, 1.06),
+        title="learning curves (x: stopped early by ASHA, o: interrupted)",
+    )
     ax_curve.margins(x=0.08)
     ax_curve.grid(alpha=0.3)
     if ax_curve.get_legend_handles_labels()[0]:  # an interrupted sweep may have no curve yet
@@ -300,8 +377,13 @@ def lr_find_png(lrs: list[float], losses: list[float], smoothed: list[float], su
     at = min(range(len(lrs)), key=lambda i: abs(lrs[i] - suggestion))
     ax.plot([lrs[at]], [smoothed[at]], "o", color="tab:red", markersize=9)
     top = max(smoothed[0], min(smoothed)) * 1.6  # keep the divergence from flattening the valley
-    ax.set(xscale="log", xlabel="learning rate (log scale)", ylabel="training loss",
-           title="LR range test", ylim=(min(smoothed) * 0.9, top))
+    ax.set(
+        xscale="log",
+        xlabel="learning rate (log scale)",
+        ylabel="training loss",
+        title="LR range test",
+        ylim=(min(smoothed) * 0.9, top),
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     return _png(fig)

@@ -9,11 +9,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .config import pretty
-from .data import class_names
-
+from placesnet.config import pretty
+from placesnet.data.places import class_names
 
 # --- the data --------------------------------------------------------------------------------
+
 
 def class_counts(splits: dict) -> pd.DataFrame:
     """Images per class of each split (``{"train": ds, "val": ds}``, torchvision Places365
@@ -23,7 +23,7 @@ def class_counts(splits: dict) -> pd.DataFrame:
     table = pd.DataFrame({"index": range(len(names)), "class": [pretty(n) for n in names]})
     for split, ds in splits.items():
         counts = torch.bincount(torch.tensor(ds.targets, dtype=torch.long), minlength=len(names))
-        table[split] = counts[:len(names)].tolist()
+        table[split] = counts[: len(names)].tolist()
     total = {"index": "", "class": "total", **{s: int(table[s].sum()) for s in splits}}
     return pd.concat([table, pd.DataFrame([total])], ignore_index=True)
 
@@ -44,13 +44,14 @@ def sample_indices(targets: list[int], per_class: int, classes: int, seed: int =
 def samples_figure(ds, per_class: int = 6, max_classes: int = 12, seed: int = 0):
     """A grid of images as the model sees them (after the eval resize), one row per class,
     each row labelled with its class name. ``ds`` yields (uint8 CHW tensor, label)."""
-    from .plots import plt
+    from placesnet.plots import plt
 
     names = [pretty(n) for n in class_names(ds)]
     classes = min(max_classes, len(names))
     picked = sample_indices(ds.targets, per_class, classes, seed)
-    fig, axes = plt.subplots(classes, per_class, figsize=(1.6 * per_class + 1.2, 1.6 * classes + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        classes, per_class, figsize=(1.6 * per_class + 1.2, 1.6 * classes + 0.4), squeeze=False
+    )
     for c in range(classes):
         for j in range(per_class):
             ax = axes[c][j]
@@ -72,6 +73,7 @@ def samples_figure(ds, per_class: int = 6, max_classes: int = 12, seed: int = 0)
 
 
 # --- the model -------------------------------------------------------------------------------
+
 
 @dataclass
 class Row:
@@ -106,18 +108,19 @@ def model_summary(model: nn.Module, image_size: int) -> list[Row]:
     """Runs one ``image_size`` image through ``model`` (in eval mode, no grad) and records each
     listed module's output shape, parameters and FLOPs per image."""
     listed = _rows_of(model)
-    rows = [Row(name, type(m).__name__, (), sum(p.numel() for p in m.parameters()), 0)
-            for name, m in listed]
+    rows = [Row(name, type(m).__name__, (), sum(p.numel() for p in m.parameters()), 0) for name, m in listed]
     hooks = []
 
     def record(row: Row):
         def on_output(module, inputs, output):
             row.output = tuple(output.shape[1:])
+
         return on_output
 
     def count(row: Row):
         def on_output(module, inputs, output):
             row.flops += _flops(module, output)
+
         return on_output
 
     for row, (_, module) in zip(rows, listed):
@@ -139,11 +142,23 @@ def model_summary(model: nn.Module, image_size: int) -> list[Row]:
 
 def format_summary(rows: list[Row], title: str = "") -> str:
     """A text table of :func:`model_summary`'s rows with totals."""
-    table = pd.DataFrame([{"layer": r.name, "type": r.kind, "output (C, H, W)": "x".join(map(str, r.output)),
-                           "params": f"{r.params:,}", "MFLOPs": f"{r.flops / 1e6:,.2f}"} for r in rows])
+    table = pd.DataFrame(
+        [
+            {
+                "layer": r.name,
+                "type": r.kind,
+                "output (C, H, W)": "x".join(map(str, r.output)),
+                "params": f"{r.params:,}",
+                "MFLOPs": f"{r.flops / 1e6:,.2f}",
+            }
+            for r in rows
+        ]
+    )
     params, flops = sum(r.params for r in rows), sum(r.flops for r in rows)
     lines = [title] if title else []
-    lines += [table.to_string(index=False),
-              f"total: {params:,} parameters ({params * 4 / 2**20:.1f} MiB in fp32), "
-              f"{flops / 1e9:.3f} GFLOPs per image (conv and linear, 2 x multiply-adds)"]
+    lines += [
+        table.to_string(index=False),
+        f"total: {params:,} parameters ({params * 4 / 2**20:.1f} MiB in fp32), "
+        f"{flops / 1e9:.3f} GFLOPs per image (conv and linear, 2 x multiply-adds)",
+    ]
     return "\n".join(lines)

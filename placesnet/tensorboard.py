@@ -20,9 +20,14 @@ TB_FILE = "events.out.tfevents.placesnet"  # TensorBoard reads any file with "tf
 
 # metrics.csv column -> TensorBoard tag (train and val of one quantity share a chart section)
 TAGS = {
-    "train_loss": "loss/train", "val_loss": "loss/val",
-    "train_top1": "top1/train", "val_top1": "top1/val", "val_top5": "top5/val",
-    "lr": "optim/lr", "images_per_s": "speed/images_per_s", "epoch_time_s": "speed/epoch_time_s",
+    "train_loss": "loss/train",
+    "val_loss": "loss/val",
+    "train_top1": "top1/train",
+    "val_top1": "top1/val",
+    "val_top5": "top5/val",
+    "lr": "optim/lr",
+    "images_per_s": "speed/images_per_s",
+    "epoch_time_s": "speed/epoch_time_s",
 }
 _START = 1_700_000_000.0  # a fixed origin for wall times, so the bytes are reproducible
 
@@ -54,11 +59,11 @@ def _restamp_header(data: bytes) -> bytes:
     from tensorboardX.record_writer import masked_crc32c
 
     (length,) = struct.unpack("<Q", data[:8])
-    event = event_pb2.Event.FromString(data[12:12 + length])
+    event = event_pb2.Event.FromString(data[12 : 12 + length])
     event.wall_time = _START
     body = event.SerializeToString()
     if len(body) != length:  # wall_time is a fixed-size double; never expected
         return data
     header = struct.pack("<Q", length)
     record = header + struct.pack("<I", masked_crc32c(header)) + body + struct.pack("<I", masked_crc32c(body))
-    return record + data[12 + length + 4:]
+    return record + data[12 + length + 4 :]

@@ -26,39 +26,57 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for placesnet
-
-from placesnet.cli import non_negative_int, positive_int, ray_init, run_cli  # noqa: E402
+from placesnet.cli import non_negative_int, positive_int, ray_init, run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoint dir, training run dir, summary.json / best.json, or 'latest' (the "
-                   "newest finished run under ~/ray_results; latest:STORAGE_PATH for another)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint dir, training run dir, summary.json / best.json, or 'latest' (the "
+        "newest finished run under ~/ray_results; latest:STORAGE_PATH for another)",
+    )
     p.add_argument("--split", default="val", help="val (default) or train")
-    p.add_argument("--data-root", help="dataset directory (default: the one the checkpoint was "
-                   "trained on)")
-    p.add_argument("--skip-verify", action="store_true",
-                   help="accept Places365 list files that differ from the official ones")
+    p.add_argument("--data-root", help="dataset directory (default: the one the checkpoint was trained on)")
+    p.add_argument(
+        "--skip-verify",
+        action="store_true",
+        help="accept Places365 list files that differ from the official ones",
+    )
     p.add_argument("--batch-size", type=positive_int, default=256, help="per worker (default: %(default)s)")
-    p.add_argument("--num-workers", type=positive_int, default=1,
-                   help="1: evaluate in this process; N > 1: on N Ray Train workers (default: %(default)s)")
+    p.add_argument(
+        "--num-workers",
+        type=positive_int,
+        default=1,
+        help="1: evaluate in this process; N > 1: on N Ray Train workers (default: %(default)s)",
+    )
     dev = p.add_mutually_exclusive_group()
-    dev.add_argument("--gpu", dest="gpu", action="store_true", default=None,
-                     help="use GPUs (default: when available)")
+    dev.add_argument(
+        "--gpu", dest="gpu", action="store_true", default=None, help="use GPUs (default: when available)"
+    )
     dev.add_argument("--cpu", dest="gpu", action="store_false", help="CPU only")
     p.add_argument("--out", help="output directory (default: RUN_DIR/eval_<checkpoint name>)")
-    p.add_argument("--top-pairs", type=positive_int, default=15,
-                   help="confused class pairs to draw (default: %(default)s)")
-    p.add_argument("--gallery", type=non_negative_int, default=24,
-                   help="most confident mistakes shown in misclassified.png (0: none; default: %(default)s)")
+    p.add_argument(
+        "--top-pairs",
+        type=positive_int,
+        default=15,
+        help="confused class pairs to draw (default: %(default)s)",
+    )
+    p.add_argument(
+        "--gallery",
+        type=non_negative_int,
+        default=24,
+        help="most confident mistakes shown in misclassified.png (0: none; default: %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument("--storage-path", help="with --num-workers > 1 on a multi-node cluster: a shared "
-                   "path (NFS or s3://) for Ray Train's run state (default: a temporary directory)")
+    p.add_argument(
+        "--storage-path",
+        help="with --num-workers > 1 on a multi-node cluster: a shared "
+        "path (NFS or s3://) for Ray Train's run state (default: a temporary directory)",
+    )
     p.add_argument("--address", help="Ray cluster for --num-workers > 1 (default: RAY_ADDRESS or local)")
     return p.parse_args(argv)
 
@@ -72,10 +90,15 @@ def main(argv=None) -> int:
     import torch
 
     from placesnet.config import pretty
-    from placesnet.data import SPLITS, resolve_data_root
+    from placesnet.data.places import SPLITS, resolve_data_root
     from placesnet.evaluation import evaluate_checkpoint, per_class_table
-    from placesnet.plots import (confused_pairs, confusion_figure, misclassified_figure, per_class_figure,
-                                 save_png)
+    from placesnet.plots import (
+        confused_pairs,
+        confusion_figure,
+        misclassified_figure,
+        per_class_figure,
+        save_png,
+    )
 
     if args.split not in SPLITS:
         raise UserError(f"unknown split {args.split!r}; choose one of {', '.join(SPLITS)}")
@@ -91,16 +114,25 @@ def main(argv=None) -> int:
         if use_gpu and not torch.cuda.is_available():
             raise UserError("--gpu asked for a GPU but torch sees none")
         device = torch.device("cuda" if use_gpu else "cpu")
-        result = evaluate_checkpoint(loaded, root, device, split=args.split, batch_size=args.batch_size,
-                                     mistakes=args.gallery)
+        result = evaluate_checkpoint(
+            loaded, root, device, split=args.split, batch_size=args.batch_size, mistakes=args.gallery
+        )
     else:
         ray_init(args.address)
-        from placesnet.ray_train import distributed_evaluate, plan_resources
+        from placesnet.launch.resources import plan_resources
+        from placesnet.launch.trainer import distributed_evaluate
 
         res = plan_resources(args.num_workers, args.gpu, None)
-        result = distributed_evaluate(loaded.path, root, res, split=args.split,
-                                      batch_size=args.batch_size, skip_verify=cfg.skip_verify,
-                                      storage_path=args.storage_path, mistakes=args.gallery)
+        result = distributed_evaluate(
+            loaded.path,
+            root,
+            res,
+            split=args.split,
+            batch_size=args.batch_size,
+            skip_verify=cfg.skip_verify,
+            storage_path=args.storage_path,
+            mistakes=args.gallery,
+        )
 
     confusion = result.pop("confusion")
     out = Path(args.out).expanduser() if args.out else loaded.path.parent / f"eval_{loaded.path.name}"
@@ -112,14 +144,27 @@ def main(argv=None) -> int:
     mistakes = result.pop("mistakes", [])
     if args.gallery:
         save_png(misclassified_figure(mistakes, loaded.classes), out / "misclassified.png")
-    report = {"checkpoint": str(loaded.path), "note": loaded.note, "split": args.split, "data_root": str(root),
-              "num_workers": args.num_workers, **result,
-              "confused_pairs": confused_pairs(confusion, loaded.classes, args.top_pairs),
-              "mistakes": [{**m, "true": pretty(loaded.classes[m["true"]]),
-                            "predicted": pretty(loaded.classes[m["predicted"]])} for m in mistakes],
-              "per_class_csv": str(out / "per_class.csv"), "per_class_png": str(out / "per_class.png"),
-              "confused_pairs_png": str(out / "confused_pairs.png"),
-              "misclassified_png": str(out / "misclassified.png") if args.gallery else None}
+    report = {
+        "checkpoint": str(loaded.path),
+        "note": loaded.note,
+        "split": args.split,
+        "data_root": str(root),
+        "num_workers": args.num_workers,
+        **result,
+        "confused_pairs": confused_pairs(confusion, loaded.classes, args.top_pairs),
+        "mistakes": [
+            {
+                **m,
+                "true": pretty(loaded.classes[m["true"]]),
+                "predicted": pretty(loaded.classes[m["predicted"]]),
+            }
+            for m in mistakes
+        ],
+        "per_class_csv": str(out / "per_class.csv"),
+        "per_class_png": str(out / "per_class.png"),
+        "confused_pairs_png": str(out / "confused_pairs.png"),
+        "misclassified_png": str(out / "misclassified.png") if args.gallery else None,
+    }
     (out / "evaluation.json").write_text(json.dumps(report, indent=2))
 
     if args.json:
@@ -127,11 +172,17 @@ def main(argv=None) -> int:
         return 0
     if loaded.note:
         print(f"note: {loaded.note}")
-    print(f"{args.split}: {result['val_images']} images, top-1 {result['val_top1']:.4f}, "
-          f"top-5 {result['val_top5']:.4f}, loss {result['val_loss']:.4f}")
+    print(
+        f"{args.split}: {result['val_images']} images, top-1 {result['val_top1']:.4f}, "
+        f"top-5 {result['val_top5']:.4f}, loss {result['val_loss']:.4f}"
+    )
     worst = table.sort_values("accuracy").head(10)
-    print("\nlowest per-class accuracy:\n" + worst[["class", "images", "accuracy", "most_confused_with"]]
-          .to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(
+        "\nlowest per-class accuracy:\n"
+        + worst[["class", "images", "accuracy", "most_confused_with"]].to_string(
+            index=False, float_format=lambda v: f"{v:.3f}"
+        )
+    )
     print(f"\nper-class accuracy: {out / 'per_class.csv'}, {out / 'per_class.png'}")
     print(f"confused pairs:     {out / 'confused_pairs.png'}")
     if args.gallery:

@@ -14,24 +14,33 @@ samples.png (one row per class, --per-class images each, after the eval resize t
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for placesnet
-
-from placesnet.cli import add_data_args, positive_int, run_cli  # noqa: E402
+from placesnet.cli import add_data_args, positive_int, run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(p)
     g = p.add_argument_group("what to show")
-    g.add_argument("--per-class", type=positive_int, default=6, help="images per class in samples.png "
-                   "(default: %(default)s)")
-    g.add_argument("--max-classes", type=positive_int, default=12,
-                   help="classes in samples.png, the first N by index (default: %(default)s)")
-    g.add_argument("--split", choices=["train", "val"], default="train",
-                   help="split shown in samples.png (default: %(default)s)")
+    g.add_argument(
+        "--per-class",
+        type=positive_int,
+        default=6,
+        help="images per class in samples.png (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-classes",
+        type=positive_int,
+        default=12,
+        help="classes in samples.png, the first N by index (default: %(default)s)",
+    )
+    g.add_argument(
+        "--split",
+        choices=["train", "val"],
+        default="train",
+        help="split shown in samples.png (default: %(default)s)",
+    )
     g.add_argument("--seed", type=int, default=0, help="which images the grid shows (default: %(default)s)")
     g.add_argument("--out", default="data_look", help="output directory (default: %(default)s)")
     return p.parse_args(argv)
@@ -40,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from placesnet.cli import data_config_from_args
-    from placesnet.data import eval_transform, open_split, resolve_data_root
+    from placesnet.data.places import open_split, resolve_data_root
+    from placesnet.data.transforms import eval_transform
     from placesnet.plots import save_png
     from placesnet.summaries import class_counts, samples_figure
 
@@ -51,9 +61,13 @@ def main(argv=None) -> int:
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "counts.csv", index=False)
-    save_png(samples_figure(splits[args.split], args.per_class, args.max_classes, args.seed), out / "samples.png")
-    print(f"{cfg.dataset} data in {root}: {len(table) - 1} classes, "
-          + ", ".join(f"{s} {len(ds):,} images" for s, ds in splits.items()))
+    save_png(
+        samples_figure(splits[args.split], args.per_class, args.max_classes, args.seed), out / "samples.png"
+    )
+    print(
+        f"{cfg.dataset} data in {root}: {len(table) - 1} classes, "
+        + ", ".join(f"{s} {len(ds):,} images" for s, ds in splits.items())
+    )
     print(table.to_string(index=False))
     print(f"\ncounts:  {out / 'counts.csv'}")
     print(f"samples: {out / 'samples.png'}")

@@ -23,22 +23,35 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for placesnet
-
-from placesnet.cli import (add_data_args, add_model_args, config_from_args, non_negative_int,  # noqa: E402
-                           positive_float, positive_int, run_cli)
-from placesnet.config import DEFAULT_STORAGE, UserError  # noqa: E402
+from placesnet.cli import (
+    add_data_args,
+    add_model_args,
+    config_from_args,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_cli,
+)
+from placesnet.config import DEFAULT_STORAGE, UserError
 
 
 def add_finder_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LR range test")
     g.add_argument("--min-lr", type=positive_float, default=1e-5, help="default: %(default)s")
     g.add_argument("--max-lr", type=positive_float, default=10.0, help="default: %(default)s")
-    g.add_argument("--steps", type=positive_int, default=100,
-                   help="optimizer steps at most (the data is cycled if needed; default: %(default)s)")
-    g.add_argument("--suggest", choices=["steepest", "valley", "minimum"], default="steepest",
-                   help="steepest: where the smoothed loss falls fastest (Lightning's); valley: "
-                        "fastai's; minimum: the lowest loss's lr / 10 (default: %(default)s)")
+    g.add_argument(
+        "--steps",
+        type=positive_int,
+        default=100,
+        help="optimizer steps at most (the data is cycled if needed; default: %(default)s)",
+    )
+    g.add_argument(
+        "--suggest",
+        choices=["steepest", "valley", "minimum"],
+        default="steepest",
+        help="steepest: where the smoothed loss falls fastest (Lightning's); valley: "
+        "fastai's; minimum: the lowest loss's lr / 10 (default: %(default)s)",
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,12 +60,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_args(p)
     add_finder_args(p)
     g = p.add_argument_group("where")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: the GPU if there is one (default: %(default)s)")
-    g.add_argument("--workers", type=non_negative_int, default=0,
-                   help="DataLoader processes (default: %(default)s)")
-    g.add_argument("--out", help="directory for lr_find.png and lr_find.csv (default: "
-                   f"{DEFAULT_STORAGE}/lr_find-<model>-<dataset>-<date>-<time>)")
+    g.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: the GPU if there is one (default: %(default)s)",
+    )
+    g.add_argument(
+        "--workers", type=non_negative_int, default=0, help="DataLoader processes (default: %(default)s)"
+    )
+    g.add_argument(
+        "--out",
+        help="directory for lr_find.png and lr_find.csv (default: "
+        f"{DEFAULT_STORAGE}/lr_find-<model>-<dataset>-<date>-<time>)",
+    )
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     return p.parse_args(argv)
 
@@ -66,33 +87,61 @@ def main(argv=None) -> int:
     cfg = config_from_args(args)
     import torch
 
-    from placesnet.data import resolve_data_root
-    from placesnet.lr_find import find_lr, write_outputs
-    from placesnet.validate import check_dataset
+    from placesnet.data.places import resolve_data_root
+    from placesnet.data.validate import check_dataset
+    from placesnet.train.lr_find import find_lr, write_outputs
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: this machine has no CUDA GPU")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    out = Path(args.out or Path(DEFAULT_STORAGE) / f"lr_find-{cfg.model}-{cfg.dataset}-"
-               f"{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
+    out = (
+        Path(
+            args.out
+            or Path(DEFAULT_STORAGE) / f"lr_find-{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+        .expanduser()
+        .resolve()
+    )
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory")
     root = resolve_data_root(cfg)
-    print(check_dataset(root, ("train",), files=args.check_files), file=sys.stderr if args.json else sys.stdout)
-    result = find_lr(cfg, root, device, loader_workers=args.workers, min_lr=args.min_lr,
-                     max_lr=args.max_lr, steps=args.steps, suggest=args.suggest)
+    print(
+        check_dataset(root, ("train",), files=args.check_files), file=sys.stderr if args.json else sys.stdout
+    )
+    result = find_lr(
+        cfg,
+        root,
+        device,
+        loader_workers=args.workers,
+        min_lr=args.min_lr,
+        max_lr=args.max_lr,
+        steps=args.steps,
+        suggest=args.suggest,
+    )
     out.mkdir(parents=True, exist_ok=True)
     write_outputs(result, lambda name, data: (out / name).write_bytes(data))
     if args.json:
-        print(json.dumps({"suggestion": result.suggestion, "stopped_early": result.stopped_early,
-                          "steps_run": len(result.lrs), "plot": str(out / "lr_find.png"),
-                          "csv": str(out / "lr_find.csv")}))
+        print(
+            json.dumps(
+                {
+                    "suggestion": result.suggestion,
+                    "stopped_early": result.stopped_early,
+                    "steps_run": len(result.lrs),
+                    "plot": str(out / "lr_find.png"),
+                    "csv": str(out / "lr_find.csv"),
+                }
+            )
+        )
         return 0
-    print(f"LR range test: {cfg.model}, batch {cfg.batch_size}, {len(result.lrs)} steps from "
-          f"{result.lrs[0]:.2g} to {result.lrs[-1]:.3g} on {device}"
-          + ("" if result.stopped_early else " (the loss never diverged: try a larger --max-lr)"))
-    print(f"suggested lr: {result.suggestion:.4g}   (train with --lr {result.suggestion:.3g} "
-          f"--batch-size {cfg.batch_size}, or let train.py do this with --lr auto)")
+    print(
+        f"LR range test: {cfg.model}, batch {cfg.batch_size}, {len(result.lrs)} steps from "
+        f"{result.lrs[0]:.2g} to {result.lrs[-1]:.3g} on {device}"
+        + ("" if result.stopped_early else " (the loss never diverged: try a larger --max-lr)")
+    )
+    print(
+        f"suggested lr: {result.suggestion:.4g}   (train with --lr {result.suggestion:.3g} "
+        f"--batch-size {cfg.batch_size}, or let train.py do this with --lr auto)"
+    )
     print(f"plot:         {out / 'lr_find.png'}")
     print(f"losses:       {out / 'lr_find.csv'}")
     return 0

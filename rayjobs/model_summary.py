@@ -13,24 +13,27 @@ and pooling add a few percent more.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for placesnet
-
-from placesnet.cli import int_list, positive_int, run_cli  # noqa: E402
-from placesnet.config import MODELS  # noqa: E402
+from placesnet.cli import int_list, positive_int, run_cli
+from placesnet.config import MODELS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=MODELS, default="deepcnn", help="default: %(default)s")
-    p.add_argument("--widths", type=int_list, default=(32, 64, 128, 256),
-                   help="deepcnn: channels of each conv stage (default: 32,64,128,256)")
+    p.add_argument(
+        "--widths",
+        type=int_list,
+        default=(32, 64, 128, 256),
+        help="deepcnn: channels of each conv stage (default: 32,64,128,256)",
+    )
     p.add_argument("--image-size", type=positive_int, default=64, help="default: %(default)s")
     p.add_argument("--num-classes", type=positive_int, default=8, help="default: %(default)s")
-    p.add_argument("--checkpoint", help="summarise a trained model instead (checkpoint dir, run dir "
-                   "summary.json or latest): its model, widths, image size and classes")
+    p.add_argument(
+        "--checkpoint",
+        help="summarise a trained model instead (checkpoint dir, run dir "
+        "summary.json or latest): its model, widths, image size and classes",
+    )
     return p.parse_args(argv)
 
 
@@ -55,8 +58,11 @@ def main(argv=None) -> int:
         classes, where = args.num_classes, ""
         model = build_model(cfg, classes)
     rows = model_summary(model, cfg.image_size)
-    print(format_summary(rows, f"{cfg.model}{where}: input 3x{cfg.image_size}x{cfg.image_size}, "
-                               f"{classes} classes"))
+    print(
+        format_summary(
+            rows, f"{cfg.model}{where}: input 3x{cfg.image_size}x{cfg.image_size}, {classes} classes"
+        )
+    )
     return 0
 
 

@@ -16,19 +16,23 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for placesnet
-
-from placesnet.cli import positive_int, run_cli  # noqa: E402
+from placesnet.cli import positive_int, run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoint dir, training run dir, summary.json / best.json, or 'latest' (the "
-                   "newest finished run under ~/ray_results; latest:STORAGE_PATH for another)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint dir, training run dir, summary.json / best.json, or 'latest' (the "
+        "newest finished run under ~/ray_results; latest:STORAGE_PATH for another)",
+    )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument("--top-k", type=positive_int,
-                   help="classes per image (default: 5, or all classes if the model has fewer)")
+    p.add_argument(
+        "--top-k",
+        type=positive_int,
+        help="classes per image (default: 5, or all classes if the model has fewer)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document for machines")
     p.add_argument("--gpu", action="store_true", help="run the model on the GPU")
     p.add_argument("--plot", metavar="OUT.png", help="also draw each image next to its top-k bars")
@@ -69,13 +73,24 @@ def main(argv=None) -> int:
         from placesnet.plots import predictions_figure, save_png
 
         if predictions:
-            save_png(predictions_figure([(Path(p).name, images[p], predictions[p]) for p in predictions],
-                                        loaded.note), plot)
+            save_png(
+                predictions_figure(
+                    [(Path(p).name, images[p], predictions[p]) for p in predictions], loaded.note
+                ),
+                plot,
+            )
 
     if args.json:
-        doc = {"checkpoint": str(loaded.path), "note": loaded.note, "results": [
-            {"image": p, "predictions": predictions[p]} if p in predictions else {"image": p, "error": errors[p]}
-            for p in args.images]}
+        doc = {
+            "checkpoint": str(loaded.path),
+            "note": loaded.note,
+            "results": [
+                {"image": p, "predictions": predictions[p]}
+                if p in predictions
+                else {"image": p, "error": errors[p]}
+                for p in args.images
+            ],
+        }
         print(json.dumps(doc, indent=2))
     else:
         if loaded.note:

@@ -17,15 +17,20 @@ latest), metrics.csv, curves.png and summary.json. Running again with the same -
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for placesnet
-
-from placesnet.cli import (add_data_args, add_input_arg, add_model_args, config_from_args, lr_source, positive_int,  # noqa: E402
-                           ray_init, run_cli)
-from placesnet.config import DEFAULT_STORAGE, UserError  # noqa: E402
+from placesnet.cli import (
+    add_data_args,
+    add_input_arg,
+    add_model_args,
+    config_from_args,
+    lr_source,
+    positive_int,
+    ray_init,
+    run_cli,
+)
+from placesnet.config import DEFAULT_STORAGE, UserError
 
 # Fields that decide the shape of the weights: a resumed run must not change them.
 ARCHITECTURE = ("dataset", "model", "widths", "fc_hidden", "sample_difficulty", "sample_classes")
@@ -37,41 +42,74 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_args(p)
     add_input_arg(p)
     g = p.add_argument_group("cluster and outputs")
-    g.add_argument("--num-workers", type=positive_int,
-                   help="Ray Train workers (DDP ranks), one GPU each on GPUs (default: every GPU of "
-                        "the cluster; 2 on CPU)")
+    g.add_argument(
+        "--num-workers",
+        type=positive_int,
+        help="Ray Train workers (DDP ranks), one GPU each on GPUs (default: every GPU of "
+        "the cluster; 2 on CPU)",
+    )
     dev = g.add_mutually_exclusive_group()
-    dev.add_argument("--gpu", dest="gpu", action="store_true", default=None,
-                     help="train on GPUs (default: when the cluster has any)")
+    dev.add_argument(
+        "--gpu",
+        dest="gpu",
+        action="store_true",
+        default=None,
+        help="train on GPUs (default: when the cluster has any)",
+    )
     dev.add_argument("--cpu", dest="gpu", action="store_false", help="train on CPUs only")
-    g.add_argument("--cpus-per-worker", type=float,
-                   help="CPUs reserved per worker, fractions allowed (default: the cluster's CPUs "
-                        "split over the workers; with GPUs, its CPUs per GPU up to 8)")
-    g.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_SPREAD"], default="PACK",
-                   help="where workers go: PACK fills nodes, STRICT_SPREAD puts each on its own node "
-                        "(default: %(default)s)")
-    g.add_argument("--autoscale", action="store_true",
-                   help="the cluster starts nodes on demand (cluster.yaml): skip the check that the "
-                        "workers fit on the nodes running now, and wait for new ones instead")
-    g.add_argument("--storage-path", default=DEFAULT_STORAGE,
-                   help="where runs are kept; shared (NFS or s3://) on a multi-node cluster "
-                        "(default: %(default)s)")
-    g.add_argument("--name", help="run name; the same name resumes that run "
-                   "(default: <model>-<dataset>-<date>-<time>)")
-    g.add_argument("--max-failures", type=int, default=2,
-                   help="worker-group restarts from the latest checkpoint after a crash; -1: "
-                        "unlimited (default: %(default)s)")
-    g.add_argument("--keep-checkpoints", type=positive_int, default=2,
-                   help="checkpoints kept, the best by val top-1 (the latest is always kept too) "
-                        "(default: %(default)s)")
-    g.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a "
-                   "local Ray)")
-    g.add_argument("--fail-after-epoch", type=positive_int,
-                   help="fault-injection test: one worker process exits once after this epoch; "
-                        "the run must recover from its latest checkpoint")
-    g.add_argument("--diverge-at-epoch", type=positive_int,
-                   help="fault-injection test: the loss becomes NaN in this epoch; the run must "
-                        "stop without restarts and keep the epochs before")
+    g.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        help="CPUs reserved per worker, fractions allowed (default: the cluster's CPUs "
+        "split over the workers; with GPUs, its CPUs per GPU up to 8)",
+    )
+    g.add_argument(
+        "--placement-strategy",
+        choices=["PACK", "SPREAD", "STRICT_SPREAD"],
+        default="PACK",
+        help="where workers go: PACK fills nodes, STRICT_SPREAD puts each on its own node "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="the cluster starts nodes on demand (cluster.yaml): skip the check that the "
+        "workers fit on the nodes running now, and wait for new ones instead",
+    )
+    g.add_argument(
+        "--storage-path",
+        default=DEFAULT_STORAGE,
+        help="where runs are kept; shared (NFS or s3://) on a multi-node cluster (default: %(default)s)",
+    )
+    g.add_argument(
+        "--name", help="run name; the same name resumes that run (default: <model>-<dataset>-<date>-<time>)"
+    )
+    g.add_argument(
+        "--max-failures",
+        type=int,
+        default=2,
+        help="worker-group restarts from the latest checkpoint after a crash; -1: "
+        "unlimited (default: %(default)s)",
+    )
+    g.add_argument(
+        "--keep-checkpoints",
+        type=positive_int,
+        default=2,
+        help="checkpoints kept, the best by val top-1 (the latest is always kept too) (default: %(default)s)",
+    )
+    g.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
+    g.add_argument(
+        "--fail-after-epoch",
+        type=positive_int,
+        help="fault-injection test: one worker process exits once after this epoch; "
+        "the run must recover from its latest checkpoint",
+    )
+    g.add_argument(
+        "--diverge-at-epoch",
+        type=positive_int,
+        help="fault-injection test: the loss becomes NaN in this epoch; the run must "
+        "stop without restarts and keep the epochs before",
+    )
     return p.parse_args(argv)
 
 
@@ -84,11 +122,13 @@ def main(argv=None) -> int:
         raise UserError("--decode gpu decodes on the workers' GPUs, but --cpu trains on CPUs")
 
     # Imports that pull in Ray and torch come after argument checks, so --help and typos are fast.
-    from placesnet.data import class_names, describe, open_split, resolve_data_root
-    from placesnet.ray_train import (RESUME_HINT, check_cluster_paths, check_storage_writable, diverged,
-                                     failure_message, make_trainer, plan_resources, summarize)
-    from placesnet.resume import prepare_resume
-    from placesnet.validate import fetch_and_check
+    from placesnet.data.places import class_names, describe, open_split, resolve_data_root
+    from placesnet.data.validate import fetch_and_check
+    from placesnet.launch.outputs import summarize
+    from placesnet.launch.preflight import check_cluster_paths, check_storage_writable
+    from placesnet.launch.resources import plan_resources
+    from placesnet.launch.resume import prepare_resume
+    from placesnet.launch.trainer import RESUME_HINT, diverged, failure_message, make_trainer
 
     storage = args.storage_path
     if "://" not in storage:
@@ -118,8 +158,10 @@ def main(argv=None) -> int:
     if previous:
         changed = [k for k in ARCHITECTURE if previous.get(k) != cfg.to_dict().get(k)]
         if changed:
-            raise UserError(f"{run_dir} holds a run with a different {', '.join(changed)}; "
-                            "resume it with the same settings or pick a new --name")
+            raise UserError(
+                f"{run_dir} holds a run with a different {', '.join(changed)}; "
+                "resume it with the same settings or pick a new --name"
+            )
         print(f"resuming run {run_dir} from {resume.checkpoint.name} (epoch {resume.epoch})")
         if args.lr == "auto":  # the schedule continues: keep the lr the range test found before
             cfg, source = cfg.replace(lr=previous["lr"]), "--lr auto, found when the run started"
@@ -127,31 +169,53 @@ def main(argv=None) -> int:
     ray_init(args.address)
     import ray.train
 
-    res = plan_resources(args.num_workers, args.gpu, args.cpus_per_worker, args.placement_strategy,
-                         args.autoscale, ray_data=cfg.input == "ray-data")
+    res = plan_resources(
+        args.num_workers,
+        args.gpu,
+        args.cpus_per_worker,
+        args.placement_strategy,
+        args.autoscale,
+        ray_data=cfg.input == "ray-data",
+    )
     check_batch(cfg.batch_size, res.num_workers)
     if cfg.decode == "gpu" and not res.use_gpu:
-        raise UserError("--decode gpu decodes on the workers' GPUs, but this run trains on CPUs; "
-                        "drop --decode gpu or train with --gpu")
+        raise UserError(
+            "--decode gpu decodes on the workers' GPUs, but this run trains on CPUs; "
+            "drop --decode gpu or train with --gpu"
+        )
     check_cluster_paths(storage, root if cfg.dataset == "places365" else None)
     if args.lr == "auto" and not previous:
         cfg, source = find_lr_on_cluster(cfg, root, res, storage, name), "--lr auto: LR range test"
-    print(f"training {cfg.model} on {len(classes)} classes: {res.num_workers} worker(s) x "
-          f"({res.cpus_per_worker:g} CPU{' + 1 GPU' if res.use_gpu else ''}), global batch "
-          f"{cfg.batch_size}, {cfg.epochs} epochs, {cfg.image_size}px")
-    print(f"lr {cfg.lr:.4g} ({source}), warmup + {cfg.schedule} per step"
-          + (f", gradient norm clipped to {cfg.clip_grad_norm:g}" if cfg.clip_grad_norm else ""))
-    trainer = make_trainer(cfg, root, res, storage_path=storage, name=name,
-                           max_failures=args.max_failures, keep=args.keep_checkpoints,
-                           fail_after_epoch=args.fail_after_epoch, diverge_at_epoch=args.diverge_at_epoch)
+    print(
+        f"training {cfg.model} on {len(classes)} classes: {res.num_workers} worker(s) x "
+        f"({res.cpus_per_worker:g} CPU{' + 1 GPU' if res.use_gpu else ''}), global batch "
+        f"{cfg.batch_size}, {cfg.epochs} epochs, {cfg.image_size}px"
+    )
+    print(
+        f"lr {cfg.lr:.4g} ({source}), warmup + {cfg.schedule} per step"
+        + (f", gradient norm clipped to {cfg.clip_grad_norm:g}" if cfg.clip_grad_norm else "")
+    )
+    trainer = make_trainer(
+        cfg,
+        root,
+        res,
+        storage_path=storage,
+        name=name,
+        max_failures=args.max_failures,
+        keep=args.keep_checkpoints,
+        fail_after_epoch=args.fail_after_epoch,
+        diverge_at_epoch=args.diverge_at_epoch,
+    )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         message, users = failure_message(e)
         if users:  # the same data or checkpoint would fail again: no restarts were spent on it
             raise UserError(f"{message} (run dir: {run_label}; fix it and {RESUME_HINT})") from None
-        raise UserError(f"training failed after {args.max_failures} restart(s): {message} "
-                        f"(run dir: {run_label}; {RESUME_HINT})") from None
+        raise UserError(
+            f"training failed after {args.max_failures} restart(s): {message} "
+            f"(run dir: {run_label}; {RESUME_HINT})"
+        ) from None
 
     message = diverged(result)
     if message:
@@ -161,8 +225,9 @@ def main(argv=None) -> int:
         summary, _ = summarize(result, storage, name)  # metrics.csv and curves are up to date
         done = summary["epochs_completed"]
         kept = "epoch 1 is kept" if done == 1 else f"epochs 1-{done} are kept"
-        raise UserError(f"{message} (run dir: {run_label}; {kept}, the best checkpoint is "
-                        f"{summary['best_checkpoint']})")
+        raise UserError(
+            f"{message} (run dir: {run_label}; {kept}, the best checkpoint is {summary['best_checkpoint']})"
+        )
     summary, history = summarize(result, storage, name)
     _print_results(summary, history)
     return 0
@@ -176,11 +241,12 @@ def find_lr_on_cluster(cfg, root: Path, res, storage: str, name: str):
     import ray
     from pyarrow import fs as pafs
 
-    from placesnet.ray_train import run_lr_find
+    from placesnet.launch.trainer import run_lr_find
 
     print(f"--lr auto: running the LR range test on one worker (global batch {cfg.batch_size})")
-    task = ray.remote(run_lr_find).options(num_cpus=res.cpus_per_worker, num_gpus=1 if res.use_gpu else 0,
-                                           max_retries=0)
+    task = ray.remote(run_lr_find).options(
+        num_cpus=res.cpus_per_worker, num_gpus=1 if res.use_gpu else 0, max_retries=0
+    )
     try:
         result = ray.get(task.remote(cfg.to_dict(), str(root), res.cpus_per_worker))
     except ray.exceptions.RayTaskError as e:
@@ -194,37 +260,56 @@ def find_lr_on_cluster(cfg, root: Path, res, storage: str, name: str):
         with filesystem.open_output_stream(posixpath.join(run_dir, file)) as f:
             f.write(data)
 
-    from placesnet.lr_find import PNG_FILE, write_outputs
+    from placesnet.train.lr_find import PNG_FILE, write_outputs
 
     write_outputs(result, write)
     label = f"{storage.rstrip('/')}/{name}/{PNG_FILE}"
-    print(f"LR range test: {len(result.lrs)} steps up to lr {result.lrs[-1]:.3g}; suggested lr "
-          f"{result.suggestion:.4g} (plot: {label})")
+    print(
+        f"LR range test: {len(result.lrs)} steps up to lr {result.lrs[-1]:.3g}; suggested lr "
+        f"{result.suggestion:.4g} (plot: {label})"
+    )
     return cfg.replace(lr=result.suggestion)
 
 
 def check_batch(batch_size: int, num_workers: int, note: bool = True) -> None:
     if batch_size < num_workers:
-        raise UserError(f"--batch-size {batch_size} is smaller than --num-workers {num_workers}: "
-                        "every worker needs at least one sample per step")
+        raise UserError(
+            f"--batch-size {batch_size} is smaller than --num-workers {num_workers}: "
+            "every worker needs at least one sample per step"
+        )
     if note and batch_size % num_workers:
-        print(f"note: global batch {batch_size} is not divisible by {num_workers} workers; "
-              f"using {batch_size // num_workers} per worker")
+        print(
+            f"note: global batch {batch_size} is not divisible by {num_workers} workers; "
+            f"using {batch_size // num_workers} per worker"
+        )
 
 
 def _print_results(summary: dict, history: list[dict]) -> None:
     import pandas as pd
 
-    cols = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
-            "images_per_s", "epoch_time_s", "lr"]
+    cols = [
+        "epoch",
+        "train_loss",
+        "train_top1",
+        "val_loss",
+        "val_top1",
+        "val_top5",
+        "images_per_s",
+        "epoch_time_s",
+        "lr",
+    ]
     print("\n" + pd.DataFrame(history)[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     skipped = max((int(row.get("skipped_images", 0)) for row in history), default=0)
     if skipped:
-        print(f"\nnote: {skipped} image(s) per epoch could not be decoded and were skipped "
-              "(--bad-images skip; their paths are in the log, the counts in metrics.csv)")
-    print(f"\nbest val top-1 {summary['val_top1']:.4f} (top-5 {summary['val_top5']:.4f}) at epoch "
-          f"{summary['best_epoch']} of {summary['epochs_completed']}; "
-          f"chance is {1 / len(summary['classes']):.4f}")
+        print(
+            f"\nnote: {skipped} image(s) per epoch could not be decoded and were skipped "
+            "(--bad-images skip; their paths are in the log, the counts in metrics.csv)"
+        )
+    print(
+        f"\nbest val top-1 {summary['val_top1']:.4f} (top-5 {summary['val_top5']:.4f}) at epoch "
+        f"{summary['best_epoch']} of {summary['epochs_completed']}; "
+        f"chance is {1 / len(summary['classes']):.4f}"
+    )
     print(f"best checkpoint: {summary['best_checkpoint']}")
     print(f"metrics:         {summary['metrics_csv']}")
     print(f"curves:          {summary['curves_png']}")

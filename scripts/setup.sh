@@ -1,23 +1,31 @@
 #!/usr/bin/env bash
-# Create (or update) the project's virtual environment from requirements.txt.
+# Create (or update) the project's virtual environment: the project itself, installed editable
+# with its pinned dependencies and the dev tools (`pip install -e .[dev]`, pins in pyproject.toml).
 #   VENV: where it lives (default ~/.cache/places365-ray/venv, outside the clone, so every clone
 #         and CI run shares one 5.5 GB environment instead of building its own).
-# Re-running is cheap: it reinstalls only when requirements.txt changed.
+# Re-running is cheap: dependencies are reinstalled only when pyproject.toml changed, and the
+# editable install is pointed at this clone when it points at another one (a few seconds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-$HOME/.cache/places365-ray/venv}"
 PYTHON="${PYTHON:-python3}"
-stamp="$VENV/.requirements.txt"
+stamp="$VENV/.pyproject.toml"
+here="$(pwd -P)"
 
-if [ -x "$VENV/bin/python" ] && cmp -s requirements.txt "$stamp"; then
-  exit 0
-fi
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating virtual environment in $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-echo "setup: installing requirements.txt (first time: torch + Ray, a few minutes, ~6 GB)"
-"$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -r requirements.txt
-cp requirements.txt "$stamp"
-echo "setup: done ($("$VENV/bin/python" -c 'import torch, ray; print(f"torch {torch.__version__}, ray {ray.__version__}")'))"
+if ! cmp -s pyproject.toml "$stamp"; then
+  echo "setup: installing the project and its pinned dependencies (first time: torch + Ray, a few minutes, ~6 GB)"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+  cp pyproject.toml "$stamp"
+  echo "setup: done ($("$VENV/bin/python" -c 'import torch, ray; print(f"torch {torch.__version__}, ray {ray.__version__}")'))"
+fi
+# One venv, many clones: the editable install must be this clone's.
+installed="$(cd / && "$VENV/bin/python" -c 'import placesnet, pathlib; print(pathlib.Path(placesnet.__file__).resolve().parents[1])' 2>/dev/null || true)"
+if [ "$installed" != "$here" ]; then
+  echo "setup: pointing the editable install at $here"
+  "$VENV/bin/python" -m pip install --quiet --no-deps -e .
+fi

@@ -14,7 +14,6 @@ names and image size come from the checkpoint alone; preprocessing is the traini
 transform, so answers match ``rayjobs/predict.py``.
 """
 
-
 import asyncio
 import math
 import os
@@ -24,9 +23,9 @@ from typing import Any
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve import Application
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from placesnet.images import MAX_PIXELS
 
@@ -70,6 +69,7 @@ def _bad_image(e: Exception) -> ClientError:
 
 # --- optional bearer token (api_key_env / api_key_file) ------------------------------------------
 
+
 def read_api_key(env_name: str = "", key_file: str = "") -> str | None:
     """The endpoint's key: the environment variable ``env_name``, else the file named by
     ``<env_name>_FILE`` (the Docker/Kubernetes secrets convention) or by ``key_file``. None when
@@ -100,8 +100,11 @@ async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """404 (no such route), 405 (wrong method), ...: the same ``{"error": ...}`` as every other error."""
-    return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"},
-                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
+    return JSONResponse(
+        {"error": f"{exc.detail}: {request.method} {request.url.path}"},
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
 
 
 @app.exception_handler(Exception)
@@ -109,8 +112,7 @@ async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     """A bug or a failing device on the replica: 500, still as JSON (the traceback goes to the
     replica's log). Requests a crashed replica was holding are answered by Serve's proxy instead,
     in plain text: see docs/reliability.md."""
-    return JSONResponse({"error": f"internal error: {type(exc).__name__}: {str(exc)[:200]}"},
-                        status_code=500)
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}: {str(exc)[:200]}"}, status_code=500)
 
 
 @app.exception_handler(RequestValidationError)
@@ -122,14 +124,28 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 # /predict reads its body itself (raw bytes or a multipart form, with streaming size limits), so
 # FastAPI cannot infer it: this documents both forms, and /docs' "Try it out" can send an image.
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
-PREDICT_BODY = {"requestBody": {"required": True, "description": (
-    "The image: its raw bytes (Content-Type image/jpeg, image/png, image/webp, ...) or a "
-    "multipart form whose field `file` holds it."), "content": {
-    "image/jpeg": _BINARY, "image/png": _BINARY, "image/webp": _BINARY,
-    "application/octet-stream": _BINARY,
-    "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
-                                       "properties": {"file": {"type": "string", "format": "binary"}}}},
-}}}
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            "The image: its raw bytes (Content-Type image/jpeg, image/png, image/webp, ...) or a "
+            "multipart form whose field `file` holds it."
+        ),
+        "content": {
+            "image/jpeg": _BINARY,
+            "image/png": _BINARY,
+            "image/webp": _BINARY,
+            "application/octet-stream": _BINARY,
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            },
+        },
+    }
+}
 
 
 @serve.deployment(name="SceneClassifier", max_ongoing_requests=32, health_check_period_s=10)
@@ -142,7 +158,7 @@ class SceneClassifier:
 
         from placesnet.checkpoint import load_checkpoint
         from placesnet.config import pretty
-        from placesnet.data import eval_transform, normalize
+        from placesnet.data.transforms import eval_transform, normalize
 
         self.torch = torch
         self.normalize = normalize
@@ -218,7 +234,7 @@ class SceneClassifier:
     def _preprocess_on_device(self, uploads: list[bytes]) -> list:
         """nvJPEG on this replica's GPU, all of ``uploads`` at once: a (3, S, S) uint8 tensor on
         the GPU or a ClientError per upload (see gpudecode.decode_uploads)."""
-        from placesnet.gpudecode import decode_uploads
+        from placesnet.data.gpudecode import decode_uploads
 
         out = decode_uploads(uploads, self.device, self.transform, int(self.options["max_pixels"]))
         return [_bad_image(item) if isinstance(item, Exception) else item for item in out]
@@ -235,14 +251,24 @@ class SceneClassifier:
         if self.api_key is None:
             return
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise ClientError(401, "missing or wrong bearer token: send Authorization: Bearer <key>",
-                              headers={"WWW-Authenticate": "Bearer"})
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        ):
+            raise ClientError(
+                401,
+                "missing or wrong bearer token: send Authorization: Bearer <key>",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
-    @app.post("/predict", summary="Top-k scene classes for one image, or for several",
-              openapi_extra=PREDICT_BODY)
-    async def predict(self, request: Request, response: Response,
-                      top_k: int | None = Query(None, description="classes to return (default 5)")) -> dict:
+    @app.post(
+        "/predict", summary="Top-k scene classes for one image, or for several", openapi_extra=PREDICT_BODY
+    )
+    async def predict(
+        self,
+        request: Request,
+        response: Response,
+        top_k: int | None = Query(None, description="classes to return (default 5)"),
+    ) -> dict:
         """Send the image as the raw body (Content-Type image/jpeg, image/png, ...) or as the
         multipart form field ``file``; repeat ``file`` for several images in one request (up to
         ``max_images_per_request``, ``max_body_bytes`` in all): the answer then has ``results``,
@@ -275,15 +301,18 @@ class SceneClassifier:
     def _check_count_and_size(self, count: int, size: int) -> None:
         most, limit = int(self.options["max_images_per_request"]), int(self.options["max_body_bytes"])
         if count > most:
-            raise ClientError(413, f"{count} images in one request, over the limit of {most} "
-                                   "(max_images_per_request)")
+            raise ClientError(
+                413, f"{count} images in one request, over the limit of {most} (max_images_per_request)"
+            )
         if size > limit:
             raise ClientError(413, f"request body is {size} bytes, over the limit of {limit}")
 
     def _top_k(self, probs, k: int) -> list[dict]:
         values, indices = probs.topk(min(k, len(self.labels)))
-        return [{"label": self.labels[i], "class_index": i, "probability": p}
-                for p, i in zip(values.tolist(), indices.tolist())]
+        return [
+            {"label": self.labels[i], "class_index": i, "probability": p}
+            for p, i in zip(values.tolist(), indices.tolist())
+        ]
 
     def _preprocess_or_error(self, data: bytes):
         try:
@@ -295,22 +324,24 @@ class SceneClassifier:
         size = int(self.options["max_batch_size"])
         out = []
         for start in range(0, len(tensors), size):
-            out += list(self._run_model(self.torch.stack(tensors[start:start + size])))
+            out += list(self._run_model(self.torch.stack(tensors[start : start + size])))
         return out
 
-    async def _predict_many(self, files: list[tuple[str, bytes]], k: int,
-                            response: Response | None = None) -> dict:
+    async def _predict_many(
+        self, files: list[tuple[str, bytes]], k: int, response: Response | None = None
+    ) -> dict:
         """Several images of one request: decoded together (nvJPEG on a GPU replica, else in
         parallel in the replica's decode threads), then run together, ``max_batch_size`` per
         forward pass, without the batch queue's wait."""
         if self.gpu_decode:  # one nvJPEG batch for the request's JPEGs
-            decoded = iter(await asyncio.to_thread(self._preprocess_on_device,
-                                                   [data for _, data in files if data]))
-            prepared = [next(decoded) if data else ClientError(400, EMPTY_FIELD)
-                        for _, data in files]
+            decoded = iter(
+                await asyncio.to_thread(self._preprocess_on_device, [data for _, data in files if data])
+            )
+            prepared = [next(decoded) if data else ClientError(400, EMPTY_FIELD) for _, data in files]
         else:  # in parallel in the replica's decode threads
-            prepared = await asyncio.gather(*(self._decode(self._preprocess_or_error, data)
-                                              for _, data in files))
+            prepared = await asyncio.gather(
+                *(self._decode(self._preprocess_or_error, data) for _, data in files)
+            )
         good = [t for t in prepared if not isinstance(t, ClientError)]
         probs = iter(await asyncio.to_thread(self._run_chunks, good) if good else [])
         results = []
@@ -339,8 +370,11 @@ class SceneClassifier:
         if ctype == "multipart/form-data":
             return await self._file_fields(request, bytes(body))
         if ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
-            raise ClientError(415, f"unsupported Content-Type {ctype!r}: send image/* bytes or a "
-                                   "multipart form with a 'file' field")
+            raise ClientError(
+                415,
+                f"unsupported Content-Type {ctype!r}: send image/* bytes or a "
+                "multipart form with a 'file' field",
+            )
         if not body:
             raise ClientError(400, "empty request body: send the image bytes")
         return [("body", bytes(body))]
@@ -357,8 +391,9 @@ class SceneClassifier:
             form = await StarletteRequest(request.scope, receive).form(max_files=most + 1)
         except Exception as e:  # malformed multipart, or more files than max_files
             if "Too many files" in str(e):
-                raise ClientError(413, f"more than {most} images in one request "
-                                       f"(max_images_per_request)") from None
+                raise ClientError(
+                    413, f"more than {most} images in one request (max_images_per_request)"
+                ) from None
             raise ClientError(400, f"malformed multipart body: {e}") from None
         uploads = [u for u in form.getlist("file") if isinstance(u, UploadFile)]
         if not uploads:
@@ -401,8 +436,12 @@ class SceneClassifier:
                 answers = (await self._predict_many(named, k))["results"]
         finally:
             self.in_flight -= 1
-        results = [ImageResult(predictions=[Prediction(**p) for p in a["predictions"]]) if "predictions" in a
-                   else ImageResult(error=a["error"]) for a in answers]
+        results = [
+            ImageResult(predictions=[Prediction(**p) for p in a["predictions"]])
+            if "predictions" in a
+            else ImageResult(error=a["error"])
+            for a in answers
+        ]
         return PredictReply(results=results, model=self.model_id, note=self.loaded.note)
 
     async def _predict_one(self, data: bytes, k: int) -> dict:
@@ -426,13 +465,21 @@ class SceneClassifier:
     async def model(self, request: Request) -> dict:
         self._authorize(request)
         meta = self.loaded.meta
-        return {"model": self.model_id, "checkpoint": str(self.loaded.path), "note": self.loaded.note,
-                "epoch": meta["epoch"] + 1, "val_top1": meta["metrics"].get("val_top1"),
-                "val_top5": meta["metrics"].get("val_top5"), "num_classes": len(self.labels),
-                "image_size": self.loaded.config.image_size, "config": self.loaded.config.to_dict(),
-                "device": str(self.device), "max_batch_size": self.options["max_batch_size"],
-                "decode_threads": self.decode_pool._max_workers,
-                "decode": "nvjpeg" if self.gpu_decode else "cpu"}
+        return {
+            "model": self.model_id,
+            "checkpoint": str(self.loaded.path),
+            "note": self.loaded.note,
+            "epoch": meta["epoch"] + 1,
+            "val_top1": meta["metrics"].get("val_top1"),
+            "val_top5": meta["metrics"].get("val_top5"),
+            "num_classes": len(self.labels),
+            "image_size": self.loaded.config.image_size,
+            "config": self.loaded.config.to_dict(),
+            "device": str(self.device),
+            "max_batch_size": self.options["max_batch_size"],
+            "decode_threads": self.decode_pool._max_workers,
+            "decode": "nvjpeg" if self.gpu_decode else "cpu",
+        }
 
     def check_health(self) -> None:
         """Serve's own health check: a replica whose model cannot run is replaced."""
@@ -458,9 +505,19 @@ def _number(args: dict, key: str, kind):
         value = kind(args.get(key, DEFAULTS[key]))
     except (TypeError, ValueError):
         raise ValueError(f"{key} must be a {kind.__name__}, got {args.get(key)!r}") from None
-    if value < 0 or (value == 0 and key not in ("num_gpus", "batch_wait_timeout_s", "min_replicas",
-                                                "adaptive_batching", "gpu_decode", "upscale_delay_s",
-                                                "downscale_delay_s")):
+    if value < 0 or (
+        value == 0
+        and key
+        not in (
+            "num_gpus",
+            "batch_wait_timeout_s",
+            "min_replicas",
+            "adaptive_batching",
+            "gpu_decode",
+            "upscale_delay_s",
+            "downscale_delay_s",
+        )
+    ):
         raise ValueError(f"{key} must be positive, got {value}")
     return value
 
@@ -472,8 +529,11 @@ def replicas_with_room(opts: dict, resources: dict | None = None) -> int:
     if resources is None:
         import ray
 
-        resources = (ray.cluster_resources() if ray.is_initialized()
-                     else {"CPU": float(os.cpu_count() or 1), "GPU": float(opts["num_gpus"] and 1e9)})
+        resources = (
+            ray.cluster_resources()
+            if ray.is_initialized()
+            else {"CPU": float(os.cpu_count() or 1), "GPU": float(opts["num_gpus"] and 1e9)}
+        )
     fits = resources.get("CPU", 0) // opts["num_cpus"] if opts["num_cpus"] else 10**9
     if opts["num_gpus"]:
         fits = min(fits, resources.get("GPU", 0) // opts["num_gpus"])
@@ -496,8 +556,9 @@ def build_app(args: dict) -> Application:
 
     unknown = set(args) - set(DEFAULTS) - {"checkpoint", *SECRETS}
     if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)}; known: checkpoint, "
-                         f"{', '.join([*DEFAULTS, *SECRETS])}")
+        raise ValueError(
+            f"unknown option(s) {sorted(unknown)}; known: checkpoint, {', '.join([*DEFAULTS, *SECRETS])}"
+        )
     if not args.get("checkpoint"):
         raise ValueError("missing checkpoint=PATH (a checkpoint dir, a run dir or a best.json)")
     opts = {k: _number(args, k, type(v)) for k, v in DEFAULTS.items()}
@@ -514,10 +575,13 @@ def build_app(args: dict) -> Application:
     if opts["top_k"] > len(classes):
         opts["top_k"] = len(classes)
     deployment = SceneClassifier.options(
-        autoscaling_config={"min_replicas": opts["min_replicas"], "max_replicas": opts["max_replicas"],
-                            "target_ongoing_requests": opts["target_ongoing_requests"],
-                            "upscale_delay_s": opts["upscale_delay_s"],
-                            "downscale_delay_s": opts["downscale_delay_s"]},
+        autoscaling_config={
+            "min_replicas": opts["min_replicas"],
+            "max_replicas": opts["max_replicas"],
+            "target_ongoing_requests": opts["target_ongoing_requests"],
+            "upscale_delay_s": opts["upscale_delay_s"],
+            "downscale_delay_s": opts["downscale_delay_s"],
+        },
         ray_actor_options={"num_cpus": opts["num_cpus"], "num_gpus": opts["num_gpus"]},
         # batches can only fill if a replica accepts at least a batch's worth of requests
         max_ongoing_requests=max(32, 2 * opts["max_batch_size"]),

@@ -17,16 +17,12 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # `python serving/grpc_client.py`: the generated code imports `serving`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import grpc
 
-import grpc  # noqa: E402
-
-from serving.client import collect, positive_int  # noqa: E402
-from serving.scene_pb2 import PredictRequest  # noqa: E402
-from serving.scene_pb2_grpc import SceneClassifierStub  # noqa: E402
+from serving.client import collect, positive_int
+from serving.scene_pb2 import PredictRequest
+from serving.scene_pb2_grpc import SceneClassifierStub
 
 APPLICATION = "placesnet"  # the Serve application's name (serving/config.yaml)
 
@@ -36,25 +32,38 @@ def metadata(api_key: str | None, application: str = APPLICATION) -> list[tuple[
     return [("application", application)] + ([("authorization", f"Bearer {api_key}")] if api_key else [])
 
 
-def predict(stub: SceneClassifierStub, images: list[bytes], top_k: int = 0, api_key: str | None = None,
-            timeout: float = 60.0, application: str = APPLICATION):
+def predict(
+    stub: SceneClassifierStub,
+    images: list[bytes],
+    top_k: int = 0,
+    api_key: str | None = None,
+    timeout: float = 60.0,
+    application: str = APPLICATION,
+):
     """One Predict call: the reply (one result per image, in order). Raises grpc.RpcError."""
-    return stub.Predict(PredictRequest(images=images, top_k=top_k), metadata=metadata(api_key, application),
-                        timeout=timeout)
+    return stub.Predict(
+        PredictRequest(images=images, top_k=top_k), metadata=metadata(api_key, application), timeout=timeout
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--target", default="127.0.0.1:9000", help="gRPC HOST:PORT (default: %(default)s)")
-    p.add_argument("--top-k", type=positive_int, default=0,
-                   help="classes per image (default: the endpoint's)")
-    p.add_argument("--per-request", type=positive_int, default=16,
-                   help="images per Predict call (default: %(default)s)")
+    p.add_argument(
+        "--top-k", type=positive_int, default=0, help="classes per image (default: the endpoint's)"
+    )
+    p.add_argument(
+        "--per-request", type=positive_int, default=16, help="images per Predict call (default: %(default)s)"
+    )
     p.add_argument("--application", default=APPLICATION, help="Serve application (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per call (default: %(default)s)")
-    p.add_argument("--api-key-env", default="PLACESNET_API_KEY", metavar="NAME",
-                   help="send the bearer token in $NAME when it is set (default: %(default)s)")
+    p.add_argument(
+        "--api-key-env",
+        default="PLACESNET_API_KEY",
+        metavar="NAME",
+        help="send the bearer token in $NAME when it is set (default: %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON document with every answer")
     return p.parse_args(argv)
 
@@ -67,18 +76,26 @@ def main(argv=None) -> int:
     with grpc.insecure_channel(args.target) as channel:
         stub = SceneClassifierStub(channel)
         for start in range(0, len(files), args.per_request):
-            group = files[start:start + args.per_request]
+            group = files[start : start + args.per_request]
             try:
-                reply = predict(stub, [p.read_bytes() for p in group], args.top_k, api_key, args.timeout,
-                                args.application)
+                reply = predict(
+                    stub, [p.read_bytes() for p in group], args.top_k, api_key, args.timeout, args.application
+                )
             except grpc.RpcError as e:
                 print(f"grpc_client.py: error: {e.code().name}: {e.details()}", file=sys.stderr)
                 return 2
             notes.add(reply.note)
             for path, r in zip(group, reply.results):
-                results.append({"image": str(path), "error": r.error or None,
-                                "predictions": [{"label": p.label, "class_index": p.class_index,
-                                                 "probability": p.probability} for p in r.predictions]})
+                results.append(
+                    {
+                        "image": str(path),
+                        "error": r.error or None,
+                        "predictions": [
+                            {"label": p.label, "class_index": p.class_index, "probability": p.probability}
+                            for p in r.predictions
+                        ],
+                    }
+                )
     if args.json:
         print(json.dumps({"results": results, "notes": sorted(n for n in notes if n)}, indent=2))
     else:
@@ -88,8 +105,10 @@ def main(argv=None) -> int:
             if r["error"]:
                 print(f"{r['image']}: error: {r['error']}", file=sys.stderr)
             else:
-                print(f"{r['image']}: " + ", ".join(f"{p['label']} {p['probability']:.1%}"
-                                                      for p in r["predictions"]))
+                print(
+                    f"{r['image']}: "
+                    + ", ".join(f"{p['label']} {p['probability']:.1%}" for p in r["predictions"])
+                )
     return 1 if any(r["error"] for r in results) else 0
 
 

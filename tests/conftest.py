@@ -32,13 +32,34 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # the head, the CLIs the tests start, and in-process ray.init() all use this token.
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-sys.path.insert(0, str(REPO))
 
 # Small images, few classes, a narrow model: every Ray test trains in seconds per epoch.
-TINY = dict(sample_classes=4, sample_train_per_class=40, sample_val_per_class=12, image_size=32,
-            widths=(8, 16, 32), batch_size=32, lr=0.05, epochs=3)
-TINY_ARGS = ["--sample-classes", "4", "--sample-train-per-class", "40", "--sample-val-per-class", "12",
-             "--image-size", "32", "--widths", "8,16,32", "--batch-size", "32", "--lr", "0.05"]
+TINY = dict(
+    sample_classes=4,
+    sample_train_per_class=40,
+    sample_val_per_class=12,
+    image_size=32,
+    widths=(8, 16, 32),
+    batch_size=32,
+    lr=0.05,
+    epochs=3,
+)
+TINY_ARGS = [
+    "--sample-classes",
+    "4",
+    "--sample-train-per-class",
+    "40",
+    "--sample-val-per-class",
+    "12",
+    "--image-size",
+    "32",
+    "--widths",
+    "8,16,32",
+    "--batch-size",
+    "32",
+    "--lr",
+    "0.05",
+]
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -51,8 +72,17 @@ def pytest_sessionfinish(session, exitstatus):
 # same process, or it is built twice: every test that uses `trained_run` is one group, every other
 # file is a group of its own (its module fixtures built once). Groups start longest first (xdist
 # hands out groups in collection order with `--no-loadscope-reorder`), the quick files last.
-_LONGEST_FIRST = ["trained_run", "test_faults.py", "test_sweep.py", "test_recipe.py", "test_multinode.py",
-                  "test_benchmarks.py", "test_reliability.py", "test_cli_errors.py", "test_workshop.py"]
+_LONGEST_FIRST = [
+    "trained_run",
+    "test_faults.py",
+    "test_sweep.py",
+    "test_recipe.py",
+    "test_multinode.py",
+    "test_benchmarks.py",
+    "test_reliability.py",
+    "test_cli_errors.py",
+    "test_workshop.py",
+]
 
 
 def _group(item) -> str:
@@ -76,7 +106,7 @@ def tiny_config():
 
 @pytest.fixture(scope="session")
 def tiny_root(tiny_config):
-    from placesnet.data import resolve_data_root
+    from placesnet.data.places import resolve_data_root
 
     return resolve_data_root(tiny_config)
 
@@ -130,14 +160,36 @@ class RayHead:
         self.env = {**os.environ, "RAY_ADDRESS": self.address, "PATH": f"{BIN}:{os.environ['PATH']}"}
         self.log = open(temp_dir / "head.log", "w")
         self.proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus), "--num-gpus", "0",
-             "--port", str(self.port), "--dashboard-port", str(self.dashboard_port),
-             "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
-             # the job agent's port from the OS too: with Ray's fixed default (52365) a second
-             # head on the machine has no job agent ("No available agent to submit job")
-             "--dashboard-agent-listen-port", "0",
-             "--temp-dir", str(self.ray_dir), "--disable-usage-stats"],
-            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                "--block",
+                "--num-cpus",
+                str(num_cpus),
+                "--num-gpus",
+                "0",
+                "--port",
+                str(self.port),
+                "--dashboard-port",
+                str(self.dashboard_port),
+                "--dashboard-host",
+                "127.0.0.1",
+                "--include-dashboard",
+                "true",
+                # the job agent's port from the OS too: with Ray's fixed default (52365) a second
+                # head on the machine has no job agent ("No available agent to submit job")
+                "--dashboard-agent-listen-port",
+                "0",
+                "--temp-dir",
+                str(self.ray_dir),
+                "--disable-usage-stats",
+            ],
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_ready(self, timeout: float = 90) -> None:
         import urllib.request
@@ -147,8 +199,9 @@ class RayHead:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray head exited: {(self.temp_dir / 'head.log').read_text()[-2000:]}")
             try:
-                req = urllib.request.Request(f"{self.dashboard}/api/version",
-                                             headers={"Authorization": f"Bearer {self.token}"})
+                req = urllib.request.Request(
+                    f"{self.dashboard}/api/version", headers={"Authorization": f"Bearer {self.token}"}
+                )
                 urllib.request.urlopen(req, timeout=2)
                 return
             except OSError:
@@ -191,8 +244,14 @@ def ray_head(tmp_path_factory):
 
 def run_script(script: str, *args, env=None, timeout: float = 600, cwd=REPO) -> subprocess.CompletedProcess:
     """Run one of the repo's entry scripts with this interpreter; output captured as text."""
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], env=env or os.environ,
-                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *map(str, args)],
+        env=env or os.environ,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -207,9 +266,22 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> Non
 
 def train_cli(ray_head, storage, name, *extra, epochs=3) -> subprocess.CompletedProcess:
     """rayjobs/train.py on the session head: tiny preset, 2 workers of 1 CPU."""
-    return run_script("rayjobs/train.py", *TINY_ARGS, "--epochs", epochs, "--num-workers", 2,
-                      "--cpus-per-worker", 1, "--storage-path", storage, "--name", name, *extra,
-                      env=ray_head.env)
+    return run_script(
+        "rayjobs/train.py",
+        *TINY_ARGS,
+        "--epochs",
+        epochs,
+        "--num-workers",
+        2,
+        "--cpus-per-worker",
+        1,
+        "--storage-path",
+        storage,
+        "--name",
+        name,
+        *extra,
+        env=ray_head.env,
+    )
 
 
 @pytest.fixture(scope="session")

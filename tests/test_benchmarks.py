@@ -5,7 +5,6 @@ import re
 import shutil
 
 import pytest
-
 from conftest import _free_port, run_script
 
 
@@ -39,8 +38,12 @@ def _check_ratios(out, first_col: str, value_col: str, ratio_col: str, base: str
 
 
 def test_input_benchmark_prints_ratios_against_the_workshop():
-    out = _table(run_script("benchmarks/input.py", "--images", 32, "--batch-size", 8, "--repeats", 1,
-                            "--ray-data"), "workshop", "project", "ray data")
+    out = _table(
+        run_script("benchmarks/input.py", "--images", 32, "--batch-size", 8, "--repeats", 1, "--ray-data"),
+        "workshop",
+        "project",
+        "ray data",
+    )
     workshop, project, ray_data = _cells(out, "workshop"), _cells(out, "project"), _cells(out, "ray data")
     assert workshop[-1] == "1.00x" and workshop[-2] == "1.00x"
     assert project[-1] == ray_data[-1] == "0.25x"  # uint8 batches: a quarter of float32's bytes
@@ -67,9 +70,26 @@ def test_serve_benchmark_refuses_gpus_it_cannot_have():
 
 
 def test_compute_benchmark_reports_a_fraction_of_the_matmul_peak():
-    out = _table(run_script("benchmarks/compute.py", "--device", "cpu", "--image-size", 32,
-                            "--batch-size", 2, "--steps", 1, "--matmul-size", 256,
-                            "--widths", "8,16", "--threads", 1), "fp32")
+    out = _table(
+        run_script(
+            "benchmarks/compute.py",
+            "--device",
+            "cpu",
+            "--image-size",
+            32,
+            "--batch-size",
+            2,
+            "--steps",
+            1,
+            "--matmul-size",
+            256,
+            "--widths",
+            "8,16",
+            "--threads",
+            1,
+        ),
+        "fp32",
+    )
     assert "inference (fp32), 32 px, cpu, 1 thread(s)" in out
     cells = _cells(out, "fp32")
     assert _number(cells[2]) > 0 and cells[4].endswith("%")  # step GFLOP counted, % of peak
@@ -82,28 +102,79 @@ def test_gpu_train_benchmark_skips_without_cuda_and_runs_on_cpu():
     if not torch.cuda.is_available():
         proc = run_script("benchmarks/gpu_train.py")
         assert proc.returncode == 0 and "skipped: no CUDA device" in proc.stdout
-    out = _table(run_script("benchmarks/gpu_train.py", "--device", "cpu", "--image-size", 32,
-                            "--batch-size", 4, "--steps", 2, "--widths", "8,16", "--no-compile",
-                            "--input-images", 16, "--ray-data"),
-                 "fp32", "amp", "amp + channels_last", "amp + channels_last, host sync every step",
-                 "workshop", "project")
-    _check_ratios(out, "mode", "images/s", "vs fp32", "fp32",
-                  ["amp", "amp + channels_last", "amp + channels_last, host sync every step"])
+    out = _table(
+        run_script(
+            "benchmarks/gpu_train.py",
+            "--device",
+            "cpu",
+            "--image-size",
+            32,
+            "--batch-size",
+            4,
+            "--steps",
+            2,
+            "--widths",
+            "8,16",
+            "--no-compile",
+            "--input-images",
+            16,
+            "--ray-data",
+        ),
+        "fp32",
+        "amp",
+        "amp + channels_last",
+        "amp + channels_last, host sync every step",
+        "workshop",
+        "project",
+    )
+    _check_ratios(
+        out,
+        "mode",
+        "images/s",
+        "vs fp32",
+        "fp32",
+        ["amp", "amp + channels_last", "amp + channels_last, host sync every step"],
+    )
     assert re.search(r"read at check points / host sync every step: \d+\.\d\dx", out), out
     # end to end: the synthetic row's step fed by each of train.py's input modes, real JPEGs
-    e2e = ["real JPEGs: loader, --decode cpu", "real JPEGs: loader, --decode gpu", "real JPEGs: --input ray-data"]
-    _check_ratios(out, "input", "images/s", "vs synthetic", "synthetic batches on the device (amp + channels_last)",
-                  e2e)
+    e2e = [
+        "real JPEGs: loader, --decode cpu",
+        "real JPEGs: loader, --decode gpu",
+        "real JPEGs: --input ray-data",
+    ]
+    _check_ratios(
+        out, "input", "images/s", "vs synthetic", "synthetic batches on the device (amp + channels_last)", e2e
+    )
     assert "4 steps of real 256 px JPEGs per epoch" in out  # 16 images, batch 4
 
 
 @pytest.mark.slow
 def test_train_overhead_benchmark_compares_ray_with_plain(ray_head):
-    out = _table(run_script("benchmarks/train_overhead.py", "--address", ray_head.address,
-                            "--cpus", 1, "--epochs", 2, "--image-size", 32, "--widths", "8,16",
-                            "--batch-size", 16, "--sample-classes", 2,
-                            "--sample-train-per-class", 16, env=ray_head.env),
-                 "plain (before)", "ray train", "plain (after)")
+    out = _table(
+        run_script(
+            "benchmarks/train_overhead.py",
+            "--address",
+            ray_head.address,
+            "--cpus",
+            1,
+            "--epochs",
+            2,
+            "--image-size",
+            32,
+            "--widths",
+            "8,16",
+            "--batch-size",
+            16,
+            "--sample-classes",
+            2,
+            "--sample-train-per-class",
+            16,
+            env=ray_head.env,
+        ),
+        "plain (before)",
+        "ray train",
+        "plain (after)",
+    )
     header = _cells(out, "loop")
     rows = {r: dict(zip(header, _cells(out, r))) for r in ("plain (before)", "ray train", "plain (after)")}
     rate = {r: _number(c["steady train images/s"]) for r, c in rows.items()}
@@ -115,21 +186,55 @@ def test_train_overhead_benchmark_compares_ray_with_plain(ray_head):
 
 @pytest.mark.slow
 def test_serve_benchmark_compares_batching_and_plain_fastapi(ray_head):
-    out = _table(run_script("benchmarks/serve.py", "--address", ray_head.address, "--port",
-                            _free_port(), "--plain-port", _free_port(), "--requests", 8,
-                            "--concurrency", "4", "--image-size", 32, "--cpus", 0.5, "--per-request", 4,
-                            "--wrk-seconds", 1, "--grpc-port", _free_port(), env=ray_head.env),
-                 "serve, batching (max 16)", "serve, batching off", "plain FastAPI + uvicorn",
-                 "serve, echo (no model)", "serve, batching, always queued (adaptive_batching=0)",
-                 "serve, batching, 4 images per request", "serve, batching, gRPC",
-                 "serve, batching, gRPC, 4 images per call")
+    out = _table(
+        run_script(
+            "benchmarks/serve.py",
+            "--address",
+            ray_head.address,
+            "--port",
+            _free_port(),
+            "--plain-port",
+            _free_port(),
+            "--requests",
+            8,
+            "--concurrency",
+            "4",
+            "--image-size",
+            32,
+            "--cpus",
+            0.5,
+            "--per-request",
+            4,
+            "--wrk-seconds",
+            1,
+            "--grpc-port",
+            _free_port(),
+            env=ray_head.env,
+        ),
+        "serve, batching (max 16)",
+        "serve, batching off",
+        "plain FastAPI + uvicorn",
+        "serve, echo (no model)",
+        "serve, batching, always queued (adaptive_batching=0)",
+        "serve, batching, 4 images per request",
+        "serve, batching, gRPC",
+        "serve, batching, gRPC, 4 images per call",
+    )
     assert "### serve: where the CPU of a request goes" in out
     out, stages = out.split("### serve: where the CPU of a request goes")
     stages, _, wrk = stages.partition("### serve under wrk")
     if shutil.which("wrk"):  # scripts/bench_tools.sh installs it (make bench)
-        cols = [c.strip() for c in next(l for l in wrk.splitlines() if l.startswith("| server")).strip("|").split("|")]
-        wrk_rows = [dict(zip(cols, [c.strip() for c in line.strip("|").split("|")]))
-                    for line in wrk.splitlines() if line.startswith(("| serve,", "| plain"))]
+        cols = [
+            c.strip()
+            for c in next(line for line in wrk.splitlines() if line.startswith("| server"))
+            .strip("|")
+            .split("|")
+        ]
+        wrk_rows = [
+            dict(zip(cols, [c.strip() for c in line.strip("|").split("|")]))
+            for line in wrk.splitlines()
+            if line.startswith(("| serve,", "| plain"))
+        ]
         assert len(wrk_rows) == 5, wrk  # every server with one image per request
         for r in wrk_rows:
             assert _number(r["requests/s"]) > 0 and r["errors"] == "0", r
@@ -137,9 +242,14 @@ def test_serve_benchmark_compares_batching_and_plain_fastapi(ray_head):
     else:
         assert "wrk is not installed" in stages
     lines = out.splitlines()
-    header = [c.strip() for c in next(l for l in lines if l.startswith("| server")).strip("|").split("|")]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines
-            if line.startswith(("| serve,", "| plain"))]
+    header = [
+        c.strip() for c in next(line for line in lines if line.startswith("| server")).strip("|").split("|")
+    ]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in lines
+        if line.startswith(("| serve,", "| plain"))
+    ]
     assert len(rows) == 8
     for row in rows:
         cell = dict(zip(header, row))
@@ -147,15 +257,26 @@ def test_serve_benchmark_compares_batching_and_plain_fastapi(ray_head):
         assert _number(cell["CPU ms/req"]) > 0, row  # busy CPU (Linux /proc/stat); "1,040" when busy
     assert re.search(r"ceiling .* echo / batching off = \d+\.\d\dx", out), out
     # where a request's CPU goes: echo's proxy + ingress, decode + resize, model, the rest, total
-    stage = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line for line in stages.splitlines()
-             if line.startswith("| serve, batching")}
+    stage = {
+        tuple(c.strip() for c in line.strip("|").split("|")[:2]): line
+        for line in stages.splitlines()
+        if line.startswith("| serve, batching")
+    }
     for endpoint in ("serve, batching off", "serve, batching (max 16)"):
-        for part in ("proxy + ingress (echo)", "decode + resize", "model", "response, batching, rest", "total (measured)"):
+        for part in (
+            "proxy + ingress (echo)",
+            "decode + resize",
+            "model",
+            "response, batching, rest",
+            "total (measured)",
+        ):
             assert (endpoint, part) in stage, (endpoint, part)
     # 4 images per request: images/s = 4 x requests/s
     multi = dict(zip(header, [c for c in rows if c[0].startswith("serve, batching, 4 images")][0]))
     assert _number(multi["images/s"]) == pytest.approx(4 * _number(multi["requests/s"]), rel=0.05)
-    assert "p50 vs batching off" in header and all(re.fullmatch(r"\d+\.\d\dx", dict(zip(header, r))["p50 vs batching off"]) for r in rows)
+    assert "p50 vs batching off" in header and all(
+        re.fullmatch(r"\d+\.\d\dx", dict(zip(header, r))["p50 vs batching off"]) for r in rows
+    )
 
 
 def test_recipe_benchmark_compares_the_defaults_with_a_plain_reference():
@@ -173,9 +294,17 @@ def test_recipe_benchmark_compares_the_defaults_with_a_plain_reference():
 def test_data_check_benchmark_times_the_check_against_a_sequential_loop(tmp_path):
     proc = run_script("benchmarks/data_check.py", "--lines", 2000, "--root", tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = {c[0]: c for c in (_cells(proc.stdout, name) for name in (
-        "baseline: sequential parse + stat", "check_dataset (parse + 32 stat threads)",
-        "check_dataset --no-check-files"))}
+    rows = {
+        c[0]: c
+        for c in (
+            _cells(proc.stdout, name)
+            for name in (
+                "baseline: sequential parse + stat",
+                "check_dataset (parse + 32 stat threads)",
+                "check_dataset --no-check-files",
+            )
+        )
+    }
     assert rows["baseline: sequential parse + stat"][2] == "1.00x"
     assert all(_number(c[2]) > 0 for c in rows.values())
     assert not list(tmp_path.iterdir())  # the generated dataset is removed

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, TINY_ARGS, assert_user_error, run_script
 
 
@@ -17,21 +16,24 @@ def train(*args, tmp_path):
     return run_script("rayjobs/train.py", *args, "--storage-path", tmp_path / "runs", "--name", "bad")
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--lr", "0"], "--lr: must be > 0"),
-    (["--lr", "-0.1"], "--lr: must be > 0"),
-    (["--lr", "fast"], "expected a number > 0 or 'auto'"),
-    (["--sample-difficulty", "hard", "--sample-classes", "20"], "2 to 16 for the hard sample"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--batch-size", "2", "--num-workers", "4"], "smaller than --num-workers"),
-    (["--dataset", "imagenet"], "invalid choice"),
-    (["--epochs", "0"], "must be >= 1"),
-    (["--num-workers", "two"], "invalid"),
-    (["--widths", "8,-1"], "positive integers"),
-    (["--decode", "gpu", "--cpu"], "--decode gpu decodes on the workers' GPUs, but --cpu"),
-    (["--decode", "gpu", "--input", "ray-data"], "--decode gpu is for --input loader"),
-    (["--input", "spark"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--lr", "0"], "--lr: must be > 0"),
+        (["--lr", "-0.1"], "--lr: must be > 0"),
+        (["--lr", "fast"], "expected a number > 0 or 'auto'"),
+        (["--sample-difficulty", "hard", "--sample-classes", "20"], "2 to 16 for the hard sample"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--batch-size", "2", "--num-workers", "4"], "smaller than --num-workers"),
+        (["--dataset", "imagenet"], "invalid choice"),
+        (["--epochs", "0"], "must be >= 1"),
+        (["--num-workers", "two"], "invalid"),
+        (["--widths", "8,-1"], "positive integers"),
+        (["--decode", "gpu", "--cpu"], "--decode gpu decodes on the workers' GPUs, but --cpu"),
+        (["--decode", "gpu", "--input", "ray-data"], "--decode gpu is for --input loader"),
+        (["--input", "spark"], "invalid choice"),
+    ],
+)
 def test_bad_flags(args, fragment, tmp_path):
     proc = train(*TINY_ARGS, *args, tmp_path=tmp_path)
     assert_user_error(proc, fragment)
@@ -70,20 +72,53 @@ def test_missing_and_corrupt_checkpoints(script, extra, tmp_path):
 
 
 def test_help_documents_the_flags():
-    proc = subprocess.run([sys.executable, str(REPO / "rayjobs/train.py"), "--help"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "rayjobs/train.py"), "--help"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0
-    for flag in ["--dataset", "--data-root", "--skip-verify", "--download", "--image-size", "--model",
-                 "--epochs", "--batch-size", "--lr", "--num-workers", "--gpu", "--cpu",
-                 "--loader-workers", "--storage-path", "--name", "--max-failures", "--seed",
-                 "--warmup-steps", "--clip-grad-norm", "--sample-difficulty", "'auto'",
-                 "linear scaling rule", "ray job submit", "--input", "ray-data", "--decode", "nvJPEG"]:
+    for flag in [
+        "--dataset",
+        "--data-root",
+        "--skip-verify",
+        "--download",
+        "--image-size",
+        "--model",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--num-workers",
+        "--gpu",
+        "--cpu",
+        "--loader-workers",
+        "--storage-path",
+        "--name",
+        "--max-failures",
+        "--seed",
+        "--warmup-steps",
+        "--clip-grad-norm",
+        "--sample-difficulty",
+        "'auto'",
+        "linear scaling rule",
+        "ray job submit",
+        "--input",
+        "ray-data",
+        "--decode",
+        "nvJPEG",
+    ]:
         assert flag in proc.stdout, flag
 
 
-SCRIPTS = ["rayjobs/train.py", "rayjobs/evaluate.py", "rayjobs/predict.py", "rayjobs/lr_find.py",
-           "rayjobs/inspect_data.py", "rayjobs/model_summary.py", "tuning/sweep.py", "serving/client.py",
-           "scripts/ray_head.py"]
+SCRIPTS = [
+    "rayjobs/train.py",
+    "rayjobs/evaluate.py",
+    "rayjobs/predict.py",
+    "rayjobs/lr_find.py",
+    "rayjobs/inspect_data.py",
+    "rayjobs/model_summary.py",
+    "tuning/sweep.py",
+    "serving/client.py",
+    "scripts/ray_head.py",
+]
 
 
 def test_help_examples_keep_their_line_continuations():
@@ -96,7 +131,7 @@ def test_help_examples_keep_their_line_continuations():
         source = (REPO / script).read_text()
         shown = ast.get_docstring(ast.parse(source), clean=False)  # what --help prints
         assert not re.search(r"\S {6,}--", shown), (script, re.search(r".*\S {6,}--.*", shown).group(0))
-        written = source[source.index('"""') + 3:source.index('"""', source.index('"""') + 3)]
+        written = source[source.index('"""') + 3 : source.index('"""', source.index('"""') + 3)]
         assert written.count("\\\n") == shown.count("\\\n"), f"{script}: a continuation was swallowed"
 
 
@@ -113,10 +148,35 @@ def test_speed_flags_reach_the_training_config(script):
     spec.loader.exec_module(module)
     extra = ["--grid", "--lrs", "0.1"] if "sweep" in script else []
     default = config_from_args(module.parse_args(extra))
-    assert (default.amp, default.channels_last, default.compile, default.loader_workers, default.input,
-            default.decode) == (True, True, False, None, "loader", "auto")
-    flipped = config_from_args(module.parse_args([*extra, "--no-amp", "--no-channels-last",
-                                                  "--compile", "--loader-workers", "3", "--input", "ray-data",
-                                                  "--decode", "cpu"]))
-    assert (flipped.amp, flipped.channels_last, flipped.compile, flipped.loader_workers, flipped.input,
-            flipped.decode) == (False, False, True, 3, "ray-data", "cpu")
+    assert (
+        default.amp,
+        default.channels_last,
+        default.compile,
+        default.loader_workers,
+        default.input,
+        default.decode,
+    ) == (True, True, False, None, "loader", "auto")
+    flipped = config_from_args(
+        module.parse_args(
+            [
+                *extra,
+                "--no-amp",
+                "--no-channels-last",
+                "--compile",
+                "--loader-workers",
+                "3",
+                "--input",
+                "ray-data",
+                "--decode",
+                "cpu",
+            ]
+        )
+    )
+    assert (
+        flipped.amp,
+        flipped.channels_last,
+        flipped.compile,
+        flipped.loader_workers,
+        flipped.input,
+        flipped.decode,
+    ) == (False, False, True, 3, "ray-data", "cpu")

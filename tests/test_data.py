@@ -12,10 +12,11 @@ from torchvision import transforms as T
 from torchvision.datasets import Places365
 
 from placesnet.config import TrainConfig, UserError
-from placesnet.data import (LoaderPlan, Places365Copy, ShardSampler, class_names, eval_transform,
-                            normalize, open_split, resolve_data_root, train_transform,
-                            workshop_transform)
-from placesnet.sample import digest, official_categories, write_sample
+from placesnet.data.loaders import LoaderPlan, ShardSampler
+from placesnet.data.places import Places365Copy, class_names, open_split, resolve_data_root
+from placesnet.data.sample import digest, write_sample
+from placesnet.data.scenes import official_categories
+from placesnet.data.transforms import eval_transform, normalize, train_transform, workshop_transform
 
 
 def test_bundled_categories_are_the_official_file():
@@ -27,8 +28,13 @@ def test_bundled_categories_are_the_official_file():
 
 
 def test_layout_read_by_torchvision_places365(tiny_root, tiny_config):
-    for rel in ["categories_places365.txt", "places365_train_standard.txt", "places365_val.txt",
-                "data_256_standard/b/beach/00000001.jpg", "val_256/Places365_val_00000001.jpg"]:
+    for rel in [
+        "categories_places365.txt",
+        "places365_train_standard.txt",
+        "places365_val.txt",
+        "data_256_standard/b/beach/00000001.jpg",
+        "val_256/Places365_val_00000001.jpg",
+    ]:
         assert (tiny_root / rel).is_file(), rel
     train = Places365Copy(str(tiny_root), split="train-standard", small=True)
     val = Places365Copy(str(tiny_root), split="val", small=True)
@@ -54,8 +60,9 @@ def test_generation_is_deterministic(tmp_path):
     a = write_sample(tmp_path / "a", classes=3, train_per_class=4, val_per_class=2, seed=5)
     b = write_sample(tmp_path / "b", classes=3, train_per_class=4, val_per_class=2, seed=5)
     assert digest(a) == digest(b)
-    assert (a / "val_256/Places365_val_00000003.jpg").read_bytes() == \
-        (b / "val_256/Places365_val_00000003.jpg").read_bytes()
+    assert (a / "val_256/Places365_val_00000003.jpg").read_bytes() == (
+        b / "val_256/Places365_val_00000003.jpg"
+    ).read_bytes()
 
 
 def _tree(root):
@@ -66,8 +73,14 @@ def _tree(root):
 def test_hard_sample_layout_and_determinism(tmp_path):
     """--sample-difficulty hard: 16 official look-alike categories in the same Places365 layout,
     read by torchvision's class; the same seed gives the same bytes, another seed other images."""
-    cfg = TrainConfig(sample_difficulty="hard", sample_classes=16, sample_train_per_class=3,
-                      sample_val_per_class=2, image_size=32, data_root=str(tmp_path / "cache"))
+    cfg = TrainConfig(
+        sample_difficulty="hard",
+        sample_classes=16,
+        sample_train_per_class=3,
+        sample_val_per_class=2,
+        image_size=32,
+        data_root=str(tmp_path / "cache"),
+    )
     root = resolve_data_root(cfg)
     assert root.name.startswith("hard-v1-c16-t3-v2")
     train, val = open_split(cfg, "train", root), open_split(cfg, "val", root)
@@ -83,8 +96,11 @@ def test_hard_sample_layout_and_determinism(tmp_path):
     other = write_sample(tmp_path / "other", 16, 3, 2, seed=1, difficulty="hard")
     assert _tree(other).keys() == _tree(root).keys() and _tree(other) != _tree(root)
     easy = resolve_data_root(cfg.replace(sample_difficulty="easy", sample_classes=8))
-    assert easy != root and class_names(open_split(cfg.replace(sample_difficulty="easy",
-                                                               sample_classes=8), "val", easy)) != names
+    assert (
+        easy != root
+        and class_names(open_split(cfg.replace(sample_difficulty="easy", sample_classes=8), "val", easy))
+        != names
+    )
 
 
 def test_sample_class_counts_are_checked():
@@ -118,8 +134,7 @@ def test_uint8_pipeline_matches_pil_resizing_within_one_level(tiny_root, tmp_pat
     Image.open(tiny_root / "val_256/Places365_val_00000002.jpg").resize((300, 200)).save(odd)
     paths = sorted((tiny_root / "val_256").glob("*.jpg"))[:8] + [odd]
     for size in (64, 100):
-        reference = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
-                               T.Normalize((0.5,), (0.5,))])
+        reference = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize((0.5,), (0.5,))])
         ours = torch.stack([eval_transform(size)(Image.open(p).convert("RGB")) for p in paths])
         assert ours.dtype == torch.uint8 and ours.shape == (9, 3, size, size)
         diff = (normalize(ours) - _workshop_batch(paths, reference)).abs()
@@ -135,8 +150,7 @@ def test_augmented_training_batches_stay_uint8(tiny_root):
 
 
 def test_normalize_keeps_channels_last():
-    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8).contiguous(
-        memory_format=torch.channels_last)
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     y = normalize(x)
     assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
     assert y.min() >= -1 and y.max() <= 1
@@ -152,9 +166,18 @@ def test_corrupt_dataset_image_names_the_file(tiny_root, tmp_path):
         ds[2]
 
 
-@pytest.mark.parametrize("cpus, on_gpu, override, workers, threads", [
-    (1, False, None, 0, 1), (2, False, None, 0, 2), (8, False, None, 2, 6),
-    (1, True, None, 0, 1), (8, True, None, 7, 8), (4, False, 3, 3, 1), (8, True, 0, 0, 8)])
+@pytest.mark.parametrize(
+    "cpus, on_gpu, override, workers, threads",
+    [
+        (1, False, None, 0, 1),
+        (2, False, None, 0, 2),
+        (8, False, None, 2, 6),
+        (1, True, None, 0, 1),
+        (8, True, None, 7, 8),
+        (4, False, 3, 3, 1),
+        (8, True, 0, 0, 8),
+    ],
+)
 def test_loader_plan_follows_the_cpus_ray_gives(cpus, on_gpu, override, workers, threads):
     plan = LoaderPlan.for_worker(cpus, on_gpu, override)
     assert (plan.workers, plan.threads, plan.pin_memory) == (workers, threads, on_gpu)
@@ -166,17 +189,20 @@ def test_loader_plan_follows_the_cpus_ray_gives(cpus, on_gpu, override, workers,
         assert "prefetch_factor" not in kw
 
 
-@pytest.mark.parametrize("images, batch, world, steps", [
-    (1200, 256, 1, 5),  # 176 left over (0.69 of a batch): trained, not dropped
-    (1200, 256, 2, 5),  # per rank: 600 in batches of 128, 88 left over
-    (1030, 256, 1, 4),  # 6 left over: dropped
-    (160, 32, 2, 5),
-    (20, 32, 1, 1),  # fewer images than one batch: one small batch
-])
+@pytest.mark.parametrize(
+    "images, batch, world, steps",
+    [
+        (1200, 256, 1, 5),  # 176 left over (0.69 of a batch): trained, not dropped
+        (1200, 256, 2, 5),  # per rank: 600 in batches of 128, 88 left over
+        (1030, 256, 1, 4),  # 6 left over: dropped
+        (160, 32, 2, 5),
+        (20, 32, 1, 1),  # fewer images than one batch: one small batch
+    ],
+)
 def test_train_loader_drops_only_a_small_last_batch(images, batch, world, steps):
     from torch.utils.data import TensorDataset
 
-    from placesnet.data import make_train_loader
+    from placesnet.data.loaders import make_train_loader
 
     ds = TensorDataset(torch.arange(images))
     loaders = [make_train_loader(ds, batch, rank, world, seed=0) for rank in range(world)]
@@ -217,8 +243,10 @@ def test_errors_name_the_missing_file(tiny_root, tmp_path):
 
 def test_official_check_suggests_skip_verify(tiny_root, tmp_path):
     root = _copy(tiny_root, tmp_path)
-    shutil.copy(os.path.join(os.path.dirname(__file__), "..", "placesnet", "assets",
-                             "categories_places365.txt"), root / "categories_places365.txt")
+    shutil.copy(
+        os.path.join(os.path.dirname(__file__), "..", "placesnet", "assets", "categories_places365.txt"),
+        root / "categories_places365.txt",
+    )
     cfg = TrainConfig(dataset="places365", data_root=str(root))
     with pytest.raises(UserError, match="--skip-verify"):
         open_split(cfg, "val")

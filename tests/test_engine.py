@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from placesnet import engine
 from placesnet.checkpoint import load_checkpoint, load_train_state, resolve_checkpoint, save_checkpoint
 from placesnet.config import UserError
-from placesnet.data import class_names, open_split
+from placesnet.data.places import class_names, open_split
 from placesnet.model import build_model
+from placesnet.train import engine, optim
 
 CPU = torch.device("cpu")
 
@@ -23,9 +23,9 @@ def trained(tiny_config, tiny_root):
     train, val = open_split(tiny_config, "train", tiny_root), open_split(tiny_config, "val", tiny_root)
     classes = class_names(train)
     model = build_model(tiny_config, len(classes))
-    opt = engine.build_optimizer(model, tiny_config.lr, 0.9, 5e-4, CPU)
+    opt = optim.build_optimizer(model, tiny_config.lr, 0.9, 5e-4, CPU)
     loader = DataLoader(train, 32, shuffle=True)
-    sched = engine.build_scheduler(opt, "cosine", 5 * len(loader), warmup_steps=2)
+    sched = optim.build_scheduler(opt, "cosine", 5 * len(loader), warmup_steps=2)
     history = []
     for epoch in range(5):
         row = engine.train_one_epoch(model, loader, opt, CPU, scheduler=sched)
@@ -54,7 +54,7 @@ def test_a_diverging_loss_stops_training(tiny_config, tiny_root):
     torch.manual_seed(0)
     train = open_split(tiny_config, "train", tiny_root)
     model = build_model(tiny_config, 4)
-    opt = engine.build_optimizer(model, 1e4, 0.9, 0.0, CPU)  # absurd: NaN within a few steps
+    opt = optim.build_optimizer(model, 1e4, 0.9, 0.0, CPU)  # absurd: NaN within a few steps
     with pytest.raises(engine.TrainingDiverged, match=r"loss is nan at epoch 3, step \d/5 \(lr 10000\)"):
         engine.train_one_epoch(model, DataLoader(train, 32, shuffle=True), opt, CPU, epoch=3)
 
@@ -109,18 +109,35 @@ def test_plain_fit_runs_the_default_recipe(tiny_config, tiny_root):
     torch.manual_seed(0)
     train, val = open_split(tiny_config, "train", tiny_root), open_split(tiny_config, "val", tiny_root)
     cfg = tiny_config.replace(epochs=3, warmup_steps=4)
-    history = list(engine.fit(build_model(cfg, 4), DataLoader(train, 32, shuffle=True), DataLoader(val, 64),
-                              cfg, CPU, num_classes=4))
+    history = list(
+        engine.fit(
+            build_model(cfg, 4),
+            DataLoader(train, 32, shuffle=True),
+            DataLoader(val, 64),
+            cfg,
+            CPU,
+            num_classes=4,
+        )
+    )
     assert [h["epoch"] for h in history] == [1, 2, 3]
     lrs = [h["lr"] for h in history]  # the last step's lr of each epoch (5 steps per epoch)
-    assert lrs == pytest.approx([cfg.lr * engine.lr_factor(s, 15, 4, "cosine") for s in (4, 9, 14)])
+    assert lrs == pytest.approx([cfg.lr * optim.lr_factor(s, 15, 4, "cosine") for s in (4, 9, 14)])
     assert history[-1]["val_top1"] > 0.25  # chance
 
 
 def test_checkpoint_round_trip(trained, tiny_config, tmp_path):
     model, opt, sched, classes, history = trained
-    d = save_checkpoint(tmp_path / "checkpoint_000", model=model, config=tiny_config, classes=classes, epoch=4,
-                        metrics=history[-1], history=history, optimizer=opt, scheduler=sched)
+    d = save_checkpoint(
+        tmp_path / "checkpoint_000",
+        model=model,
+        config=tiny_config,
+        classes=classes,
+        epoch=4,
+        metrics=history[-1],
+        history=history,
+        optimizer=opt,
+        scheduler=sched,
+    )
     loaded = load_checkpoint(d)
     assert loaded.config == tiny_config and loaded.classes == classes and loaded.epoch == 4
     x = torch.randn(2, 3, 32, 32)
@@ -138,18 +155,28 @@ class Evil:
         return (print, ("pwned",))
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda d: (d / "model.pt").write_bytes((d / "model.pt").read_bytes()[:100]), "corrupt"),
-    (lambda d: (d / "model.pt").write_bytes(b"garbage"), "corrupt"),
-    (lambda d: (d / "model.pt").write_bytes(pickle.dumps(Evil())), "corrupt"),  # weights_only
-    (lambda d: torch.save({"fc9.weight": torch.zeros(1)}, d / "model.pt"), "do not fit"),
-    (lambda d: (d / "meta.json").write_text("{not json"), "not valid JSON"),
-    (lambda d: (d / "model.pt").unlink(), "no model.pt"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda d: (d / "model.pt").write_bytes((d / "model.pt").read_bytes()[:100]), "corrupt"),
+        (lambda d: (d / "model.pt").write_bytes(b"garbage"), "corrupt"),
+        (lambda d: (d / "model.pt").write_bytes(pickle.dumps(Evil())), "corrupt"),  # weights_only
+        (lambda d: torch.save({"fc9.weight": torch.zeros(1)}, d / "model.pt"), "do not fit"),
+        (lambda d: (d / "meta.json").write_text("{not json"), "not valid JSON"),
+        (lambda d: (d / "model.pt").unlink(), "no model.pt"),
+    ],
+)
 def test_corrupt_checkpoints_are_refused(trained, tiny_config, tmp_path, damage, message):
     model, opt, sched, classes, history = trained
-    d = save_checkpoint(tmp_path / "ckpt", model=model, config=tiny_config, classes=classes, epoch=0,
-                        metrics=history[0], history=history[:1])
+    d = save_checkpoint(
+        tmp_path / "ckpt",
+        model=model,
+        config=tiny_config,
+        classes=classes,
+        epoch=0,
+        metrics=history[0],
+        history=history[:1],
+    )
     damage(d)
     with pytest.raises(UserError, match=message):
         load_checkpoint(d)
@@ -169,15 +196,23 @@ def test_gpu_fast_path_trains(tiny_config, tiny_root):
     device = torch.device("cuda")
     train = open_split(tiny_config, "train", tiny_root)
     model = build_model(tiny_config, 4).to(device).to(memory_format=torch.channels_last)
-    opt = engine.build_optimizer(model, 0.05, 0.9, 5e-4, device)
+    opt = optim.build_optimizer(model, 0.05, 0.9, 5e-4, device)
     amp = engine.amp_dtype_for(device)
     assert amp in (torch.bfloat16, torch.float16)
     loader = DataLoader(train, 32, shuffle=True, pin_memory=True)
-    first = engine.train_one_epoch(model, loader, opt, device, amp_dtype=amp,
-                                   scaler=engine.make_scaler(device, amp), channels_last=True)
+    first = engine.train_one_epoch(
+        model, loader, opt, device, amp_dtype=amp, scaler=engine.make_scaler(device, amp), channels_last=True
+    )
     for _ in range(3):
-        last = engine.train_one_epoch(model, loader, opt, device, amp_dtype=amp,
-                                      scaler=engine.make_scaler(device, amp), channels_last=True)
+        last = engine.train_one_epoch(
+            model,
+            loader,
+            opt,
+            device,
+            amp_dtype=amp,
+            scaler=engine.make_scaler(device, amp),
+            channels_last=True,
+        )
     assert last["train_loss"] < first["train_loss"]
 
 
@@ -189,21 +224,29 @@ def test_compiled_model_trains_and_checkpoints_like_the_plain_one(tiny_config, t
     train = open_split(tiny_config, "train", tiny_root)
     model = build_model(tiny_config, 4)
     model.compile()
-    opt = engine.build_optimizer(model, 0.05, 0.9, 5e-4, CPU)
+    opt = optim.build_optimizer(model, 0.05, 0.9, 5e-4, CPU)
     loader = DataLoader(train, 32, shuffle=True, drop_last=True)
     rows = [engine.train_one_epoch(model, loader, opt, CPU) for _ in range(3)]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
-    save_checkpoint(tmp_path, model=model, config=tiny_config.replace(compile=True),
-                    classes=class_names(train), epoch=2, metrics=rows[-1], history=rows)
+    save_checkpoint(
+        tmp_path,
+        model=model,
+        config=tiny_config.replace(compile=True),
+        classes=class_names(train),
+        epoch=2,
+        metrics=rows[-1],
+        history=rows,
+    )
     loaded = load_checkpoint(tmp_path)
     assert not hasattr(loaded.model, "_compiled_call_impl") or loaded.model._compiled_call_impl is None
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     model.eval()
     with torch.inference_mode():
-        from placesnet.data import normalize
+        from placesnet.data.transforms import normalize
 
-        torch.testing.assert_close(loaded.model(normalize(images)), model(normalize(images)),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            loaded.model(normalize(images)), model(normalize(images)), rtol=1e-4, atol=1e-4
+        )
 
 
 @pytest.mark.gpu
@@ -211,18 +254,20 @@ def test_compiled_model_trains_and_checkpoints_like_the_plain_one(tiny_config, t
 def test_uint8_batches_are_pinned_and_normalised_on_the_gpu(tiny_root):
     """The loader hands over pinned uint8 batches; normalising them on the GPU gives the
     workshop's values."""
-    from placesnet.config import TrainConfig
-    from placesnet.data import LoaderPlan, normalize, workshop_transform
     from PIL import Image
+
+    from placesnet.config import TrainConfig
+    from placesnet.data.loaders import LoaderPlan
+    from placesnet.data.transforms import normalize, workshop_transform
 
     ds = open_split(TrainConfig(image_size=256), "val", tiny_root)
     loader = DataLoader(ds, batch_size=8, **LoaderPlan.for_worker(2, on_gpu=True).kwargs())
     images, _ = next(iter(loader))
     assert images.dtype == torch.uint8 and images.is_pinned()
-    on_gpu = engine._to_device(images, torch.zeros(8, dtype=torch.long), torch.device("cuda"),
-                               channels_last=True)[0]
+    on_gpu = engine._to_device(
+        images, torch.zeros(8, dtype=torch.long), torch.device("cuda"), channels_last=True
+    )[0]
     assert on_gpu.is_contiguous(memory_format=torch.channels_last)
-    expected = torch.stack([workshop_transform(256)(Image.open(p).convert("RGB"))
-                            for p, _ in ds.imgs[:8]])
+    expected = torch.stack([workshop_transform(256)(Image.open(p).convert("RGB")) for p, _ in ds.imgs[:8]])
     torch.testing.assert_close(on_gpu.cpu(), expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(normalize(images), expected, rtol=0, atol=0)

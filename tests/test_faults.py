@@ -20,7 +20,6 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-
 from conftest import REPO, TINY_ARGS, _free_port
 
 pytestmark = pytest.mark.slow
@@ -34,8 +33,14 @@ class Running:
     def __init__(self, script: str, *args, env: dict, log: Path) -> None:
         self.log = log
         self.out = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)], env=env,
-                                     cwd=REPO, stdout=self.out, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / script), *map(str, args)],
+            env=env,
+            cwd=REPO,
+            stdout=self.out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def text(self) -> str:
         return self.log.read_text()
@@ -43,7 +48,9 @@ class Running:
     def wait_for(self, needle: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while needle not in self.text():
-            assert self.proc.poll() is None, f"exited {self.proc.returncode} before {needle!r}:\n{self.text()[-3000:]}"
+            assert self.proc.poll() is None, (
+                f"exited {self.proc.returncode} before {needle!r}:\n{self.text()[-3000:]}"
+            )
             assert time.monotonic() < deadline, f"no {needle!r} in {timeout}s:\n{self.text()[-3000:]}"
             time.sleep(0.2)
 
@@ -55,17 +62,32 @@ class Running:
 
 
 def _train(ray_head, storage, name, log, *extra, epochs=6):
-    return Running("rayjobs/train.py", *TINY_ARGS, "--epochs", epochs, "--num-workers", 2,
-                   "--cpus-per-worker", 1, "--storage-path", storage, "--name", name, *extra,
-                   env=ray_head.env, log=log)
+    return Running(
+        "rayjobs/train.py",
+        *TINY_ARGS,
+        "--epochs",
+        epochs,
+        "--num-workers",
+        2,
+        "--cpus-per-worker",
+        1,
+        "--storage-path",
+        storage,
+        "--name",
+        name,
+        *extra,
+        env=ray_head.env,
+        log=log,
+    )
 
 
 def _train_worker_pids(ray_head) -> list[int]:
     """PIDs of the live Ray Train workers on the session's head."""
     from ray.util.state import list_actors
 
-    actors = list_actors(address=ray_head.dashboard, filters=[("class_name", "=", "RayTrainWorker"),
-                                                              ("state", "=", "ALIVE")])
+    actors = list_actors(
+        address=ray_head.dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    )
     return [a.pid for a in actors]
 
 
@@ -137,8 +159,18 @@ def test_interrupt_driver_kill_corrupt_checkpoint_and_worker_kill_lose_no_epoch(
 
 def test_an_undecodable_image_stops_at_once_without_retries(ray_head, tmp_path, broken_copy):
     root, bad = broken_copy
-    run = _train(ray_head, tmp_path, "bad", tmp_path / "bad.log", *P365, "--data-root", root,
-                 "--max-failures", 2, epochs=2)
+    run = _train(
+        ray_head,
+        tmp_path,
+        "bad",
+        tmp_path / "bad.log",
+        *P365,
+        "--data-root",
+        root,
+        "--max-failures",
+        2,
+        epochs=2,
+    )
     assert run.finish(300) == 2
     out = run.text()
     errors = [line for line in out.splitlines() if "train.py: error:" in line]
@@ -150,8 +182,18 @@ def test_an_undecodable_image_stops_at_once_without_retries(ray_head, tmp_path, 
 
 def test_skipped_images_are_logged_and_counted(ray_head, tmp_path, broken_copy):
     root, bad = broken_copy
-    run = _train(ray_head, tmp_path, "skip", tmp_path / "skip.log", *P365, "--data-root", root,
-                 "--bad-images", "skip", epochs=2)
+    run = _train(
+        ray_head,
+        tmp_path,
+        "skip",
+        tmp_path / "skip.log",
+        *P365,
+        "--data-root",
+        root,
+        "--bad-images",
+        "skip",
+        epochs=2,
+    )
     assert run.finish(300) == 0, run.text()[-3000:]
     out = run.text()
     assert f"skipping a bad image: cannot decode image {bad}" in out
@@ -163,14 +205,36 @@ def test_skipped_images_are_logged_and_counted(ray_head, tmp_path, broken_copy):
     assert list(metrics["train_images"]) == [159, 159] and list(metrics["val_images"]) == [46, 46]
 
 
-SWEEP = [*TINY_ARGS[:TINY_ARGS.index("--batch-size")], "--epochs", "3", "--grid", "--batch-sizes", "32",
-         "--lrs", "0.05", "--cpus-per-worker", "0.5", "--max-concurrent", "1", "--scheduler", "none"]
+SWEEP = [
+    *TINY_ARGS[: TINY_ARGS.index("--batch-size")],
+    "--epochs",
+    "3",
+    "--grid",
+    "--batch-sizes",
+    "32",
+    "--lrs",
+    "0.05",
+    "--cpus-per-worker",
+    "0.5",
+    "--max-concurrent",
+    "1",
+    "--scheduler",
+    "none",
+]
 
 
 def test_an_interrupted_sweep_says_so_and_resumes(ray_head, tmp_path):
     exp = tmp_path / "s"
-    first = Running("tuning/sweep.py", *SWEEP, "--storage-path", tmp_path, "--name", "s",
-                    env=ray_head.env, log=tmp_path / "s1.log")
+    first = Running(
+        "tuning/sweep.py",
+        *SWEEP,
+        "--storage-path",
+        tmp_path,
+        "--name",
+        "s",
+        env=ray_head.env,
+        log=tmp_path / "s1.log",
+    )
     first.wait_for("epoch 1/3")
     first.proc.send_signal(signal.SIGINT)
     assert first.finish(180) == 130, first.text()[-3000:]
@@ -181,8 +245,16 @@ def test_an_interrupted_sweep_says_so_and_resumes(ray_head, tmp_path):
     assert list(table["status"]) == ["interrupted"]
     assert not (exp / "best.json").exists()
 
-    second = Running("tuning/sweep.py", *SWEEP, "--storage-path", tmp_path, "--name", "s",
-                     env=ray_head.env, log=tmp_path / "s2.log")
+    second = Running(
+        "tuning/sweep.py",
+        *SWEEP,
+        "--storage-path",
+        tmp_path,
+        "--name",
+        "s",
+        env=ray_head.env,
+        log=tmp_path / "s2.log",
+    )
     assert second.finish(600) == 0, second.text()[-3000:]
     assert "resuming sweep" in second.text() and "best:" in second.text()
     table = pd.read_csv(exp / "results.csv", keep_default_na=False)
@@ -190,8 +262,9 @@ def test_an_interrupted_sweep_says_so_and_resumes(ray_head, tmp_path):
     assert (exp / "best.json").is_file()
 
 
-def test_replicas_scale_up_under_load_and_a_killed_one_costs_only_its_requests(ray_head, trained_run,
-                                                                                  tiny_root):
+def test_replicas_scale_up_under_load_and_a_killed_one_costs_only_its_requests(
+    ray_head, trained_run, tiny_root
+):
     """README: replicas autoscale on ongoing requests (here from 1 to 2 under a load of 8 clients,
     target 2 per replica, no upscale delay); then one of the two is SIGKILLed under that load:
     only the requests it held fail, the other serves on. Also: min_replicas defaults to 2 where
@@ -201,8 +274,12 @@ def test_replicas_scale_up_under_load_and_a_killed_one_costs_only_its_requests(r
     from ray.util.state import list_actors
 
     run_dir, _ = trained_run
-    ray.init(address=ray_head.address, logging_level="WARNING", log_to_driver=False,
-             runtime_env={"py_modules": [str(REPO / "placesnet"), str(REPO / "serving")]})
+    ray.init(
+        address=ray_head.address,
+        logging_level="WARNING",
+        log_to_driver=False,
+        runtime_env={"py_modules": [str(REPO / "placesnet"), str(REPO / "serving")]},
+    )
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
@@ -211,9 +288,17 @@ def test_replicas_scale_up_under_load_and_a_killed_one_costs_only_its_requests(r
 
         default = build_app({"checkpoint": str(run_dir), "num_cpus": 0.5})
         assert default._bound_deployment._deployment_config.autoscaling_config.min_replicas == 2
-        app = build_app({"checkpoint": str(run_dir), "num_cpus": 0.5, "max_batch_size": 4,
-                         "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
-                         "upscale_delay_s": 0})
+        app = build_app(
+            {
+                "checkpoint": str(run_dir),
+                "num_cpus": 0.5,
+                "max_batch_size": 4,
+                "min_replicas": 1,
+                "max_replicas": 2,
+                "target_ongoing_requests": 2,
+                "upscale_delay_s": 0,
+            }
+        )
         serve.run(app, name="placesnet", route_prefix="/")
         jpeg = (tiny_root / "val_256/Places365_val_00000001.jpg").read_bytes()
         for method, path, status in (("GET", "/nope", 404), ("GET", "/predict", 405)):
@@ -225,19 +310,25 @@ def test_replicas_scale_up_under_load_and_a_killed_one_costs_only_its_requests(r
             return states.get("RUNNING", 0)
 
         def alive() -> list:
-            return [a for a in list_actors(address=ray_head.dashboard, filters=[("state", "=", "ALIVE")])
-                    if a.class_name.startswith("ServeReplica:placesnet")]
+            return [
+                a
+                for a in list_actors(address=ray_head.dashboard, filters=[("state", "=", "ALIVE")])
+                if a.class_name.startswith("ServeReplica:placesnet")
+            ]
 
         assert running() == 1 and len(alive()) == 1
         concurrency, results, stop = 8, [], [time.monotonic() + 120]
 
         async def load():
             async with httpx.AsyncClient(timeout=60) as client:
+
                 async def one_client():
                     while time.monotonic() < stop[0]:
-                        r = await client.post(f"{base}/predict", content=jpeg,
-                                              headers={"Content-Type": "image/jpeg"})
+                        r = await client.post(
+                            f"{base}/predict", content=jpeg, headers={"Content-Type": "image/jpeg"}
+                        )
                         results.append((time.monotonic(), r.status_code, r.headers.get("content-type", "")))
+
                 await asyncio.gather(*[one_client() for _ in range(concurrency)])
 
         async def scenario():

@@ -1,4 +1,4 @@
-"""--decode gpu (placesnet/gpudecode.py): the packing, the fallbacks and the values, on the CPU
+"""--decode gpu (placesnet/data/gpudecode.py): the packing, the fallbacks and the values, on the CPU
 (the same code with device="cpu" gives exactly the CPU path's values); nvJPEG itself on a GPU."""
 
 import shutil
@@ -9,10 +9,11 @@ from torch.utils.data import DataLoader
 from torchvision.io import encode_png, read_file
 
 from placesnet.config import TrainConfig, UserError
-from placesnet.data import (MarkBadImages, ShardSampler, eval_transform, make_train_loader, normalize,
-                            open_split, read_image_uint8, train_transform)
-from placesnet.gpudecode import DeviceDecode, FileBytes, decode_batch, pack, unpack
-from placesnet.worker import decode_on_gpu
+from placesnet.data.gpudecode import DeviceDecode, FileBytes, decode_batch, pack, unpack
+from placesnet.data.loaders import ShardSampler, make_train_loader
+from placesnet.data.places import MarkBadImages, open_split, read_image_uint8
+from placesnet.data.transforms import eval_transform, normalize, train_transform
+from placesnet.launch.worker import decode_on_gpu
 
 CPU = torch.device("cpu")
 
@@ -36,8 +37,9 @@ def test_a_batch_crosses_processes_as_one_buffer_and_unpacks_to_the_files(tiny_r
     files = FileBytes(ds)
     buffer, offsets, targets, indices = pack([files[i] for i in (5, 0, 7)])
     assert buffer.dtype == torch.uint8 and buffer.dim() == 1 and offsets.tolist()[0] == 0
-    assert [bytes(f.tolist()) for f in unpack(buffer, offsets)] == \
-        [open(ds.imgs[i][0], "rb").read() for i in (5, 0, 7)]
+    assert [bytes(f.tolist()) for f in unpack(buffer, offsets)] == [
+        open(ds.imgs[i][0], "rb").read() for i in (5, 0, 7)
+    ]
     assert targets.tolist() == [ds.imgs[i][1] for i in (5, 0, 7)] and indices.tolist() == [5, 0, 7]
 
 
@@ -75,16 +77,25 @@ def test_the_device_loader_yields_what_the_cpu_loader_does(mixed_copy, tiny_root
     kw = dict(num_workers=2, persistent_workers=False)
     cpu = DataLoader(MarkBadImages(ds, 32), batch_size=8, sampler=ShardSampler(ds, 0, 1), **kw)
     notes = []
-    gpu = DeviceDecode(DataLoader(FileBytes(ds), batch_size=8, sampler=ShardSampler(ds, 0, 1), collate_fn=pack,
-                                  **kw), CPU, eval_transform(32), 32, notes.append)
+    gpu = DeviceDecode(
+        DataLoader(FileBytes(ds), batch_size=8, sampler=ShardSampler(ds, 0, 1), collate_fn=pack, **kw),
+        CPU,
+        eval_transform(32),
+        32,
+        notes.append,
+    )
     assert len(gpu) == len(cpu)
     for (a, ta), (b, tb) in zip(cpu, gpu, strict=True):
         assert torch.equal(a, b) and torch.equal(ta, tb)
     assert gpu.slow == 8 and len(notes) == 1 and "PNG, CMYK or corrupt" in notes[0]
     train = open_split(tiny_config, "train", tiny_root)
     cpu = make_train_loader(MarkBadImages(train, 32), 32, 1, 2, seed=3, **kw)
-    gpu = DeviceDecode(make_train_loader(FileBytes(train), 32, 1, 2, seed=3, collate_fn=pack, **kw), CPU,
-                       eval_transform(32), 32)
+    gpu = DeviceDecode(
+        make_train_loader(FileBytes(train), 32, 1, 2, seed=3, collate_fn=pack, **kw),
+        CPU,
+        eval_transform(32),
+        32,
+    )
     cpu.sampler.set_epoch(1), gpu.sampler.set_epoch(1)
     for (a, ta), (b, tb) in zip(cpu, gpu, strict=True):
         assert torch.equal(a, b) and torch.equal(ta, tb)
@@ -151,7 +162,7 @@ def test_serving_uploads_decode_like_predict_py_and_are_refused_alike(tiny_root)
     """gpudecode.decode_uploads (a GPU replica's decode, here on the CPU): the same (3, S, S)
     uint8 tensors as predict.py's path (PIL decode_image + the eval transform) within one
     intensity level, and the same BadImage messages for what it refuses, in the order given."""
-    from placesnet.gpudecode import decode_uploads
+    from placesnet.data.gpudecode import decode_uploads
     from placesnet.images import BadImage, decode_image
 
     uploads, transform, limit = _serving_uploads(tiny_root), eval_transform(32), 100_000
@@ -172,7 +183,7 @@ def test_serving_uploads_decode_like_predict_py_and_are_refused_alike(tiny_root)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_serving_uploads_on_the_gpu_match_the_cpu_and_give_the_same_predictions(tiny_root):
-    from placesnet.gpudecode import decode_uploads
+    from placesnet.data.gpudecode import decode_uploads
     from placesnet.model import build_model
 
     uploads, transform = list(_serving_uploads(tiny_root).values()), eval_transform(32)
@@ -201,9 +212,15 @@ def test_a_gpu_replica_sends_a_requests_uploads_through_one_device_decode(tiny_c
 
     replica_class = SceneClassifier.func_or_class.__mro__[1]  # the class under Serve's wrappers
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "ckpt", model=build_model(tiny_config, 4), config=tiny_config,
-                    classes=["/b/beach", "/d/desert/sand", "/f/field/wild", "/f/forest/broadleaf"],
-                    epoch=0, metrics={"epoch": 1, "val_top1": 0.0}, history=[])
+    save_checkpoint(
+        tmp_path / "ckpt",
+        model=build_model(tiny_config, 4),
+        config=tiny_config,
+        classes=["/b/beach", "/d/desert/sand", "/f/field/wild", "/f/forest/broadleaf"],
+        epoch=0,
+        metrics={"epoch": 1, "val_top1": 0.0},
+        history=[],
+    )
     options = {"num_cpus": 1, "max_pixels": 100_000, "max_batch_size": 4}
     cpu, dev = replica_class(str(tmp_path / "ckpt"), options), replica_class(str(tmp_path / "ckpt"), options)
     assert not cpu.gpu_decode  # no GPU here
@@ -218,8 +235,9 @@ def test_a_gpu_replica_sends_a_requests_uploads_through_one_device_decode(tiny_c
         assert ra.get("status") == rb.get("status") and ra.get("error") == rb.get("error"), (ra, rb)
         if "predictions" in ra:
             assert [p["label"] for p in ra["predictions"]] == [p["label"] for p in rb["predictions"]]
-            assert [p["probability"] for p in ra["predictions"]] == \
-                pytest.approx([p["probability"] for p in rb["predictions"]], abs=1e-3)
+            assert [p["probability"] for p in ra["predictions"]] == pytest.approx(
+                [p["probability"] for p in rb["predictions"]], abs=1e-3
+            )
     assert sum("predictions" in r for r in b["results"]) == 6
     # one image per request: the same route, one upload per device batch
     assert (dev._preprocess(files[1][1]).int() - cpu._preprocess(files[1][1]).int()).abs().max() <= 1

@@ -17,9 +17,22 @@ def _encode(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("mode,fmt", [("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG"),
-                                      ("L", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"), ("P", "PNG"),
-                                      ("I;16", "PNG"), ("RGB", "WEBP"), ("RGB", "BMP")])
+@pytest.mark.parametrize(
+    "mode,fmt",
+    [
+        ("RGB", "JPEG"),
+        ("L", "JPEG"),
+        ("CMYK", "JPEG"),
+        ("RGB", "PNG"),
+        ("L", "PNG"),
+        ("RGBA", "PNG"),
+        ("LA", "PNG"),
+        ("P", "PNG"),
+        ("I;16", "PNG"),
+        ("RGB", "WEBP"),
+        ("RGB", "BMP"),
+    ],
+)
 def test_valid_modes_become_rgb(mode, fmt):
     img = Image.new(mode, (37, 23))
     out = decode_image(_encode(img, fmt))
@@ -44,16 +57,23 @@ def _chunk(kind: bytes, payload: bytes) -> bytes:
 def _png_header_only(width, height):
     """A tiny file that claims width x height pixels: a decompression bomb's header."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b""))
-            + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", zlib.compress(b""))
+        + _chunk(b"IEND", b"")
+    )
 
 
-@pytest.mark.parametrize("data,message", [
-    (b"", "empty"),
-    (b"definitely not an image", "not a recognised image"),
-    (_png_header_only(100_000, 100_000), "pixels"),  # decompression bomb: refused before decoding
-    (_png_header_only(9_000, 9_000), "pixels"),  # over our 40 MP limit, under PIL's own
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (b"", "empty"),
+        (b"definitely not an image", "not a recognised image"),
+        (_png_header_only(100_000, 100_000), "pixels"),  # decompression bomb: refused before decoding
+        (_png_header_only(9_000, 9_000), "pixels"),  # over our 40 MP limit, under PIL's own
+    ],
+)
 def test_bad_bytes(data, message):
     with pytest.raises(BadImage, match=message):
         decode_image(data)

@@ -29,7 +29,7 @@ def test_samples_do_not_mix():
     x = torch.randn(4, 3, 48, 48)
     with torch.no_grad():
         together = net(x)
-        alone = torch.cat([net(x[i:i + 1]) for i in range(4)])
+        alone = torch.cat([net(x[i : i + 1]) for i in range(4)])
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
 
 

@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import BIN, RayHead, TINY_ARGS, assert_user_error, ray_driver, run_script
+from conftest import BIN, TINY_ARGS, RayHead, assert_user_error, ray_driver, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -34,24 +33,52 @@ def two_nodes(tmp_path_factory):
     head = RayHead(tmp_path_factory.mktemp("mnhead"), num_cpus=2)
     worker_dir = Path(tempfile.mkdtemp(prefix="rw", dir="/tmp"))
     private = Path(tempfile.mkdtemp(prefix="rp", dir="/tmp"))
-    node = [str(BIN / "ray"), "start", "--address", head.address, "--block", "--num-cpus", "1",
-            "--num-gpus", "0", "--disable-usage-stats", "--temp-dir", str(worker_dir),
-            "--dashboard-agent-listen-port", "0"]
+    node = [
+        str(BIN / "ray"),
+        "start",
+        "--address",
+        head.address,
+        "--block",
+        "--num-cpus",
+        "1",
+        "--num-gpus",
+        "0",
+        "--disable-usage-stats",
+        "--temp-dir",
+        str(worker_dir),
+        "--dashboard-agent-listen-port",
+        "0",
+    ]
     if _can_unshare():  # the worker node gets an empty tmpfs over PRIVATE
-        node = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-                'mount -t tmpfs tmpfs "$0" && exec "$@"', str(private), *node]
+        node = [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount -t tmpfs tmpfs "$0" && exec "$@"',
+            str(private),
+            *node,
+        ]
         head.private = private
     else:
         head.private = None
     worker = None
     try:
         head.wait_ready()
-        worker = subprocess.Popen(node, env=head.env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, start_new_session=True)
+        worker = subprocess.Popen(
+            node, env=head.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.time() + 90
         while time.time() < deadline:
-            status = subprocess.run([str(BIN / "ray"), "status", "--address", head.address],
-                                    env=head.env, capture_output=True, text=True, timeout=60)
+            status = subprocess.run(
+                [str(BIN / "ray"), "status", "--address", head.address],
+                env=head.env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             if len(re.findall(r"^\s*1 node_", status.stdout, re.M)) >= 2:
                 break
             time.sleep(2)
@@ -78,9 +105,23 @@ def test_one_worker_per_node_with_shared_storage(two_nodes, tmp_path):
         # worker makes the same (seeded) data in its own cache instead of failing.
         env = {**env, "PLACESNET_CACHE": str(two_nodes.private / "cache")}
     # Given as a URI, so the run goes through the same filesystem layer as s3:// or gs://.
-    proc = run_script("rayjobs/train.py", *TINY_ARGS, "--epochs", 2, "--num-workers", 2,
-                      "--cpus-per-worker", 1, "--placement-strategy", "STRICT_SPREAD",
-                      "--storage-path", f"file://{shared}", "--name", "mn", env=env)
+    proc = run_script(
+        "rayjobs/train.py",
+        *TINY_ARGS,
+        "--epochs",
+        2,
+        "--num-workers",
+        2,
+        "--cpus-per-worker",
+        1,
+        "--placement-strategy",
+        "STRICT_SPREAD",
+        "--storage-path",
+        f"file://{shared}",
+        "--name",
+        "mn",
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     nodes = set(re.findall(r"rank \d/2 on node (\w+)", proc.stdout))
     assert len(nodes) == 2, proc.stdout[-3000:]  # each rank on its own node
@@ -90,8 +131,9 @@ def test_one_worker_per_node_with_shared_storage(two_nodes, tmp_path):
     assert f"file://{shared}/mn/summary.json" in proc.stdout
 
 
-def test_ray_data_decodes_on_a_node_without_workers_and_counts_every_val_image(two_nodes, broken_copy,
-                                                                              tmp_path):
+def test_ray_data_decodes_on_a_node_without_workers_and_counts_every_val_image(
+    two_nodes, broken_copy, tmp_path
+):
     """--input ray-data: both workers fill the head's 2 CPUs, so Ray Data's decode tasks can only
     run on the other node, a CPU-only node that trains nothing. The data (a copy of the sample
     with one undecodable train and one undecodable val image) is on a directory both nodes see."""
@@ -99,15 +141,39 @@ def test_ray_data_decodes_on_a_node_without_workers_and_counts_every_val_image(t
     from ray.util.state import list_tasks
 
     root, bad = broken_copy
-    proc = run_script("rayjobs/train.py", *TINY_ARGS, "--dataset", "places365", "--skip-verify",
-                      "--data-root", root, "--bad-images", "skip", "--input", "ray-data",
-                      "--epochs", 2, "--num-workers", 2, "--cpus-per-worker", 1,
-                      "--storage-path", tmp_path / "runs", "--name", "rd", env=two_nodes.env)
+    proc = run_script(
+        "rayjobs/train.py",
+        *TINY_ARGS,
+        "--dataset",
+        "places365",
+        "--skip-verify",
+        "--data-root",
+        root,
+        "--bad-images",
+        "skip",
+        "--input",
+        "ray-data",
+        "--epochs",
+        2,
+        "--num-workers",
+        2,
+        "--cpus-per-worker",
+        1,
+        "--storage-path",
+        tmp_path / "runs",
+        "--name",
+        "rd",
+        env=two_nodes.env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     worker_nodes = set(re.findall(r"rank \d/2 on node (\w+)", proc.stdout))
     assert len(worker_nodes) == 1, proc.stdout[-3000:]  # PACK: both ranks on the head
-    tasks = list_tasks(address=two_nodes.dashboard, filters=[("name", "=", "MapBatches(decode_batch)")],
-                       limit=10_000, detail=True)
+    tasks = list_tasks(
+        address=two_nodes.dashboard,
+        filters=[("name", "=", "MapBatches(decode_batch)")],
+        limit=10_000,
+        detail=True,
+    )
     decoded_on = {t.node_id for t in tasks}
     assert decoded_on and not decoded_on & worker_nodes, (decoded_on, worker_nodes)
     # The same promises as the DataLoader path (test_faults::test_skipped_images_are_logged_and_counted):
@@ -122,15 +188,19 @@ def test_ray_data_decodes_on_a_node_without_workers_and_counts_every_val_image(t
     import torch
     from torch.utils.data import DataLoader
 
-    from placesnet import engine
     from placesnet.checkpoint import load_checkpoint
-    from placesnet.data import BadImages, MarkBadImages, open_split
+    from placesnet.data.places import BadImages, MarkBadImages, open_split
+    from placesnet.train import engine
 
     loaded = load_checkpoint(tmp_path / "runs" / "rd")
     val = open_split(loaded.config, "val", root)
-    plain = engine.evaluate(loaded.model, DataLoader(MarkBadImages(val, loaded.config.image_size), batch_size=16),
-                            torch.device("cpu"), num_classes=len(loaded.classes),
-                            bad_images=BadImages("skip", val, lambda message: None))
+    plain = engine.evaluate(
+        loaded.model,
+        DataLoader(MarkBadImages(val, loaded.config.image_size), batch_size=16),
+        torch.device("cpu"),
+        num_classes=len(loaded.classes),
+        bad_images=BadImages("skip", val, lambda message: None),
+    )
     assert plain["val_images"] == 46 and plain["val_top1"] == loaded.meta["metrics"]["val_top1"]
     assert plain["val_loss"] == pytest.approx(loaded.meta["metrics"]["val_loss"], rel=1e-5)
     # Ray Data's own per-epoch lines stay out of the log.
@@ -139,19 +209,33 @@ def test_ray_data_decodes_on_a_node_without_workers_and_counts_every_val_image(t
     assert "exclude_resources" not in out
 
 
-def test_paths_and_layouts_the_cluster_cannot_serve_are_refused_before_training(two_nodes, tiny_root,
-                                                                                tmp_path):
+def test_paths_and_layouts_the_cluster_cannot_serve_are_refused_before_training(
+    two_nodes, tiny_root, tmp_path
+):
     from placesnet.config import UserError
-    from placesnet.ray_train import check_cluster_paths, plan_resources
+    from placesnet.launch.preflight import check_cluster_paths
+    from placesnet.launch.resources import plan_resources
 
     private = two_nodes.private
     if private:
         # End to end: a head-local storage path (checkpoints would be split over two disks) is
         # one error line, before any training.
         storage = private / "runs"
-        proc = run_script("rayjobs/train.py", *TINY_ARGS, "--num-workers", 2, "--cpus-per-worker", 1,
-                          "--placement-strategy", "STRICT_SPREAD", "--storage-path", storage,
-                          "--name", "local", env=two_nodes.env)
+        proc = run_script(
+            "rayjobs/train.py",
+            *TINY_ARGS,
+            "--num-workers",
+            2,
+            "--cpus-per-worker",
+            1,
+            "--placement-strategy",
+            "STRICT_SPREAD",
+            "--storage-path",
+            storage,
+            "--name",
+            "local",
+            env=two_nodes.env,
+        )
         assert_user_error(proc, f"--storage-path {storage} is not shared", "1 of 2 nodes")
         assert "epoch 1" not in proc.stdout
         shutil.copytree(tiny_root, private / "places365")

@@ -15,8 +15,17 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _history(top1, losses):
-    return [{"epoch": e + 1, "train_loss": 1.0 / (e + 1), "train_top1": 0.5, "val_loss": v,
-             "val_top1": t, "val_top5": 1.0} for e, (t, v) in enumerate(zip(top1, losses))]
+    return [
+        {
+            "epoch": e + 1,
+            "train_loss": 1.0 / (e + 1),
+            "train_top1": 0.5,
+            "val_loss": v,
+            "val_top1": t,
+            "val_top5": 1.0,
+        }
+        for e, (t, v) in enumerate(zip(top1, losses))
+    ]
 
 
 def test_curves_mark_the_best_epoch_with_ties_broken_by_val_loss():
@@ -36,18 +45,21 @@ def test_curves_mark_the_best_epoch_with_ties_broken_by_val_loss():
 def _table(rows):
     cols = ["trial_id", "batch_size", "lr", "best_val_top1", "status", "best_checkpoint", "curve"]
     return pd.DataFrame([dict(zip(cols, r)) for r in rows]).sort_values(
-        "best_val_top1", ascending=False, na_position="last")
+        "best_val_top1", ascending=False, na_position="last"
+    )
 
 
 @pytest.fixture
 def sweep_table():
-    return _table([
-        ("t0", 64, 0.1, 0.80, "finished", "/c0", json.dumps([0.5, 0.7, 0.8])),
-        ("t1", 32, 0.05, 0.95, "finished", "/c1", json.dumps([0.6, 0.9, 0.95])),  # the best
-        ("t2", 64, 0.01, 0.40, "stopped early", "/c2", json.dumps([0.40])),  # one epoch, then ASHA
-        ("t3", 32, 0.2, 0.60, "stopped early", "/c3", json.dumps([0.5, 0.6])),
-        ("t4", 64, 0.02, float("nan"), "errored", "", json.dumps([])),
-    ])
+    return _table(
+        [
+            ("t0", 64, 0.1, 0.80, "finished", "/c0", json.dumps([0.5, 0.7, 0.8])),
+            ("t1", 32, 0.05, 0.95, "finished", "/c1", json.dumps([0.6, 0.9, 0.95])),  # the best
+            ("t2", 64, 0.01, 0.40, "stopped early", "/c2", json.dumps([0.40])),  # one epoch, then ASHA
+            ("t3", 32, 0.2, 0.60, "stopped early", "/c3", json.dumps([0.5, 0.6])),
+            ("t4", 64, 0.02, float("nan"), "errored", "", json.dumps([])),
+        ]
+    )
 
 
 def test_sweep_plot_highlights_the_best_trial_in_its_own_colour(sweep_table):
@@ -64,7 +76,9 @@ def test_sweep_plot_highlights_the_best_trial_in_its_own_colour(sweep_table):
     curves = {line.get_label(): line for line in ax_curve.lines if not line.get_label().startswith("_")}
     best_curve = curves["best: bs 32 lr 0.05 (finished)"]
     assert mcolors.same_color(best_curve.get_color(), BEST_COLOUR)
-    assert best_curve.get_linewidth() > max(c.get_linewidth() for k, c in curves.items() if c is not best_curve)
+    assert best_curve.get_linewidth() > max(
+        c.get_linewidth() for k, c in curves.items() if c is not best_curve
+    )
     others = [c.get_color() for c in curves.values() if c is not best_curve]
     assert len({mcolors.to_hex(c) for c in others}) == len(others) == 3  # one colour per trial
     assert not any(mcolors.same_color(c, BEST_COLOUR) for c in others)

@@ -13,13 +13,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from placesnet import engine
 from placesnet.checkpoint import load_checkpoint, save_checkpoint
 from placesnet.config import UserError
 from placesnet.model import build_model
-
+from placesnet.train import engine, optim
 
 # --- a checkpoint cannot run code ------------------------------------------------------------------
+
 
 class _Payload:
     """Unpickling this creates a marker file: the side effect a malicious checkpoint would have."""
@@ -35,8 +35,15 @@ class _Payload:
 def test_a_pickle_payload_in_a_checkpoint_never_runs(tiny_config, tmp_path, name):
     ckpt = tmp_path / "ckpt"
     model = build_model(tiny_config, 4)
-    save_checkpoint(ckpt, model=model, config=tiny_config, classes=list("abcd"), epoch=0,
-                    metrics={"epoch": 1, "val_top1": 0.5}, history=[])
+    save_checkpoint(
+        ckpt,
+        model=model,
+        config=tiny_config,
+        classes=list("abcd"),
+        epoch=0,
+        metrics={"epoch": 1, "val_top1": 0.5},
+        history=[],
+    )
     marker = tmp_path / "pwned"
     torch.save({"weights": _Payload(str(marker))}, ckpt / name, pickle_protocol=pickle.HIGHEST_PROTOCOL)
     with pytest.raises(UserError, match="corrupt checkpoint"):
@@ -51,6 +58,7 @@ def test_a_pickle_payload_in_a_checkpoint_never_runs(tiny_config, tmp_path, name
 
 # --- divergence on inf, not only NaN -------------------------------------------------------------
 
+
 def _step_stats(losses: list[float]) -> dict:
     """The epoch loop's device-side sums after these step losses (4 samples, 1 correct each)."""
     sums = engine._StepStats(torch.device("cpu"))
@@ -64,7 +72,9 @@ def test_an_infinite_or_nan_loss_stops_training(value):
     """The first non-finite step is found on the device and named when the host looks (at the
     next check point), with that step's lr; later finite or non-finite steps do not move it."""
     stats = _step_stats([2.0, 1.5, value, math.nan, 1.0])
-    with pytest.raises(engine.TrainingDiverged, match=rf"the loss is {value} at epoch 2, step 3/5 \(lr 0.25\)"):
+    with pytest.raises(
+        engine.TrainingDiverged, match=rf"the loss is {value} at epoch 2, step 3/5 \(lr 0.25\)"
+    ):
         engine._check_finite(stats, epoch=2, steps=5, lrs={3: 0.25, 4: 0.1})
     fine = _step_stats([2.0, 1e30, 1.0])
     engine._check_finite(fine, epoch=2, steps=5, lrs={})  # huge is not infinite
@@ -74,18 +84,27 @@ def test_an_infinite_or_nan_loss_stops_training(value):
 
 # --- two ranks give the one-rank numbers, on a split that does not divide evenly ------------------
 
+
 def _rank(rank: int, world: int, init: str, root: str, ckpt: str, out: str) -> None:
     from torch.utils.data import DataLoader
 
-    from placesnet.data import ShardSampler, open_split
+    from placesnet.data.loaders import ShardSampler
+    from placesnet.data.places import open_split
     from placesnet.evaluation import evaluate_checkpoint
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         loaded = load_checkpoint(ckpt)
-        result = evaluate_checkpoint(loaded, __import__("pathlib").Path(root), torch.device("cpu"),
-                                     batch_size=5, rank=rank, world_size=world, mistakes=10)
+        result = evaluate_checkpoint(
+            loaded,
+            __import__("pathlib").Path(root),
+            torch.device("cpu"),
+            batch_size=5,
+            rank=rank,
+            world_size=world,
+            mistakes=10,
+        )
         ds = open_split(loaded.config, "val", __import__("pathlib").Path(root))
         loader = DataLoader(ds, batch_size=4, sampler=ShardSampler(ds, rank, world))
         opt = torch.optim.SGD(loaded.model.parameters(), lr=0.0)
@@ -128,9 +147,15 @@ def test_two_ranks_count_every_sample_once_and_match_one_rank(tiny_config, tiny_
     cfg = tiny_config.replace(dataset="places365", skip_verify=True, data_root=str(root))
     torch.manual_seed(0)
     ckpt = tmp_path / "ckpt"
-    save_checkpoint(ckpt, model=build_model(cfg, 4), config=cfg, classes=["/b/beach", "/d/desert/sand",
-                                                                              "/f/field/wild", "/f/forest/broadleaf"],
-                    epoch=0, metrics={"epoch": 1, "val_top1": 0.0}, history=[])
+    save_checkpoint(
+        ckpt,
+        model=build_model(cfg, 4),
+        config=cfg,
+        classes=["/b/beach", "/d/desert/sand", "/f/field/wild", "/f/forest/broadleaf"],
+        epoch=0,
+        metrics={"epoch": 1, "val_top1": 0.0},
+        history=[],
+    )
     one, two = _run(1, tmp_path, root, ckpt), _run(2, tmp_path, root, ckpt)
     assert one["val_images"] == two["val_images"] == 47  # no padding, nothing dropped
     assert two["val_top1"] == one["val_top1"] and two["val_top5"] == one["val_top5"]
@@ -140,7 +165,9 @@ def test_two_ranks_count_every_sample_once_and_match_one_rank(tiny_config, tiny_
     # evaluate.py's gallery: the 10 most confident mistakes over all ranks, the same on 1 and 2
     wrong = 47 - sum(one["confusion"][i][i] for i in range(4))
     assert len(one["mistakes"]) == min(10, wrong) and wrong > 0
-    assert [(m["index"], m["predicted"]) for m in two["mistakes"]] == [(m["index"], m["predicted"]) for m in one["mistakes"]]
+    assert [(m["index"], m["predicted"]) for m in two["mistakes"]] == [
+        (m["index"], m["predicted"]) for m in one["mistakes"]
+    ]
     for m in one["mistakes"]:
         assert m["true"] == one["targets"][m["index"]] != m["predicted"]
         assert m["image"].endswith(f"Places365_val_{m['index'] + 1:08d}.jpg")
@@ -151,13 +178,15 @@ def test_two_ranks_count_every_sample_once_and_match_one_rank(tiny_config, tiny_
 
 # --- training does not depend on the worker count ---------------------------------------------------
 
+
 def _train_rank(rank: int, world: int, init: str, root: str, config: dict, out: str) -> None:
     """Two epochs of the Ray workers' loader (data.make_train_loader) and epoch function under
     DDP on gloo, with a model without BatchNorm or dropout; rank 0 writes the losses and weights."""
     from torch.nn.parallel import DistributedDataParallel
 
     from placesnet.config import TrainConfig
-    from placesnet.data import MarkBadImages, make_train_loader, open_split
+    from placesnet.data.loaders import make_train_loader
+    from placesnet.data.places import MarkBadImages, open_split
     from placesnet.model import DeepCNN
 
     torch.set_num_threads(1)
@@ -167,8 +196,10 @@ def _train_rank(rank: int, world: int, init: str, root: str, config: dict, out: 
         ds = MarkBadImages(open_split(cfg, "train", __import__("pathlib").Path(root)), cfg.image_size)
         loader = make_train_loader(ds, cfg.batch_size, rank, world, cfg.seed)
         torch.manual_seed(cfg.seed)
-        model = DistributedDataParallel(DeepCNN(4, (8, 16), fc_hidden=32, grid=2, batchnorm=False, dropout=0.0))
-        opt = engine.build_optimizer(model, 0.05, 0.9, 5e-4, torch.device("cpu"))
+        model = DistributedDataParallel(
+            DeepCNN(4, (8, 16), fc_hidden=32, grid=2, batchnorm=False, dropout=0.0)
+        )
+        opt = optim.build_optimizer(model, 0.05, 0.9, 5e-4, torch.device("cpu"))
         losses = []
         for epoch in range(2):
             loader.sampler.set_epoch(epoch)
@@ -195,10 +226,13 @@ def test_one_and_two_workers_train_the_same_weights(tiny_config, tiny_root, tmp_
     assert [e[1:] for e in one["epochs"]] == [e[1:] for e in two["epochs"]] == [[160, 5], [160, 5]]
     assert [e[0] for e in two["epochs"]] == pytest.approx([e[0] for e in one["epochs"]], rel=1e-4)
     assert one["epochs"][0][0] != one["epochs"][1][0]  # it did train
-    torch.testing.assert_close(torch.tensor(two["weights"]), torch.tensor(one["weights"]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(two["weights"]), torch.tensor(one["weights"]), rtol=1e-4, atol=1e-5
+    )
 
 
 # --- Serve: every error is JSON, 2 replicas only where they fit -------------------------------------
+
 
 def test_json_errors_for_unknown_routes_wrong_methods_and_internal_failures():
     from fastapi.testclient import TestClient
@@ -206,14 +240,17 @@ def test_json_errors_for_unknown_routes_wrong_methods_and_internal_failures():
     from serving.app import app
 
     if not any(getattr(r, "path", "") == "/_test_boom" for r in app.routes):
+
         @app.get("/_test_boom")
         async def _boom():
             raise RuntimeError("kaput")
 
     client = TestClient(app, raise_server_exceptions=False)
-    for method, path, status, text in (("GET", "/nope", 404, "Not Found: GET /nope"),
-                                       ("GET", "/predict", 405, "Method Not Allowed: GET /predict"),
-                                       ("GET", "/_test_boom", 500, "internal error: RuntimeError: kaput")):
+    for method, path, status, text in (
+        ("GET", "/nope", 404, "Not Found: GET /nope"),
+        ("GET", "/predict", 405, "Method Not Allowed: GET /predict"),
+        ("GET", "/_test_boom", 500, "internal error: RuntimeError: kaput"),
+    ):
         r = client.request(method, path)
         assert r.status_code == status and r.headers["content-type"] == "application/json"
         assert r.json() == {"error": text}

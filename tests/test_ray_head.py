@@ -6,15 +6,19 @@ import sys
 import urllib.request
 
 import pytest
-
 from conftest import BIN, REPO
 
 pytestmark = pytest.mark.slow
 
 
 def _script(*args, env):
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "ray_head.py"), *args], env=env,
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "ray_head.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def _hold_port(port: int) -> socket.socket | None:
@@ -51,18 +55,35 @@ def _start_use_and_stop(ray_head, env, state, tmp_path):
     assert "127.0.0.1:6379" not in exports.values()
     again = _script("start", "--state", state, env=env)  # idempotent: reuses the running head
     assert again.returncode == 0 and again.stdout == started.stdout and "reusing" in again.stderr
-    req = urllib.request.Request(f"{exports['PLACESNET_DASHBOARD']}/api/version",
-                                 headers={"Authorization": f"Bearer {ray_head.token}"})
+    req = urllib.request.Request(
+        f"{exports['PLACESNET_DASHBOARD']}/api/version", headers={"Authorization": f"Bearer {ray_head.token}"}
+    )
     assert urllib.request.urlopen(req, timeout=10).status == 200
     # its job agent has a port of its own: jobs are accepted although 52365 was taken
-    job = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", exports["PLACESNET_DASHBOARD"],
-                          "--", "python", "-c", "print('job ran')"], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=180)
+    job = subprocess.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            exports["PLACESNET_DASHBOARD"],
+            "--",
+            "python",
+            "-c",
+            "print('job ran')",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert job.returncode == 0 and "job ran" in job.stdout, job.stdout[-2000:] + job.stderr[-2000:]
     stopped = _script("stop", "--state", state, env=env)
     assert stopped.returncode == 0 and "other Ray instances untouched" in stopped.stderr
     assert _script("status", "--state", state, env=env).returncode == 1
     assert ray_head.proc.poll() is None  # the session's head still runs
-    req = urllib.request.Request(f"{ray_head.dashboard}/api/version",
-                                 headers={"Authorization": f"Bearer {ray_head.token}"})
+    req = urllib.request.Request(
+        f"{ray_head.dashboard}/api/version", headers={"Authorization": f"Bearer {ray_head.token}"}
+    )
     assert urllib.request.urlopen(req, timeout=10).status == 200

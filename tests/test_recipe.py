@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from placesnet import engine
 from placesnet.cli import add_data_args, add_model_args, config_from_args, lr_source
 from placesnet.config import MODEL_LR, REFERENCE_BATCH, TrainConfig, UserError, default_lr
-from placesnet.lr_find import lr_range_test, lr_schedule, minimum, steepest, valley
+from placesnet.train import engine, optim
+from placesnet.train.lr_find import lr_range_test, lr_schedule, minimum, steepest, valley
 
 CPU = torch.device("cpu")
 
@@ -30,7 +30,7 @@ def _optimizer(lr=1.0):
 
 def test_schedule_warms_up_linearly_then_follows_a_cosine_per_step():
     opt = _optimizer(0.4)
-    lrs = _lrs(engine.build_scheduler(opt, "cosine", total_steps=10, warmup_steps=4), opt, 10)
+    lrs = _lrs(optim.build_scheduler(opt, "cosine", total_steps=10, warmup_steps=4), opt, 10)
     expected = [0.4 * (s + 1) / 5 for s in range(4)]  # 0.08 .. 0.32, never 0
     expected += [0.4 * 0.5 * (1 + math.cos(math.pi * (s - 4) / 6)) for s in range(4, 10)]
     assert lrs == pytest.approx(expected)
@@ -40,30 +40,33 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine_per_step():
 
 def test_step_and_flat_schedules_per_step():
     opt = _optimizer()
-    assert _lrs(engine.build_scheduler(opt, "step", 8, 0), opt, 8) == pytest.approx(
-        [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert _lrs(optim.build_scheduler(opt, "step", 8, 0), opt, 8) == pytest.approx(
+        [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01]
+    )
     opt = _optimizer()
-    assert _lrs(engine.build_scheduler(opt, "none", 5, 2), opt, 5) == pytest.approx(
-        [1 / 3, 2 / 3, 1, 1, 1])
+    assert _lrs(optim.build_scheduler(opt, "none", 5, 2), opt, 5) == pytest.approx([1 / 3, 2 / 3, 1, 1, 1])
 
 
-@pytest.mark.parametrize("total,kwargs,expected", [
-    (48, {}, 9),  # 8 epochs x 6 steps (the issue's tiny run): floor = a fifth of the run
-    (800, {}, 50),  # the floor
-    (30 * 7000, {}, 5000),  # 30 Places365 epochs of 7,000 steps: the cap (0.7 epoch)
-    (20_000, {}, 1000),  # 5 %
-    (48, {"warmup_steps": 7}, 7),
-    (48, {"warmup_steps": 0}, 0),
-    (48, {"warmup_epochs": 2, "steps_per_epoch": 6}, 12),
-    (10, {"warmup_steps": 50}, 9),  # never the whole run
-])
+@pytest.mark.parametrize(
+    "total,kwargs,expected",
+    [
+        (48, {}, 9),  # 8 epochs x 6 steps (the issue's tiny run): floor = a fifth of the run
+        (800, {}, 50),  # the floor
+        (30 * 7000, {}, 5000),  # 30 Places365 epochs of 7,000 steps: the cap (0.7 epoch)
+        (20_000, {}, 1000),  # 5 %
+        (48, {"warmup_steps": 7}, 7),
+        (48, {"warmup_steps": 0}, 0),
+        (48, {"warmup_epochs": 2, "steps_per_epoch": 6}, 12),
+        (10, {"warmup_steps": 50}, 9),  # never the whole run
+    ],
+)
 def test_warmup_length(total, kwargs, expected):
-    assert engine.warmup_steps_for(total, **kwargs) == expected
+    assert optim.warmup_steps_for(total, **kwargs) == expected
 
 
 def test_scheduler_for_a_config_counts_steps_of_all_epochs():
     opt = _optimizer()
-    sched = engine.scheduler_for(opt, TrainConfig(epochs=8, schedule="cosine"), steps_per_epoch=6)
+    sched = optim.scheduler_for(opt, TrainConfig(epochs=8, schedule="cosine"), steps_per_epoch=6)
     assert sched.lr_lambdas[0].keywords == {"total_steps": 48, "warmup_steps": 9, "schedule": "cosine"}
 
 
@@ -73,16 +76,16 @@ def test_resume_mid_warmup_continues_the_schedule_exactly():
     import io
 
     opt = _optimizer(0.1)
-    whole = _lrs(engine.build_scheduler(opt, "cosine", 30, 12), opt, 30)
+    whole = _lrs(optim.build_scheduler(opt, "cosine", 30, 12), opt, 30)
     opt = _optimizer(0.1)
-    sched = engine.build_scheduler(opt, "cosine", 30, 12)
+    sched = optim.build_scheduler(opt, "cosine", 30, 12)
     first = _lrs(sched, opt, 5)  # stopped in the middle of the warmup
     buf = io.BytesIO()
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
     opt2 = _optimizer(0.1)
-    sched2 = engine.build_scheduler(opt2, "cosine", 30, 12)
+    sched2 = optim.build_scheduler(opt2, "cosine", 30, 12)
     opt2.load_state_dict(state["optimizer"])
     sched2.load_state_dict(state["scheduler"])
     assert first + _lrs(sched2, opt2, 25) == pytest.approx(whole)
@@ -91,9 +94,9 @@ def test_resume_mid_warmup_continues_the_schedule_exactly():
 def test_an_extended_run_uses_its_new_length():
     """Resuming with more --epochs must not bring back the old total from the saved state."""
     opt = _optimizer()
-    sched = engine.build_scheduler(opt, "cosine", 10, 0)
+    sched = optim.build_scheduler(opt, "cosine", 10, 0)
     _lrs(sched, opt, 10)
-    longer = engine.build_scheduler(_optimizer(), "cosine", 20, 0)
+    longer = optim.build_scheduler(_optimizer(), "cosine", 20, 0)
     longer.load_state_dict(sched.state_dict())
     assert longer.lr_lambdas[0].keywords["total_steps"] == 20
 
@@ -144,6 +147,7 @@ def test_new_recipe_flags_reach_the_config():
 
 # --- the LR range test ---------------------------------------------------------------------------
 
+
 def test_lr_schedule_is_exponential():
     lrs = lr_schedule(1e-4, 1.0, 5)
     assert lrs == pytest.approx([1e-4, 1e-3, 1e-2, 1e-1, 1.0])
@@ -167,7 +171,7 @@ def _blobs(scale: float, n=512, seed=0):
     centres = torch.randn(4, 8, generator=g)
     y = torch.randint(0, 4, (n,), generator=g)
     x = (centres[y] + torch.randn(n, 8, generator=g)) * scale
-    return [(x[i:i + 32], y[i:i + 32]) for i in range(0, n, 32)]
+    return [(x[i : i + 32], y[i : i + 32]) for i in range(0, n, 32)]
 
 
 def _loss_after(lr, batches, steps=60):
@@ -218,9 +222,11 @@ def test_lr_finder_refuses_an_empty_range():
 
 # --- guard rails ---------------------------------------------------------------------------------
 
+
 def test_clip_grad_norm_bounds_every_update():
     """Plain SGD (no momentum) moves the weights by lr x the gradient: with clipping, by at most
     lr x max_norm; without it, by far more on these huge inputs."""
+
     def step_size(clip):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
@@ -246,8 +252,9 @@ def test_a_rising_first_epoch_loss_is_warned_about_once():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     lines = []
-    row = engine.train_one_epoch(model, _rising_batches(), opt, CPU, log=lines.append, epoch=1,
-                                 rise_warning=engine.RISE_WARNING)
+    row = engine.train_one_epoch(
+        model, _rising_batches(), opt, CPU, log=lines.append, epoch=1, rise_warning=engine.RISE_WARNING
+    )
     assert row["peak_step_loss"] > engine.RISE_WARNING * row["first_step_loss"]
     warnings = [line for line in lines if line.startswith("warning:")]
     assert len(warnings) == 1, lines
@@ -260,8 +267,9 @@ def test_no_warning_when_the_loss_falls_or_when_off():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     lines = []
-    engine.train_one_epoch(model, _rising_batches(), opt, CPU, log=lines.append, epoch=1,
-                           rise_warning=engine.RISE_WARNING)
+    engine.train_one_epoch(
+        model, _rising_batches(), opt, CPU, log=lines.append, epoch=1, rise_warning=engine.RISE_WARNING
+    )
     assert not [line for line in lines if line.startswith("warning:")]
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
@@ -271,12 +279,12 @@ def test_no_warning_when_the_loss_falls_or_when_off():
 
 def test_a_checkpoint_from_before_per_step_schedules_resumes_at_its_epoch_boundary():
     """Older checkpoints counted scheduler steps in epochs: they resume at epochs x steps."""
-    from placesnet.worker import _move_scheduler
+    from placesnet.launch.worker import _move_scheduler
 
     opt = _optimizer(0.1)
-    sched = engine.build_scheduler(opt, "cosine", 30, 6)
+    sched = optim.build_scheduler(opt, "cosine", 30, 6)
     _move_scheduler(sched, 12)  # 2 epochs of 6 steps done
     opt_ref = _optimizer(0.1)
-    ref = engine.build_scheduler(opt_ref, "cosine", 30, 6)
+    ref = optim.build_scheduler(opt_ref, "cosine", 30, 6)
     _lrs(ref, opt_ref, 12)
     assert _lrs(sched, opt, 18) == pytest.approx(_lrs(ref, opt_ref, 18))

@@ -12,17 +12,22 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY_ARGS, assert_user_error, run_script
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conftest import REPO, TINY_ARGS, assert_user_error, run_script
-from placesnet import engine
-from placesnet.checkpoint import (MODEL_FILE, _best_in_run, resolve_checkpoint, save_checkpoint,
-                                  verify_checkpoint)
+from placesnet.checkpoint import (
+    MODEL_FILE,
+    _best_in_run,
+    resolve_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from placesnet.config import SCORE, TrainConfig, UserError, checkpoint_score
-from placesnet.data import BadImageFile, BadImages, MarkBadImages, open_split
-from placesnet.resume import SNAPSHOT, prepare_resume
-from placesnet.validate import DataError, check_dataset
+from placesnet.data.places import BadImageFile, BadImages, MarkBadImages, open_split
+from placesnet.data.validate import DataError, check_dataset
+from placesnet.launch.resume import SNAPSHOT, prepare_resume
+from placesnet.train import engine
 
 P365 = ["--dataset", "places365", "--skip-verify"]
 
@@ -43,6 +48,7 @@ def _edit_line(path, number, text):
 
 # --- the data check on the driver ------------------------------------------------------------
 
+
 def test_a_sound_copy_passes_with_a_summary(copy):
     line = check_dataset(copy)
     assert "train 160 lines, val 48 lines, 4 classes" in line
@@ -50,15 +56,33 @@ def test_a_sound_copy_passes_with_a_summary(copy):
     assert "not checked" in check_dataset(copy, files=False)
 
 
-@pytest.mark.parametrize("split,line,text,expected", [
-    ("train", 3, "/b/beach/00000003.jpg\n", "places365_train_standard.txt line 3: expected '<image> <label>', got 1 column"),
-    ("train", 5, "/b/beach/00000005.jpg 4\n", "places365_train_standard.txt line 5: label 4 is out of range 0..3"),
-    ("train", 6, "/b/beach/00000006.jpg -1\n", "line 6: label -1 is out of range"),
-    ("train", 7, "/b/beach/00000007.jpg two\n", "line 7: label 'two' is not an integer"),
-    ("train", 8, "\n", "line 8: expected '<image> <label>', got an empty line"),
-    ("train", 9, "/b/beach/00000001.jpg 0\n", "line 9: /b/beach/00000001.jpg is listed twice"),
-    ("val", 2, "Places365_val_00000002.jpg 0 extra\n", "places365_val.txt line 2: expected '<image> <label>', got 3 column"),
-])
+@pytest.mark.parametrize(
+    "split,line,text,expected",
+    [
+        (
+            "train",
+            3,
+            "/b/beach/00000003.jpg\n",
+            "places365_train_standard.txt line 3: expected '<image> <label>', got 1 column",
+        ),
+        (
+            "train",
+            5,
+            "/b/beach/00000005.jpg 4\n",
+            "places365_train_standard.txt line 5: label 4 is out of range 0..3",
+        ),
+        ("train", 6, "/b/beach/00000006.jpg -1\n", "line 6: label -1 is out of range"),
+        ("train", 7, "/b/beach/00000007.jpg two\n", "line 7: label 'two' is not an integer"),
+        ("train", 8, "\n", "line 8: expected '<image> <label>', got an empty line"),
+        ("train", 9, "/b/beach/00000001.jpg 0\n", "line 9: /b/beach/00000001.jpg is listed twice"),
+        (
+            "val",
+            2,
+            "Places365_val_00000002.jpg 0 extra\n",
+            "places365_val.txt line 2: expected '<image> <label>', got 3 column",
+        ),
+    ],
+)
 def test_bad_list_lines_are_named_by_file_and_line(copy, split, line, text, expected):
     name = "places365_train_standard.txt" if split == "train" else "places365_val.txt"
     _edit_line(copy / name, line, text)
@@ -74,7 +98,9 @@ def test_missing_and_empty_images_are_found_without_decoding(copy):
     assert "places365_train_standard.txt line 10: image" in str(e.value)
     assert "00000010.jpg is empty (0 bytes)" in str(e.value)
     (copy / "data_256_standard/b/beach/00000010.jpg").write_bytes(b"\xff")
-    with pytest.raises(DataError, match=r"places365_val.txt line 4: image .*Places365_val_00000004.jpg does not exist"):
+    with pytest.raises(
+        DataError, match=r"places365_val.txt line 4: image .*Places365_val_00000004.jpg does not exist"
+    ):
         check_dataset(copy)
     assert "lists well-formed" in check_dataset(copy, files=False)  # --no-check-files
 
@@ -101,8 +127,19 @@ def test_malformed_categories_file(copy):
 
 def test_train_cli_refuses_bad_data_before_ray_starts(copy, tmp_path):
     _edit_line(copy / "places365_train_standard.txt", 3, "/b/beach/00000003.jpg\n")
-    proc = run_script("rayjobs/train.py", *TINY_ARGS, *P365, "--data-root", copy,
-                      "--storage-path", tmp_path / "runs", "--name", "bad", "--address", "127.0.0.1:1")
+    proc = run_script(
+        "rayjobs/train.py",
+        *TINY_ARGS,
+        *P365,
+        "--data-root",
+        copy,
+        "--storage-path",
+        tmp_path / "runs",
+        "--name",
+        "bad",
+        "--address",
+        "127.0.0.1:1",
+    )
     assert_user_error(proc, "places365_train_standard.txt line 3", str(copy))
     assert proc.returncode == 2
     assert "cannot connect" not in proc.stderr  # stopped before it tried the (absent) cluster
@@ -114,8 +151,9 @@ def test_unwritable_storage_path_is_one_line(tmp_path, storage):
     if storage == "file_not_dir":
         (tmp_path / "plain").write_text("x")
         storage = tmp_path / "plain" / "runs"
-    proc = run_script("rayjobs/train.py", *TINY_ARGS, "--storage-path", storage, "--name", "x",
-                      "--address", "127.0.0.1:1")
+    proc = run_script(
+        "rayjobs/train.py", *TINY_ARGS, "--storage-path", storage, "--name", "x", "--address", "127.0.0.1:1"
+    )
     assert_user_error(proc, f"cannot write to --storage-path {storage}")
     assert proc.returncode == 2 and "cannot connect" not in proc.stderr
 
@@ -123,8 +161,9 @@ def test_unwritable_storage_path_is_one_line(tmp_path, storage):
 def test_bad_images_flag_reaches_the_config():
     proc = run_script("rayjobs/train.py", "--bad-images", "ignore")
     assert_user_error(proc, "invalid choice: 'ignore'")
-    from placesnet.cli import add_data_args, add_model_args, config_from_args
     import argparse
+
+    from placesnet.cli import add_data_args, add_model_args, config_from_args
 
     p = argparse.ArgumentParser()
     add_data_args(p)
@@ -137,6 +176,7 @@ def test_bad_images_flag_reaches_the_config():
 
 # --- bad images in the epoch loop --------------------------------------------------------------
 
+
 def _corrupt(copy, index_in_train_list):
     line = (copy / "places365_train_standard.txt").read_text().splitlines()[index_in_train_list]
     path = copy / "data_256_standard" / line.split()[0].lstrip("/")
@@ -146,7 +186,9 @@ def _corrupt(copy, index_in_train_list):
 
 def _tiny_model(classes=4):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, classes))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, classes)
+    )
 
 
 def test_fail_policy_names_file_and_list_line(copy, tiny_config):
@@ -201,6 +243,7 @@ def test_a_batch_of_only_bad_images_trains_on_without_nan(tiny_config):
 
 # --- checkpoints: checksums and the repair before a resume --------------------------------------
 
+
 def _run_dir(tmp_path, epochs=3, snapshot=True, top1=(0.5, 0.9, 0.7, 0.6), loss=None):
     """A run dir with one checkpoint per epoch and Ray 2.60's snapshot listing them (with the
     score train.py reports)."""
@@ -212,19 +255,38 @@ def _run_dir(tmp_path, epochs=3, snapshot=True, top1=(0.5, 0.9, 0.7, 0.6), loss=
         name = f"checkpoint_2026-11-28_10-00-0{epoch}.000000"
         val_loss = loss[epoch] if loss else 1 - top1[epoch]
         metrics = {"epoch": epoch + 1, "val_top1": top1[epoch], "val_top5": 1.0, "val_loss": val_loss}
-        save_checkpoint(run / name, model=model, config=cfg, classes=list("abcd"), epoch=epoch,
-                        metrics=metrics, history=[metrics])
+        save_checkpoint(
+            run / name,
+            model=model,
+            config=cfg,
+            classes=list("abcd"),
+            epoch=epoch,
+            metrics=metrics,
+            history=[metrics],
+        )
         names.append(name)
         reported.append(metrics)
     if snapshot:
-        results = [{"version": 0, "checkpoint_dir_name": n, "metrics": {**m, SCORE: checkpoint_score(m)}}
-                   for n, m in zip(names, reported)]
-        (run / SNAPSHOT).write_text(json.dumps({
-            "ray_version": "2.60.0", "checkpoint_results": results,
-            "checkpoint_report_indices": list(range(epochs)), "latest_checkpoint_result": results[-1],
-            "pending_training_results": [], "pending_validation_specs": [], "current_report_index": epochs,
-            "validated_checkpoint_dir_names": [], "timed_out_validation_checkpoint_dir_names": [],
-            "failed_validation_checkpoint_dir_names": []}))
+        results = [
+            {"version": 0, "checkpoint_dir_name": n, "metrics": {**m, SCORE: checkpoint_score(m)}}
+            for n, m in zip(names, reported)
+        ]
+        (run / SNAPSHOT).write_text(
+            json.dumps(
+                {
+                    "ray_version": "2.60.0",
+                    "checkpoint_results": results,
+                    "checkpoint_report_indices": list(range(epochs)),
+                    "latest_checkpoint_result": results[-1],
+                    "pending_training_results": [],
+                    "pending_validation_specs": [],
+                    "current_report_index": epochs,
+                    "validated_checkpoint_dir_names": [],
+                    "timed_out_validation_checkpoint_dir_names": [],
+                    "failed_validation_checkpoint_dir_names": [],
+                }
+            )
+        )
     return run, [run / n for n in names]
 
 
@@ -250,13 +312,16 @@ def test_an_intact_run_is_left_as_it_is(tmp_path):
     assert prepare_resume(tmp_path / "new").checkpoint is None
 
 
-@pytest.mark.parametrize("damage,note", [
-    (lambda d: (d / "model.pt").write_bytes((d / "model.pt").read_bytes()[:64]), "model.pt has 64 bytes"),
-    (lambda d: (d / "meta.json").write_text("{garbage"), "meta.json is not valid JSON"),
-    (lambda d: (d / "config.json").write_text("{garbage"), "config.json has 8 bytes"),
-    (lambda d: (d / "meta.json").unlink(), "no meta.json"),
-    (lambda d: shutil.rmtree(d), "listed by Ray but its directory is gone"),
-])
+@pytest.mark.parametrize(
+    "damage,note",
+    [
+        (lambda d: (d / "model.pt").write_bytes((d / "model.pt").read_bytes()[:64]), "model.pt has 64 bytes"),
+        (lambda d: (d / "meta.json").write_text("{garbage"), "meta.json is not valid JSON"),
+        (lambda d: (d / "config.json").write_text("{garbage"), "config.json has 8 bytes"),
+        (lambda d: (d / "meta.json").unlink(), "no meta.json"),
+        (lambda d: shutil.rmtree(d), "listed by Ray but its directory is gone"),
+    ],
+)
 def test_a_broken_newest_checkpoint_resumes_from_the_one_before(tmp_path, damage, note):
     run, ckpts = _run_dir(tmp_path)
     damage(ckpts[-1])
@@ -290,9 +355,13 @@ def test_checkpoints_ray_had_not_recorded_are_resumed_from(tmp_path):
     state["latest_checkpoint_result"] = state["checkpoint_results"][1]
     (run / SNAPSHOT).write_text(json.dumps(state))
     plan = prepare_resume(run)
-    assert plan.checkpoint == ckpts[-1] and plan.notes == [f"adding checkpoint {ckpts[-1].name}: complete, "
-                                                            "but not yet recorded by Ray"]
-    assert json.loads((run / SNAPSHOT).read_text())["latest_checkpoint_result"]["checkpoint_dir_name"] == ckpts[-1].name
+    assert plan.checkpoint == ckpts[-1] and plan.notes == [
+        f"adding checkpoint {ckpts[-1].name}: complete, but not yet recorded by Ray"
+    ]
+    assert (
+        json.loads((run / SNAPSHOT).read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
+        == ckpts[-1].name
+    )
 
 
 def test_a_garbage_snapshot_is_rebuilt_from_the_checkpoints(tmp_path):
@@ -300,7 +369,10 @@ def test_a_garbage_snapshot_is_rebuilt_from_the_checkpoints(tmp_path):
     (run / SNAPSHOT).write_text("not json")
     plan = prepare_resume(run)
     assert plan.checkpoint == ckpts[-1] and "unreadable" in plan.notes[0]
-    assert json.loads((run / SNAPSHOT).read_text())["latest_checkpoint_result"]["checkpoint_dir_name"] == ckpts[-1].name
+    assert (
+        json.loads((run / SNAPSHOT).read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
+        == ckpts[-1].name
+    )
 
 
 def test_no_intact_checkpoint_is_one_clear_error(tmp_path):
@@ -320,28 +392,36 @@ def test_best_checkpoint_of_a_run_skips_broken_ones(tmp_path):
 
 # --- the retry policy ------------------------------------------------------------------------------
 
+
 def test_user_errors_are_not_retried_and_lost_workers_are():
     from ray.train import FailureConfig
     from ray.train.v2._internal.execution.failure_handling import FailureDecision
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from placesnet.ray_train import StopOnUserErrors, failure_message
+    from placesnet.launch.trainer import StopOnUserErrors, failure_message
 
     policy = StopOnUserErrors(FailureConfig(max_failures=2))
-    bad = WorkerGroupError("rank 1 failed", {1: BadImageFile("cannot decode image /x.jpg"), 0: RuntimeError("gloo")})
+    bad = WorkerGroupError(
+        "rank 1 failed", {1: BadImageFile("cannot decode image /x.jpg"), 0: RuntimeError("gloo")}
+    )
     assert policy.make_decision(training_failed_error=bad) == FailureDecision.RAISE
     assert failure_message(bad) == ("cannot decode image /x.jpg", True)
     lost = WorkerGroupError("rank 0 died", {0: RuntimeError("actor died")})
-    assert [policy.make_decision(training_failed_error=lost) for _ in range(3)] == \
-        [FailureDecision.RETRY, FailureDecision.RETRY, FailureDecision.RAISE]
+    assert [policy.make_decision(training_failed_error=lost) for _ in range(3)] == [
+        FailureDecision.RETRY,
+        FailureDecision.RETRY,
+        FailureDecision.RAISE,
+    ]
     assert failure_message(lost)[1] is False
 
 
 def test_interrupted_cli_says_how_to_resume():
-    code = ("import sys, os, signal; sys.path.insert(0, %r)\n"
-            "from placesnet.cli import run_cli\n"
-            "def main():\n    os.kill(os.getpid(), signal.SIGTERM)\n    import time; time.sleep(30)\n"
-            "run_cli(main, resumable=True)\n") % str(REPO)
+    code = (
+        "import os, signal\n"
+        "from placesnet.cli import run_cli\n"
+        "def main():\n    os.kill(os.getpid(), signal.SIGTERM)\n    import time; time.sleep(30)\n"
+        "run_cli(main, resumable=True)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 130
     assert proc.stderr.strip().endswith("interrupted: resume with the same command")
@@ -351,7 +431,7 @@ def test_the_summary_names_the_best_epoch_not_the_latest(tmp_path):
     """summary.json's best checkpoint is the best val top-1 (0.9 at epoch 2), not the last epoch's."""
     import ray.train
 
-    from placesnet.ray_train import summarize
+    from placesnet.launch.outputs import summarize
 
     run, ckpts = _run_dir(tmp_path)  # val top-1 0.5, 0.9, 0.7
     summary, history = summarize(ray.train.Result.from_path(str(run)), str(tmp_path), "run")
@@ -367,19 +447,36 @@ def test_tied_val_top1_goes_to_the_lower_val_loss(tmp_path):
     import ray.train
 
     from placesnet.config import best_epoch
-    from placesnet.ray_train import summarize
+    from placesnet.launch.outputs import summarize
 
     losses = (0.30, 0.20, 0.10, 0.15)
     run, ckpts = _run_dir(tmp_path, epochs=4, top1=(0.9,) * 4, loss=losses)
     assert _best_in_run(run) == ckpts[2]
     summary, history = summarize(ray.train.Result.from_path(str(run)), str(tmp_path), "run")
     assert summary["best_epoch"] == 3 and summary["val_loss"] == 0.10
-    assert best_epoch([{"epoch": e + 1, "val_top1": 0.9, "val_loss": v} for e, v in enumerate(losses)])["epoch"] == 3
+    assert (
+        best_epoch([{"epoch": e + 1, "val_top1": 0.9, "val_loss": v} for e, v in enumerate(losses)])["epoch"]
+        == 3
+    )
     # a higher val top-1 wins over any loss; a NaN loss ranks last among ties
-    assert best_epoch([{"epoch": 1, "val_top1": 0.8, "val_loss": 0.01},
-                       {"epoch": 2, "val_top1": 0.81, "val_loss": 50.0}])["epoch"] == 2
-    assert best_epoch([{"epoch": 1, "val_top1": 0.8, "val_loss": float("nan")},
-                       {"epoch": 2, "val_top1": 0.8, "val_loss": 9.0}])["epoch"] == 2
+    assert (
+        best_epoch(
+            [
+                {"epoch": 1, "val_top1": 0.8, "val_loss": 0.01},
+                {"epoch": 2, "val_top1": 0.81, "val_loss": 50.0},
+            ]
+        )["epoch"]
+        == 2
+    )
+    assert (
+        best_epoch(
+            [
+                {"epoch": 1, "val_top1": 0.8, "val_loss": float("nan")},
+                {"epoch": 2, "val_top1": 0.8, "val_loss": 9.0},
+            ]
+        )["epoch"]
+        == 2
+    )
 
 
 def test_checkpoint_latest_is_the_newest_finished_run(tmp_path, monkeypatch):
@@ -395,7 +492,9 @@ def test_checkpoint_latest_is_the_newest_finished_run(tmp_path, monkeypatch):
         os.utime(run / "summary.json", (when, when))
     assert resolve_checkpoint(f"latest:{storage}") == new_ckpts[1]  # epoch 2's 0.9, of the newer run
     (storage / "sweep").mkdir()
-    (storage / "sweep" / "best.json").write_text(json.dumps({"best_checkpoint": str(old / "checkpoint_2026-11-28_10-00-02.000000")}))
+    (storage / "sweep" / "best.json").write_text(
+        json.dumps({"best_checkpoint": str(old / "checkpoint_2026-11-28_10-00-02.000000")})
+    )
     os.utime(storage / "sweep" / "best.json", (3_000, 3_000))
     assert resolve_checkpoint(f"latest:{storage}").name == "checkpoint_2026-11-28_10-00-02.000000"
     monkeypatch.setattr("placesnet.config.DEFAULT_STORAGE", str(storage))

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
-
 from conftest import REPO, _free_port, run_script
+from PIL import Image
 from test_images import _png_header_only
 
 pytestmark = pytest.mark.slow
@@ -36,15 +35,29 @@ def endpoint(ray_head, trained_run):
     from ray import serve
 
     run_dir, _ = trained_run
-    ray.init(address=ray_head.address, logging_level="WARNING", log_to_driver=False,
-             runtime_env={"py_modules": [str(REPO / "placesnet"), str(REPO / "serving")]})
+    ray.init(
+        address=ray_head.address,
+        logging_level="WARNING",
+        log_to_driver=False,
+        runtime_env={"py_modules": [str(REPO / "placesnet"), str(REPO / "serving")]},
+    )
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port},
-                grpc_options={"port": _free_port(), "grpc_servicer_functions": [GRPC_SERVICER]})
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port},
+        grpc_options={"port": _free_port(), "grpc_servicer_functions": [GRPC_SERVICER]},
+    )
     from serving.app import build_app
 
-    app = build_app({"checkpoint": str(run_dir), "max_body_bytes": MAX_BODY, "min_replicas": 1,
-                     "max_replicas": 1, "num_cpus": 0.5, "max_batch_size": 8})
+    app = build_app(
+        {
+            "checkpoint": str(run_dir),
+            "max_body_bytes": MAX_BODY,
+            "min_replicas": 1,
+            "max_replicas": 1,
+            "num_cpus": 0.5,
+            "max_batch_size": 8,
+        }
+    )
     serve.run(app, name="placesnet", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     try:
@@ -99,8 +112,9 @@ def test_info_routes(endpoint):
     assert model["checkpoint"] == summary["best_checkpoint"]
     assert model["val_top1"] == pytest.approx(summary["val_top1"])
     assert model["decode_threads"] == 1  # num_cpus=0.5: one decode thread, not one per machine CPU
-    assert model["note"].startswith("this model was trained on the embedded sample data and knows "
-                                    "only its 4 classes")
+    assert model["note"].startswith(
+        "this model was trained on the embedded sample data and knows only its 4 classes"
+    )
     body = httpx.get(f"{base}/openapi.json", timeout=30).json()["paths"]["/predict"]["post"]["requestBody"]
     assert {"image/jpeg", "image/png", "multipart/form-data"} <= set(body["content"])  # /docs can send one
     assert body["content"]["multipart/form-data"]["schema"]["properties"]["file"]["format"] == "binary"
@@ -113,8 +127,9 @@ def test_same_answer_as_predict_cli(endpoint, tiny_root):
     cli = run_script("rayjobs/predict.py", "--checkpoint", run_dir, "--json", *images)
     assert cli.returncode == 0, cli.stderr
     for image, result in zip(images, json.loads(cli.stdout)["results"]):
-        r = httpx.post(f"{base}/predict", content=image.read_bytes(),
-                       headers={"Content-Type": "image/jpeg"}, timeout=60)
+        r = httpx.post(
+            f"{base}/predict", content=image.read_bytes(), headers={"Content-Type": "image/jpeg"}, timeout=60
+        )
         served = r.json()["predictions"][0]
         assert served["label"] == result["predictions"][0]["label"]
         assert served["probability"] == pytest.approx(result["predictions"][0]["probability"], abs=1e-4)
@@ -128,17 +143,36 @@ def _bad_requests(jpeg):
         ("truncated jpeg", dict(content=jpeg[: len(jpeg) // 2], headers={"Content-Type": "image/jpeg"}), 400),
         ("unsupported type", dict(content=b'{"a": 1}', headers={"Content-Type": "application/json"}), 415),
         ("too large", dict(content=big, headers={"Content-Type": "image/jpeg"}), 413),
-        ("too large, chunked: no Content-Length", dict(content=iter([big[:200_000], big[200_000:]]),
-                                                       headers={"Content-Type": "image/jpeg"}), 413),
-        ("malformed multipart", dict(content=b"--x\r\nnot a part header\r\n--x",
-                                     headers={"Content-Type": "multipart/form-data; boundary=x"}), 400),
-        ("decompression bomb", dict(content=_png_header_only(100_000, 100_000),
-                                    headers={"Content-Type": "image/png"}), 400),
+        (
+            "too large, chunked: no Content-Length",
+            dict(content=iter([big[:200_000], big[200_000:]]), headers={"Content-Type": "image/jpeg"}),
+            413,
+        ),
+        (
+            "malformed multipart",
+            dict(
+                content=b"--x\r\nnot a part header\r\n--x",
+                headers={"Content-Type": "multipart/form-data; boundary=x"},
+            ),
+            400,
+        ),
+        (
+            "decompression bomb",
+            dict(content=_png_header_only(100_000, 100_000), headers={"Content-Type": "image/png"}),
+            400,
+        ),
         ("multipart without file", dict(data={"other": "x"}, files={"nope": ("a.jpg", jpeg)}), 422),
         ("top_k zero", dict(content=jpeg, headers={"Content-Type": "image/jpeg"}, params={"top_k": 0}), 422),
-        ("top_k too big", dict(content=jpeg, headers={"Content-Type": "image/jpeg"}, params={"top_k": 99}), 422),
-        ("top_k not a number", dict(content=jpeg, headers={"Content-Type": "image/jpeg"},
-                                    params={"top_k": "abc"}), 422),
+        (
+            "top_k too big",
+            dict(content=jpeg, headers={"Content-Type": "image/jpeg"}, params={"top_k": 99}),
+            422,
+        ),
+        (
+            "top_k not a number",
+            dict(content=jpeg, headers={"Content-Type": "image/jpeg"}, params={"top_k": "abc"}),
+            422,
+        ),
     ]
 
 
@@ -156,11 +190,19 @@ def test_bad_input_answers_4xx_and_the_replica_keeps_serving(endpoint, tiny_root
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK"])
 def test_unusual_modes_are_converted(endpoint, mode):
     base, *_ = endpoint
-    img = Image.new("RGB", (90, 70), (40, 120, 200)).convert(mode) if mode != "I;16" else Image.new("I;16", (90, 70), 30000)
+    img = (
+        Image.new("RGB", (90, 70), (40, 120, 200)).convert(mode)
+        if mode != "I;16"
+        else Image.new("I;16", (90, 70), 30000)
+    )
     buf = io.BytesIO()
     img.save(buf, "JPEG" if mode == "CMYK" else "PNG")
-    r = httpx.post(f"{base}/predict", content=buf.getvalue(), timeout=60,
-                   headers={"Content-Type": "image/jpeg" if mode == "CMYK" else "image/png"})
+    r = httpx.post(
+        f"{base}/predict",
+        content=buf.getvalue(),
+        timeout=60,
+        headers={"Content-Type": "image/jpeg" if mode == "CMYK" else "image/png"},
+    )
     assert r.status_code == 200, r.text
     _check(r.json())  # a full, well-formed answer, not only a 200
     # the same pixels as the project's decoder gives for that file: the answer of predict_images
@@ -180,9 +222,12 @@ def test_200_concurrent_requests(endpoint, tiny_root):
     async def go():
         limits = httpx.Limits(max_connections=200)
         async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-            return await asyncio.gather(*[
-                client.post(f"{base}/predict", content=p, headers={"Content-Type": "image/jpeg"})
-                for p in payloads])
+            return await asyncio.gather(
+                *[
+                    client.post(f"{base}/predict", content=p, headers={"Content-Type": "image/jpeg"})
+                    for p in payloads
+                ]
+            )
 
     responses = asyncio.run(go())
     assert [r.status_code for r in responses] == [200] * 200
@@ -199,8 +244,12 @@ def test_a_lone_request_is_not_held_for_the_batch_wait(endpoint, tiny_root):
     batch_wait_timeout_s in Serve's batch queue for requests that are not coming."""
     base, *_ = endpoint
     for i in range(1, 6):
-        r = httpx.post(f"{base}/predict", content=(tiny_root / f"val_256/Places365_val_{i:08d}.jpg").read_bytes(),
-                       headers={"Content-Type": "image/jpeg"}, timeout=60)
+        r = httpx.post(
+            f"{base}/predict",
+            content=(tiny_root / f"val_256/Places365_val_{i:08d}.jpg").read_bytes(),
+            headers={"Content-Type": "image/jpeg"},
+            timeout=60,
+        )
         assert r.status_code == 200, r.text
         assert (r.headers["X-Batch-Queued"], r.headers["X-Batch-Size"]) == ("no", "1")
 
@@ -223,9 +272,19 @@ def test_build_args_reach_the_deployment(trained_run):
     from serving.app import build_app
 
     run_dir, _ = trained_run
-    app = build_app({"checkpoint": str(run_dir), "min_replicas": 1, "max_replicas": 3,
-                     "target_ongoing_requests": 4, "num_cpus": 0.5, "num_gpus": 0.25, "max_batch_size": 24,
-                     "upscale_delay_s": 5, "downscale_delay_s": 0})
+    app = build_app(
+        {
+            "checkpoint": str(run_dir),
+            "min_replicas": 1,
+            "max_replicas": 3,
+            "target_ongoing_requests": 4,
+            "num_cpus": 0.5,
+            "num_gpus": 0.25,
+            "max_batch_size": 24,
+            "upscale_delay_s": 5,
+            "downscale_delay_s": 0,
+        }
+    )
     deployment = app._bound_deployment
     scaling = deployment._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 4)
@@ -236,8 +295,9 @@ def test_build_args_reach_the_deployment(trained_run):
 
 def test_client_directory_summary(endpoint, tiny_root, tmp_path):
     base, *_ = endpoint
-    proc = run_script("serving/client.py", tiny_root / "val_256", "--url", base, "--concurrency", 8,
-                      "--top-k", 1)
+    proc = run_script(
+        "serving/client.py", tiny_root / "val_256", "--url", base, "--concurrency", 8, "--top-k", 1
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.endswith("%")]
     assert len(lines) == 48
@@ -250,8 +310,9 @@ def test_client_directory_summary(endpoint, tiny_root, tmp_path):
     statuses = {Path(r["image"]).name: r["status"] for r in doc["results"]}
     assert statuses == {"bad.jpg": 415, "good.jpg": 200} and doc["summary"]["errors"] == 1
     # --per-request 5: the same 48 answers from 10 multipart requests (the last one of 3 images)
-    grouped = run_script("serving/client.py", tiny_root / "val_256", "--url", base, "--per-request", 5,
-                         "--top-k", 1)
+    grouped = run_script(
+        "serving/client.py", tiny_root / "val_256", "--url", base, "--per-request", 5, "--top-k", 1
+    )
     assert grouped.returncode == 0, grouped.stderr
     assert [line for line in grouped.stdout.splitlines() if line.endswith("%")] == lines
     assert "48 images in" in grouped.stdout and "5 per request" in grouped.stdout
@@ -270,18 +331,29 @@ def test_several_images_in_one_request(endpoint, tiny_root):
     assert r.status_code == 200, r.text
     body = r.json()
     assert [x["file"] for x in body["results"]] == [paths[0].name, "broken.jpg", paths[1].name, paths[2].name]
-    assert body["results"][1]["status"] == 400 and body["results"][1]["error"] and "predictions" not in body["results"][1]
+    assert (
+        body["results"][1]["status"] == 400
+        and body["results"][1]["error"]
+        and "predictions" not in body["results"][1]
+    )
     assert r.headers["X-Batch-Size"] == "3" and "knows only its 4 classes" in body["note"]
     for path, result in zip(paths, [body["results"][0], *body["results"][2:]]):
-        alone = httpx.post(f"{base}/predict?top_k=2", content=path.read_bytes(),
-                           headers={"Content-Type": "image/jpeg"}, timeout=60).json()["predictions"]
+        alone = httpx.post(
+            f"{base}/predict?top_k=2",
+            content=path.read_bytes(),
+            headers={"Content-Type": "image/jpeg"},
+            timeout=60,
+        ).json()["predictions"]
         assert [p["label"] for p in result["predictions"]] == [p["label"] for p in alone]
-        assert [p["probability"] for p in result["predictions"]] == pytest.approx([p["probability"] for p in alone], abs=1e-5)
+        assert [p["probability"] for p in result["predictions"]] == pytest.approx(
+            [p["probability"] for p in alone], abs=1e-5
+        )
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), "green").save(buf, "JPEG")
     small = buf.getvalue()  # 65 of them stay under max_body_bytes: the count is what is refused
-    too_many = httpx.post(f"{base}/predict", files=[("file", (f"{i}.jpg", small, "image/jpeg")) for i in range(65)],
-                          timeout=60)
+    too_many = httpx.post(
+        f"{base}/predict", files=[("file", (f"{i}.jpg", small, "image/jpeg")) for i in range(65)], timeout=60
+    )
     assert too_many.status_code == 413 and "images in one request" in too_many.json()["error"]
     assert "max_images_per_request" in too_many.json()["error"] and "64" in too_many.json()["error"]
     assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200  # still serving
@@ -295,12 +367,18 @@ def test_workshop_notebook_runs_end_to_end(endpoint, ray_head, tmp_path, monkeyp
     from nbclient import NotebookClient
 
     base, _, _ = endpoint
-    for key, value in {"WORKSHOP_SMOKE": "1", "WORKSHOP_STORAGE": str(tmp_path), "PLACESNET_ENDPOINT": base,
-                       "RAY_ADDRESS": ray_head.address, "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    for key, value in {
+        "WORKSHOP_SMOKE": "1",
+        "WORKSHOP_STORAGE": str(tmp_path),
+        "PLACESNET_ENDPOINT": base,
+        "RAY_ADDRESS": ray_head.address,
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }.items():
         monkeypatch.setenv(key, value)  # the kernel inherits this environment
     nb = nbformat.read(REPO / "notebooks" / "workshop.ipynb", as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()  # raises on a cell error
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO / "notebooks")}}
+    ).execute()  # raises on a cell error
 
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
@@ -325,20 +403,39 @@ def test_bearer_token_lets_in_only_who_should(endpoint, tiny_root, tmp_path):
     _, run_dir, port = endpoint
     key = tmp_path / "key"
     key.write_text("s3cret-token\n")
-    serve.run(build_app({"checkpoint": str(run_dir), "api_key_file": str(key), "min_replicas": 1,
-                         "max_replicas": 1, "num_cpus": 0.25}), name="secure", route_prefix="/secure")
+    serve.run(
+        build_app(
+            {
+                "checkpoint": str(run_dir),
+                "api_key_file": str(key),
+                "min_replicas": 1,
+                "max_replicas": 1,
+                "num_cpus": 0.25,
+            }
+        ),
+        name="secure",
+        route_prefix="/secure",
+    )
     try:
         url = f"http://127.0.0.1:{port}/secure"
         jpeg = (tiny_root / "val_256/Places365_val_00000001.jpg").read_bytes()
         assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200  # probes stay open
         for auth in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-token"}):
-            r = httpx.post(f"{url}/predict", content=b"not an image", timeout=30,
-                           headers={"Content-Type": "image/jpeg", **auth})
+            r = httpx.post(
+                f"{url}/predict",
+                content=b"not an image",
+                timeout=30,
+                headers={"Content-Type": "image/jpeg", **auth},
+            )
             assert r.status_code == 401 and "bearer token" in r.json()["error"], (auth, r.text)
             assert r.headers["www-authenticate"] == "Bearer"
         assert httpx.get(f"{url}/model", timeout=30).status_code == 401
-        ok = httpx.post(f"{url}/predict", content=jpeg, timeout=60,
-                        headers={"Content-Type": "image/jpeg", "Authorization": "Bearer s3cret-token"})
+        ok = httpx.post(
+            f"{url}/predict",
+            content=jpeg,
+            timeout=60,
+            headers={"Content-Type": "image/jpeg", "Authorization": "Bearer s3cret-token"},
+        )
         assert ok.status_code == 200 and ok.json()["predictions"]
         # gRPC: the same key in the `authorization` metadata
         import grpc
@@ -380,17 +477,25 @@ def test_grpc_predict_answers_like_http(endpoint, tiny_root):
         assert "knows only its 4 classes" in reply.note
         assert "not a recognised image" in reply.results[1].error and not reply.results[1].predictions
         for path, result in zip(paths, [reply.results[0], reply.results[2]]):
-            http = httpx.post(f"{base}/predict?top_k=2", content=path.read_bytes(),
-                              headers={"Content-Type": "image/jpeg"}, timeout=60).json()["predictions"]
+            http = httpx.post(
+                f"{base}/predict?top_k=2",
+                content=path.read_bytes(),
+                headers={"Content-Type": "image/jpeg"},
+                timeout=60,
+            ).json()["predictions"]
             assert [p.label for p in result.predictions] == [p["label"] for p in http]
             assert [p.class_index for p in result.predictions] == [p["class_index"] for p in http]
-            assert [p.probability for p in result.predictions] == pytest.approx([p["probability"] for p in http], abs=1e-5)
+            assert [p.probability for p in result.predictions] == pytest.approx(
+                [p["probability"] for p in http], abs=1e-5
+            )
         alone = predict(stub, [paths[0].read_bytes()])  # one image: the batch queue, default top_k
         assert len(alone.results[0].predictions) == 4
-        refusals = [([], 0, grpc.StatusCode.INVALID_ARGUMENT, "no images in the request"),
-                    (images[:1], 9, grpc.StatusCode.INVALID_ARGUMENT, "top_k must be between 1 and 4, got 9"),
-                    (images[:1] * 65, 0, grpc.StatusCode.RESOURCE_EXHAUSTED, "65 images in one request"),
-                    ([b"x" * (MAX_BODY + 1)], 0, grpc.StatusCode.RESOURCE_EXHAUSTED, "over the limit of 300000")]
+        refusals = [
+            ([], 0, grpc.StatusCode.INVALID_ARGUMENT, "no images in the request"),
+            (images[:1], 9, grpc.StatusCode.INVALID_ARGUMENT, "top_k must be between 1 and 4, got 9"),
+            (images[:1] * 65, 0, grpc.StatusCode.RESOURCE_EXHAUSTED, "65 images in one request"),
+            ([b"x" * (MAX_BODY + 1)], 0, grpc.StatusCode.RESOURCE_EXHAUSTED, "over the limit of 300000"),
+        ]
         for batch, k, code, message in refusals:
             with pytest.raises(grpc.RpcError) as refused:
                 predict(stub, batch, top_k=k)
@@ -402,4 +507,8 @@ def test_grpc_predict_answers_like_http(endpoint, tiny_root):
     bad.write_bytes(b"not an image")
     proc = run_script("serving/grpc_client.py", paths[0], bad, "--target", _grpc_target(), "--top-k", 1)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert proc.stdout.count(": ") >= 2 and f"{paths[0]}: " in proc.stdout and "broken.jpg: error:" in proc.stderr
+    assert (
+        proc.stdout.count(": ") >= 2
+        and f"{paths[0]}: " in proc.stdout
+        and "broken.jpg: error:" in proc.stderr
+    )

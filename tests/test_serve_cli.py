@@ -13,7 +13,6 @@ import time
 import httpx
 import pytest
 import yaml
-
 from conftest import BIN, REPO, _free_port, ray_driver
 
 pytestmark = pytest.mark.slow
@@ -22,9 +21,16 @@ pytestmark = pytest.mark.slow
 def _serve_run(args, env, url, image, dashboard, grpc_target=None):
     # A suite started in the background (`make test &`) inherits SIGINT as ignored, and Python
     # then never raises KeyboardInterrupt; give `serve run` the default, as in a terminal.
-    proc = subprocess.Popen([str(BIN / "serve"), "run", *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [str(BIN / "serve"), "run", *args],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline, status = time.time() + 240, None
         while time.time() < deadline and proc.poll() is None:
@@ -36,13 +42,26 @@ def _serve_run(args, env, url, image, dashboard, grpc_target=None):
                 pass
             time.sleep(2)
         assert status == 200, proc.stdout.read() if proc.poll() is not None else "never became ready"
-        r = httpx.post(f"{url}/predict", content=image.read_bytes(),
-                       headers={"Content-Type": "image/jpeg"}, timeout=60)
+        r = httpx.post(
+            f"{url}/predict", content=image.read_bytes(), headers={"Content-Type": "image/jpeg"}, timeout=60
+        )
         assert r.status_code == 200 and r.json()["predictions"], r.text
         if grpc_target:  # serving/grpc_client.py against the same app, through Serve's gRPC proxy
-            client = subprocess.run([str(BIN / "python"), "serving/grpc_client.py", str(image), "--target",
-                                     grpc_target, "--json"], cwd=REPO, env=env, capture_output=True,
-                                    text=True, timeout=120)
+            client = subprocess.run(
+                [
+                    str(BIN / "python"),
+                    "serving/grpc_client.py",
+                    str(image),
+                    "--target",
+                    grpc_target,
+                    "--json",
+                ],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert client.returncode == 0, client.stdout + client.stderr
             grpc_answer = json.loads(client.stdout)["results"][0]["predictions"]
             assert [p["label"] for p in grpc_answer] == [p["label"] for p in r.json()["predictions"]]
@@ -54,8 +73,12 @@ def _serve_run(args, env, url, image, dashboard, grpc_target=None):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             # A killed `serve run` leaves its app deployed; remove it so later tests start clean.
-            subprocess.run([str(BIN / "serve"), "shutdown", "-y", "-a", dashboard], env=env,
-                           capture_output=True, timeout=180)
+            subprocess.run(
+                [str(BIN / "serve"), "shutdown", "-y", "-a", dashboard],
+                env=env,
+                capture_output=True,
+                timeout=180,
+            )
     with pytest.raises(httpx.ConnectError):  # the endpoint is gone
         httpx.get(f"{url}/healthz", timeout=5)
 
@@ -66,17 +89,25 @@ def test_serve_run_config_file(ray_head, trained_run, tiny_root, tmp_path):
     port = _free_port()
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     # gRPC as the config's comment turns it on (its servicer line, uncommented), on a free port
-    servicer = next(line.split("- ", 1)[1].strip() for line in (REPO / "serving/config.yaml").read_text().splitlines()
-                    if "add_SceneClassifierServicer_to_server" in line)
+    servicer = next(
+        line.split("- ", 1)[1].strip()
+        for line in (REPO / "serving/config.yaml").read_text().splitlines()
+        if "add_SceneClassifierServicer_to_server" in line
+    )
     grpc_port = _free_port()
     config["grpc_options"] = {"port": grpc_port, "grpc_servicer_functions": [servicer]}
     app = config["applications"][0]
     app["args"].update(checkpoint=str(run_dir / "summary.json"), num_cpus=0.5, max_replicas=1)
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
-    _serve_run([str(path)], ray_head.env, f"http://127.0.0.1:{port}",
-               tiny_root / "val_256/Places365_val_00000001.jpg", ray_head.dashboard,
-               grpc_target=f"127.0.0.1:{grpc_port}")
+    _serve_run(
+        [str(path)],
+        ray_head.env,
+        f"http://127.0.0.1:{port}",
+        tiny_root / "val_256/Places365_val_00000001.jpg",
+        ray_head.dashboard,
+        grpc_target=f"127.0.0.1:{grpc_port}",
+    )
 
 
 def test_serve_run_documented_command(ray_head, trained_run, tiny_root):
@@ -89,6 +120,10 @@ def test_serve_run_documented_command(ray_head, trained_run, tiny_root):
     port = _free_port()
     with ray_driver(ray_head.address):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-    _serve_run(["serving.app:build_app", f"checkpoint={run_dir}", "num_cpus=0.5"], ray_head.env,
-               f"http://127.0.0.1:{port}", tiny_root / "val_256/Places365_val_00000002.jpg",
-               ray_head.dashboard)
+    _serve_run(
+        ["serving.app:build_app", f"checkpoint={run_dir}", "num_cpus=0.5"],
+        ray_head.env,
+        f"http://127.0.0.1:{port}",
+        tiny_root / "val_256/Places365_val_00000002.jpg",
+        ray_head.dashboard,
+    )

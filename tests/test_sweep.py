@@ -4,24 +4,41 @@ import json
 
 import pandas as pd
 import pytest
-
 from conftest import TINY_ARGS, assert_user_error, ray_driver, run_script
+
 from placesnet.config import UserError
 
 pytestmark = pytest.mark.slow
 
 # --scale-lr 64 at batch 32: every trial trains at half the lr it is listed with.
-SWEEP = [*TINY_ARGS[:TINY_ARGS.index("--batch-size")], "--epochs", "2",
-         "--grid", "--batch-sizes", "32", "--lrs", "0.05,10000,0.000001", "--scale-lr", "64",
-         "--cpus-per-worker", "0.5", "--max-concurrent", "1", "--grace-period", "1",
-         "--reduction-factor", "2"]
+SWEEP = [
+    *TINY_ARGS[: TINY_ARGS.index("--batch-size")],
+    "--epochs",
+    "2",
+    "--grid",
+    "--batch-sizes",
+    "32",
+    "--lrs",
+    "0.05,10000,0.000001",
+    "--scale-lr",
+    "64",
+    "--cpus-per-worker",
+    "0.5",
+    "--max-concurrent",
+    "1",
+    "--grace-period",
+    "1",
+    "--reduction-factor",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
 def sweep(ray_head, tmp_path_factory):
     storage = tmp_path_factory.mktemp("sweeps")
-    proc = run_script("tuning/sweep.py", *SWEEP, "--storage-path", storage, "--name", "tiny",
-                      env=ray_head.env)
+    proc = run_script(
+        "tuning/sweep.py", *SWEEP, "--storage-path", storage, "--name", "tiny", env=ray_head.env
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return storage / "tiny", proc, storage
 
@@ -29,8 +46,17 @@ def sweep(ray_head, tmp_path_factory):
 def test_results_table(sweep):
     exp, proc, _ = sweep
     table = pd.read_csv(exp / "results.csv")
-    for col in ["trial_id", "batch_size", "lr", "epochs_run", "best_val_top1", "best_val_top5",
-                "final_train_loss", "status", "best_checkpoint"]:
+    for col in [
+        "trial_id",
+        "batch_size",
+        "lr",
+        "epochs_run",
+        "best_val_top1",
+        "best_val_top5",
+        "final_train_loss",
+        "status",
+        "best_checkpoint",
+    ]:
         assert col in table.columns, col
     assert sorted(table["lr"]) == [0.000001, 0.05, 10000]
     assert set(table["status"]) <= {"finished", "stopped early", "errored"}
@@ -42,13 +68,22 @@ def test_results_table(sweep):
     assert table[table["lr"] == 0.05].iloc[0]["status"] == "finished"
     assert "stopped early" in proc.stdout  # the printed table
     # one line per trial event instead of Tune's progress tables
-    events = {tid: [line.split("): ", 1)[1] for line in proc.stdout.splitlines()
-                    if line.startswith(f"trial {tid} (bs 32 lr ")] for tid in table["trial_id"]}
+    events = {
+        tid: [
+            line.split("): ", 1)[1]
+            for line in proc.stdout.splitlines()
+            if line.startswith(f"trial {tid} (bs 32 lr ")
+        ]
+        for tid in table["trial_id"]
+    }
     by_lr = dict(zip(table["lr"], table["trial_id"]))
     good = events[by_lr[0.05]]
     assert len(good) == 4 and good[0] == "started" and good[3] == "finished after 2 epoch(s)"
     assert good[1].startswith("epoch 1/2 val top-1 0.") and good[2].startswith("epoch 2/2 val top-1 0.")
-    assert events[by_lr[0.000001]][0] == "started" and events[by_lr[0.000001]][-1] == "stopped early by ASHA after 1 epoch(s)"
+    assert (
+        events[by_lr[0.000001]][0] == "started"
+        and events[by_lr[0.000001]][-1] == "stopped early by ASHA after 1 epoch(s)"
+    )
     assert events[by_lr[10000]] == ["started", "errored (see results.csv)"]
     assert "Trial status" not in proc.stdout + proc.stderr and "╭" not in proc.stdout
 
@@ -83,27 +118,31 @@ def test_best_json_points_at_a_loadable_checkpoint(sweep):
 def test_rerun_does_not_repeat_finished_trials(sweep, ray_head):
     exp, _, storage = sweep
     before = {p: p.stat().st_mtime for p in (exp / "train").glob("*/checkpoint_*/model.pt")}
-    proc = run_script("tuning/sweep.py", *SWEEP, "--storage-path", storage, "--name", "tiny",
-                      env=ray_head.env)
+    proc = run_script(
+        "tuning/sweep.py", *SWEEP, "--storage-path", storage, "--name", "tiny", env=ray_head.env
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resuming sweep" in proc.stdout
     after = {p: p.stat().st_mtime for p in (exp / "train").glob("*/checkpoint_*/model.pt")}
     assert after == before  # no trial trained again
     table = pd.read_csv(exp / "results.csv", keep_default_na=False)
     assert sorted(table["lr"]) == [0.000001, 0.05, 10000]  # Tune restores no config for
-    errored = table[table["status"] == "errored"]                # the trial that never reported
+    errored = table[table["status"] == "errored"]  # the trial that never reported
     assert list(errored["lr"]) == [10000] and "training diverged" in errored["error"].iloc[0]
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--lr-min", "0.1", "--lr-max", "0.01"], "--lr-min < --lr-max"),
-    (["--lr-min", "0", "--lr-max", "0.1"], "--lr-min < --lr-max"),
-    (["--batch-sizes", "0,32"], "positive"),
-    (["--num-samples", "0"], "--num-samples"),
-    (["--grid", "--batch-sizes", "32"], "no pairs"),
-    (["--scale-lr", "0"], "--scale-lr must be a batch size"),
-    (["--lr", "auto"], "--lr auto is for rayjobs/train.py"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--lr-min", "0.1", "--lr-max", "0.01"], "--lr-min < --lr-max"),
+        (["--lr-min", "0", "--lr-max", "0.1"], "--lr-min < --lr-max"),
+        (["--batch-sizes", "0,32"], "positive"),
+        (["--num-samples", "0"], "--num-samples"),
+        (["--grid", "--batch-sizes", "32"], "no pairs"),
+        (["--scale-lr", "0"], "--scale-lr must be a batch size"),
+        (["--lr", "auto"], "--lr auto is for rayjobs/train.py"),
+    ],
+)
 def test_bad_search_space(args, fragment, tmp_path):
     proc = run_script("tuning/sweep.py", *args, "--storage-path", tmp_path, "--name", "bad")
     assert_user_error(proc, fragment)
@@ -111,14 +150,26 @@ def test_bad_search_space(args, fragment, tmp_path):
 
 
 def test_trial_that_cannot_fit(ray_head, tmp_path):
-    proc = run_script("tuning/sweep.py", *TINY_ARGS, "--workers-per-trial", "8", "--batch-sizes", "32",
-                      "--storage-path", tmp_path, "--name", "big", env=ray_head.env)
+    proc = run_script(
+        "tuning/sweep.py",
+        *TINY_ARGS,
+        "--workers-per-trial",
+        "8",
+        "--batch-sizes",
+        "32",
+        "--storage-path",
+        tmp_path,
+        "--name",
+        "big",
+        env=ray_head.env,
+    )
     assert_user_error(proc, "more than the cluster")
-    auto = run_script("tuning/sweep.py", *TINY_ARGS, "--autoscale", "--storage-path", tmp_path,
-                      "--name", "auto")  # refused before connecting to Ray
+    auto = run_script(
+        "tuning/sweep.py", *TINY_ARGS, "--autoscale", "--storage-path", tmp_path, "--name", "auto"
+    )  # refused before connecting to Ray
     assert_user_error(auto, "--max-concurrent")
     # The rest of the planning in-process (the CLI above shows how its refusals reach the user).
-    from placesnet.sweep import plan_sweep
+    from placesnet.launch.sweep import plan_sweep
 
     with ray_driver(ray_head.address):
         with pytest.raises(UserError, match="no node of the cluster has one"):

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from placesnet.config import TrainConfig
-from placesnet.sweep import best_record, train_lr, trial_config
+from placesnet.launch.sweep import best_record, train_lr, trial_config
 
 
 def test_linear_scaling_rule():
@@ -24,12 +24,30 @@ def test_trial_config_takes_the_trial_values(scale_lr, expected):
 
 
 def test_best_json_config_reproduces_the_trial():
-    table = pd.DataFrame([
-        {"trial_id": "a", "batch_size": 128, "lr": 0.1, "train_lr": 0.05, "best_val_top1": 0.7,
-         "best_val_top5": 0.9, "epochs_run": 4, "best_checkpoint": "/runs/a/checkpoint_1"},
-        {"trial_id": "b", "batch_size": 64, "lr": 0.2, "train_lr": math.nan, "best_val_top1": math.nan,
-         "best_val_top5": math.nan, "epochs_run": 0, "best_checkpoint": ""},
-    ])
+    table = pd.DataFrame(
+        [
+            {
+                "trial_id": "a",
+                "batch_size": 128,
+                "lr": 0.1,
+                "train_lr": 0.05,
+                "best_val_top1": 0.7,
+                "best_val_top5": 0.9,
+                "epochs_run": 4,
+                "best_checkpoint": "/runs/a/checkpoint_1",
+            },
+            {
+                "trial_id": "b",
+                "batch_size": 64,
+                "lr": 0.2,
+                "train_lr": math.nan,
+                "best_val_top1": math.nan,
+                "best_val_top5": math.nan,
+                "epochs_run": 0,
+                "best_checkpoint": "",
+            },
+        ]
+    )
     best = best_record(table, TrainConfig(epochs=4))
     assert best["lr"] == 0.1 and best["train_lr"] == 0.05
     assert best["config"]["lr"] == 0.05 and best["config"]["batch_size"] == 128  # as trained
@@ -39,7 +57,7 @@ def test_random_search_draws_batch_sizes_from_the_list_and_lrs_log_uniformly():
     import random
     import statistics
 
-    from placesnet.sweep import search_space
+    from placesnet.launch.sweep import search_space
 
     space = search_space([32, 64], lr_range=(1e-4, 1.0))
     random.seed(0)
@@ -60,7 +78,7 @@ def test_random_search_draws_batch_sizes_from_the_list_and_lrs_log_uniformly():
 def test_scheduler_none_runs_every_trial_to_the_end_and_asha_keeps_its_settings():
     from ray.tune.schedulers import ASHAScheduler
 
-    from placesnet.sweep import make_scheduler
+    from placesnet.launch.sweep import make_scheduler
 
     assert make_scheduler("none", 8, 2, 3) is None
     asha = make_scheduler("asha", 8, 2, 3)

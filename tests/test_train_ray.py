@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import BIN, REPO, TINY_ARGS, assert_user_error, ray_driver, run_script, train_cli
 
 pytestmark = pytest.mark.slow
@@ -35,8 +34,17 @@ def test_two_worker_ddp_learns_and_writes_outputs(run):
     assert best.is_absolute() and (best / "model.pt").is_file()
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert list(metrics["epoch"]) == [1, 2, 3, 4]
-    for col in ["train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_s",
-                "epoch_time_s", "lr", "num_workers"]:
+    for col in [
+        "train_loss",
+        "train_top1",
+        "val_loss",
+        "val_top1",
+        "val_top5",
+        "images_per_s",
+        "epoch_time_s",
+        "lr",
+        "num_workers",
+    ]:
         assert col in metrics.columns, col
     assert (metrics["num_workers"] == 2).all() and (metrics["val_images"] == 48).all()
     # 160 images, global batch 32 = 16 per worker: 5 full steps on each worker's 80, none dropped
@@ -44,14 +52,18 @@ def test_two_worker_ddp_learns_and_writes_outputs(run):
     assert metrics["val_top1"].max() == pytest.approx(summary["val_top1"])
     assert (run_dir / "curves.png").read_bytes().startswith(PNG)
     from test_workshop import read_scalars  # TensorBoard's own reader: every epoch once
+
     tb = read_scalars(run_dir / "tensorboard")
     assert [s for s, _ in tb["top1/val"]] == [1, 2, 3, 4]
     assert [v for _, v in tb["top1/val"]] == pytest.approx(list(metrics["val_top1"]))
     assert str(run_dir / "summary.json") in proc.stdout  # the job says where its outputs are
     assert "PreemptionWatcher" not in proc.stdout + proc.stderr  # Ray Train's watcher is off (quiet)
     # --keep-checkpoints 2: the best 2 by val top-1 plus the latest are kept, the others deleted
-    kept = {json.loads((d / "meta.json").read_text())["metrics"]["epoch"]
-            for d in run_dir.glob("checkpoint_*") if d.is_dir()}
+    kept = {
+        json.loads((d / "meta.json").read_text())["metrics"]["epoch"]
+        for d in run_dir.glob("checkpoint_*")
+        if d.is_dir()
+    }
     assert 4 in kept and 2 <= len(kept) <= 3, kept
     top1 = dict(zip(metrics["epoch"], metrics["val_top1"]))
     dropped = set(top1) - kept
@@ -60,10 +72,30 @@ def test_two_worker_ddp_learns_and_writes_outputs(run):
 
 def test_val_metrics_identical_for_one_and_two_workers(run, ray_head, tmp_path):
     run_dir, _ = run
-    one = run_script("rayjobs/evaluate.py", "--checkpoint", run_dir, "--num-workers", 1, "--json",
-                     "--gallery", 6, env=ray_head.env)  # default --out: RUN_DIR/eval_<checkpoint>
-    two = run_script("rayjobs/evaluate.py", "--checkpoint", run_dir, "--num-workers", 2, "--json",
-                     "--gallery", 6, "--out", tmp_path / "two", env=ray_head.env)
+    one = run_script(
+        "rayjobs/evaluate.py",
+        "--checkpoint",
+        run_dir,
+        "--num-workers",
+        1,
+        "--json",
+        "--gallery",
+        6,
+        env=ray_head.env,
+    )  # default --out: RUN_DIR/eval_<checkpoint>
+    two = run_script(
+        "rayjobs/evaluate.py",
+        "--checkpoint",
+        run_dir,
+        "--num-workers",
+        2,
+        "--json",
+        "--gallery",
+        6,
+        "--out",
+        tmp_path / "two",
+        env=ray_head.env,
+    )
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     a, b = json.loads(one.stdout), json.loads(two.stdout)
     assert a["val_images"] == b["val_images"] == 48  # no DistributedSampler padding counted
@@ -81,9 +113,16 @@ def test_val_metrics_identical_for_one_and_two_workers(run, ray_head, tmp_path):
     # the gallery: the most confident mistakes, the same whichever the worker count
     wrong = 48 - table["correct"].sum()
     assert len(a["mistakes"]) == min(6, wrong)
-    assert [(m["index"], m["predicted"]) for m in a["mistakes"]] == [(m["index"], m["predicted"]) for m in b["mistakes"]]
-    labels = dict(line.split() for line in (Path(a["data_root"]) / "places365_val.txt").read_text().splitlines())
-    classes = [line.split()[0][3:] for line in (Path(a["data_root"]) / "categories_places365.txt").read_text().splitlines()]
+    assert [(m["index"], m["predicted"]) for m in a["mistakes"]] == [
+        (m["index"], m["predicted"]) for m in b["mistakes"]
+    ]
+    labels = dict(
+        line.split() for line in (Path(a["data_root"]) / "places365_val.txt").read_text().splitlines()
+    )
+    classes = [
+        line.split()[0][3:]
+        for line in (Path(a["data_root"]) / "categories_places365.txt").read_text().splitlines()
+    ]
     for m in a["mistakes"]:
         assert m["true"] != m["predicted"] and classes[int(labels[Path(m["image"]).name])] == m["true"]
     probs = [m["probability"] for m in a["mistakes"]]
@@ -111,14 +150,25 @@ def test_predict_cli(run, tiny_root, tmp_path):
         probs = [p["probability"] for p in preds]
         assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-5
         assert {p["label"] for p in preds} <= labels
-    human = run_script("rayjobs/predict.py", "--checkpoint", run_dir, "--top-k", "2", images[0],
-                       "--plot", tmp_path / "pred.png")
+    human = run_script(
+        "rayjobs/predict.py",
+        "--checkpoint",
+        run_dir,
+        "--top-k",
+        "2",
+        images[0],
+        "--plot",
+        tmp_path / "pred.png",
+    )
     assert (tmp_path / "pred.png").read_bytes().startswith(PNG)
     assert human.returncode == 0 and results[0]["predictions"][0]["label"] in human.stdout
     assert human.stdout.startswith("note: this model was trained on the embedded sample data")
     latest = run_script("rayjobs/predict.py", "--checkpoint", f"latest:{run_dir.parent}", "--json", images[0])
     assert latest.returncode == 0, latest.stderr
-    assert json.loads(latest.stdout)["checkpoint"] == json.loads((run_dir / "summary.json").read_text())["best_checkpoint"]
+    assert (
+        json.loads(latest.stdout)["checkpoint"]
+        == json.loads((run_dir / "summary.json").read_text())["best_checkpoint"]
+    )
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(images[0].read_bytes()[:300])
     mixed = run_script("rayjobs/predict.py", "--checkpoint", run_dir, images[0], bad)
@@ -128,7 +178,7 @@ def test_predict_cli(run, tiny_root, tmp_path):
 
 def _schedule(lr, total, warmup, steps):
     """The lr of the last step of each epoch, from the schedule's formula (5 steps per epoch)."""
-    from placesnet.engine import lr_factor
+    from placesnet.train.optim import lr_factor
 
     return [lr * lr_factor(s, total, warmup, "cosine") for s in steps]
 
@@ -141,8 +191,20 @@ def test_lr_auto_then_crash_recovery_then_resume(ray_head, tmp_path):
     import re
 
     run_dir = tmp_path / "ft"
-    proc = train(ray_head, tmp_path, "ft", "--lr", "auto", "--fail-after-epoch", 1, "--max-failures", 1,
-                 "--warmup-steps", 8, epochs=2)
+    proc = train(
+        ray_head,
+        tmp_path,
+        "ft",
+        "--lr",
+        "auto",
+        "--fail-after-epoch",
+        1,
+        "--max-failures",
+        1,
+        "--warmup-steps",
+        8,
+        epochs=2,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     found = re.search(r"suggested lr ([0-9.e-]+) \(plot: (\S+)\)", proc.stdout)
     assert found, proc.stdout
@@ -173,7 +235,9 @@ def test_lr_auto_then_crash_recovery_then_resume(ray_head, tmp_path):
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert list(metrics["epoch"]) == [1, 2, 3]
     pd.testing.assert_frame_equal(metrics.iloc[:2], first)  # earlier epochs were not re-run
-    assert metrics["lr"].iloc[2] == pytest.approx(_schedule(suggestion, 15, 8, [14])[0], rel=1e-3)  # the new length
+    assert metrics["lr"].iloc[2] == pytest.approx(
+        _schedule(suggestion, 15, 8, [14])[0], rel=1e-3
+    )  # the new length
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs_completed"] == 3
     assert summary["val_top1"] > 0.25  # chance
@@ -185,16 +249,20 @@ def test_lr_auto_then_crash_recovery_then_resume(ray_head, tmp_path):
 def test_a_diverging_run_fails_at_once_and_keeps_the_epochs_before(ray_head, tmp_path):
     """A NaN loss in epoch 2 (fault injection; a too-high lr does it for real in test_engine and
     test_sweep): one error line, no restarts, epoch 1's checkpoint, summary and metrics kept."""
-    proc = train(ray_head, tmp_path, "nan", "--diverge-at-epoch", 2, "--max-failures", 2,
-                 "--num-workers", 1, epochs=3)
-    assert_user_error(proc, "training diverged: the loss is nan at epoch 2, step 1/", "lower --lr",
-                      "epoch 1 is kept")
+    proc = train(
+        ray_head, tmp_path, "nan", "--diverge-at-epoch", 2, "--max-failures", 2, "--num-workers", 1, epochs=3
+    )
+    assert_user_error(
+        proc, "training diverged: the loss is nan at epoch 2, step 1/", "lower --lr", "epoch 1 is kept"
+    )
     assert proc.stdout.count("rank 0/1 on node") == 1  # Ray did not restart it to diverge again
     run_dir = tmp_path / "nan"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs_completed"] == summary["best_epoch"] == 1
     assert f"the best checkpoint is {summary['best_checkpoint']}" in proc.stderr
-    assert [d.name for d in run_dir.glob("checkpoint_*") if d.is_dir()] == [Path(summary["best_checkpoint"]).name]
+    assert [d.name for d in run_dir.glob("checkpoint_*") if d.is_dir()] == [
+        Path(summary["best_checkpoint"]).name
+    ]
     assert list(pd.read_csv(run_dir / "metrics.csv")["epoch"]) == [1]  # no NaN epoch recorded
 
 
@@ -204,7 +272,7 @@ def test_cluster_cannot_place_the_request(ray_head, tmp_path):
     assert not (tmp_path / "x").exists()  # nothing half-written
     # The other refusals in-process (the CLI above shows how they reach the user).
     from placesnet.config import UserError
-    from placesnet.ray_train import plan_resources
+    from placesnet.launch.resources import plan_resources
 
     with ray_driver(ray_head.address):
         with pytest.raises(UserError, match="--gpu asked for GPUs but the cluster has none"):
@@ -221,9 +289,29 @@ def test_cluster_cannot_place_the_request(ray_head, tmp_path):
 
 def test_ray_job_submit_with_token_auth(ray_head, tmp_path):
     storage = tmp_path / "jobs"
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(REPO),
-           "--", "python", "rayjobs/train.py", *TINY_ARGS, "--epochs", "2", "--num-workers", "2",
-           "--cpus-per-worker", "1", "--storage-path", str(storage), "--name", "job"]
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        ray_head.dashboard,
+        "--working-dir",
+        str(REPO),
+        "--",
+        "python",
+        "rayjobs/train.py",
+        *TINY_ARGS,
+        "--epochs",
+        "2",
+        "--num-workers",
+        "2",
+        "--cpus-per-worker",
+        "1",
+        "--storage-path",
+        str(storage),
+        "--name",
+        "job",
+    ]
     env = {k: v for k, v in ray_head.env.items() if k != "RAY_ADDRESS"}
     for _ in range(5):  # the head's job agent can lag behind its dashboard on a busy machine
         proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -237,8 +325,12 @@ def test_ray_job_submit_with_token_auth(ray_head, tmp_path):
     # Token auth stays on: a client without the token is refused.
     no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
     no_token["HOME"] = str(tmp_path)  # and no ~/.ray/auth_token to fall back on
-    refused = subprocess.run([str(BIN / "ray"), "job", "list", "--address", ray_head.dashboard],
-                             env=no_token, capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(
+        [str(BIN / "ray"), "job", "list", "--address", ray_head.dashboard],
+        env=no_token,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert refused.returncode != 0
     assert "token" in (refused.stdout + refused.stderr).lower()
-

@@ -11,8 +11,9 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def test_models_say_what_they_cannot_know():
     sample = scope_note(TrainConfig(dataset="sample"), list("abcdefgh"))
-    assert sample.startswith("this model was trained on the embedded sample data and knows only its 8 "
-                             "classes of drawn scenes")
+    assert sample.startswith(
+        "this model was trained on the embedded sample data and knows only its 8 classes of drawn scenes"
+    )
     assert "--dataset places365" in sample
     subset = scope_note(TrainConfig(dataset="places365"), [f"c{i}" for i in range(10)])
     assert subset == "this model knows only 10 of Places365's 365 scene classes"
@@ -21,11 +22,15 @@ def test_models_say_what_they_cannot_know():
 
 # --- load data: counts and a labelled grid ------------------------------------------------------
 
+
 def test_class_counts_and_the_sample_grid(tiny_config, tiny_root):
-    from placesnet.data import eval_transform, open_split
+    from placesnet.data.places import open_split
+    from placesnet.data.transforms import eval_transform
     from placesnet.summaries import class_counts, samples_figure
 
-    splits = {s: open_split(tiny_config, s, tiny_root, transform=eval_transform(32)) for s in ("train", "val")}
+    splits = {
+        s: open_split(tiny_config, s, tiny_root, transform=eval_transform(32)) for s in ("train", "val")
+    }
     table = class_counts(splits)
     assert list(table["class"]) == ["beach", "desert/sand", "field/wild", "forest/broadleaf", "total"]
     assert list(table["train"]) == [40, 40, 40, 40, 160] and list(table["val"]) == [12, 12, 12, 12, 48]
@@ -55,6 +60,7 @@ def test_inspect_data_cli(tmp_path, capsys):
 
 
 # --- define the model: shapes, parameters, FLOPs -------------------------------------------------
+
 
 def test_model_summary_at_places365_size():
     from placesnet.model import build_model, count_parameters
@@ -90,6 +96,7 @@ def test_model_summary_cli(capsys):
 
 
 # --- evaluate and predict: pictures with their numbers -------------------------------------------
+
 
 def test_confused_pairs_are_drawn_as_counts_with_their_totals():
     import torch
@@ -137,11 +144,15 @@ def test_misclassified_gallery_and_prediction_plot(tiny_root):
 
     classes = ["/b/beach", "/d/desert/sand"]
     path = str(tiny_root / "val_256/Places365_val_00000001.jpg")
-    fig = misclassified_figure([{"index": 0, "image": path, "true": 0, "predicted": 1, "probability": 0.91}], classes)
+    fig = misclassified_figure(
+        [{"index": 0, "image": path, "true": 0, "predicted": 1, "probability": 0.91}], classes
+    )
     (ax,) = [a for a in fig.axes if a.get_gid()]
     assert ax.get_gid() == "mistake:0" and ax.get_title() == "true: beach\npred: desert/sand 91%"
-    preds = [{"label": "beach", "class_index": 0, "probability": 0.8},
-             {"label": "desert/sand", "class_index": 1, "probability": 0.2}]
+    preds = [
+        {"label": "beach", "class_index": 0, "probability": 0.8},
+        {"label": "desert/sand", "class_index": 1, "probability": 0.2},
+    ]
     fig = predictions_figure([("a.jpg", Image.open(path), preds)], note="knows only 2 classes")
     widths = [b.get_width() for b in fig.axes[1].containers[0]]
     assert widths == [0.2, 0.8]  # the most probable on top
@@ -149,6 +160,7 @@ def test_misclassified_gallery_and_prediction_plot(tiny_root):
 
 
 # --- TensorBoard ------------------------------------------------------------------------------------
+
 
 def read_scalars(directory) -> dict[str, list[tuple[int, float]]]:
     """Every scalar TensorBoard itself reads from an event-file directory: {tag: [(step, value)]}."""
@@ -162,9 +174,20 @@ def read_scalars(directory) -> dict[str, list[tuple[int, float]]]:
 def test_tensorboard_events_hold_every_epoch_once_and_extend_on_rewrite(tmp_path):
     from placesnet.tensorboard import TB_FILE, event_file_bytes
 
-    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.5 / e, "train_top1": 0.1 * e,
-                "val_top1": 0.1 * e, "val_top5": 0.2 * e, "lr": 0.01 * e, "images_per_s": 100.0,
-                "epoch_time_s": 2.0} for e in (1, 2, 3)]
+    history = [
+        {
+            "epoch": e,
+            "train_loss": 1.0 / e,
+            "val_loss": 1.5 / e,
+            "train_top1": 0.1 * e,
+            "val_top1": 0.1 * e,
+            "val_top5": 0.2 * e,
+            "lr": 0.01 * e,
+            "images_per_s": 100.0,
+            "epoch_time_s": 2.0,
+        }
+        for e in (1, 2, 3)
+    ]
     two, three = event_file_bytes(history[:2]), event_file_bytes(history)
     assert event_file_bytes(history) == three  # the same history, the same bytes
     assert three.startswith(two)  # a rewrite after the next epoch extends the file
@@ -172,5 +195,13 @@ def test_tensorboard_events_hold_every_epoch_once_and_extend_on_rewrite(tmp_path
     scalars = read_scalars(tmp_path)
     assert [s for s, _ in scalars["top1/val"]] == [1, 2, 3]
     assert [round(v, 5) for _, v in scalars["loss/val"]] == [1.5, 0.75, 0.5]
-    assert set(scalars) == {"loss/train", "loss/val", "top1/train", "top1/val", "top5/val", "optim/lr",
-                            "speed/images_per_s", "speed/epoch_time_s"}
+    assert set(scalars) == {
+        "loss/train",
+        "loss/val",
+        "top1/train",
+        "top1/val",
+        "top5/val",
+        "optim/lr",
+        "speed/images_per_s",
+        "speed/epoch_time_s",
+    }

@@ -31,11 +31,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for placesnet
-
-from placesnet.cli import (add_data_args, add_input_arg, add_model_args, config_from_args, positive_int,  # noqa: E402
-                           ray_init, run_cli)
-from placesnet.config import DEFAULT_STORAGE, Interrupted, UserError  # noqa: E402
+from placesnet.cli import (
+    add_data_args,
+    add_input_arg,
+    add_model_args,
+    config_from_args,
+    positive_int,
+    ray_init,
+    run_cli,
+)
+from placesnet.config import DEFAULT_STORAGE, Interrupted, UserError
 
 
 def float_list(text: str) -> list[float]:
@@ -58,43 +63,92 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_args(p)
     add_input_arg(p)
     g = p.add_argument_group("search space")
-    g.add_argument("--batch-sizes", type=int_list, default=[32, 64, 128],
-                   help="global batch sizes to choose from (default: 32,64,128)")
-    g.add_argument("--lr-min", type=float, default=0.005, help="log-uniform lr lower bound (default: %(default)s)")
-    g.add_argument("--lr-max", type=float, default=0.5, help="log-uniform lr upper bound (default: %(default)s)")
+    g.add_argument(
+        "--batch-sizes",
+        type=int_list,
+        default=[32, 64, 128],
+        help="global batch sizes to choose from (default: 32,64,128)",
+    )
+    g.add_argument(
+        "--lr-min", type=float, default=0.005, help="log-uniform lr lower bound (default: %(default)s)"
+    )
+    g.add_argument(
+        "--lr-max", type=float, default=0.5, help="log-uniform lr upper bound (default: %(default)s)"
+    )
     g.add_argument("--num-samples", type=int, default=8, help="random-search trials (default: %(default)s)")
-    g.add_argument("--grid", action="store_true", help="try every (batch size, lr) pair of "
-                   "--batch-sizes x --lrs instead of sampling")
+    g.add_argument(
+        "--grid",
+        action="store_true",
+        help="try every (batch size, lr) pair of --batch-sizes x --lrs instead of sampling",
+    )
     g.add_argument("--lrs", type=float_list, default=[], help="learning rates for --grid, e.g. 0.01,0.05,0.2")
-    g.add_argument("--scale-lr", type=int, metavar="REF",
-                   help="the searched learning rates are for a global batch of REF images; each "
-                        "trial trains with lr x batch size / REF (the linear scaling rule), so one "
-                        "lr range suits every batch size (default: off, lr as given)")
+    g.add_argument(
+        "--scale-lr",
+        type=int,
+        metavar="REF",
+        help="the searched learning rates are for a global batch of REF images; each "
+        "trial trains with lr x batch size / REF (the linear scaling rule), so one "
+        "lr range suits every batch size (default: off, lr as given)",
+    )
     g = p.add_argument_group("early stopping")
-    g.add_argument("--scheduler", choices=["asha", "none"], default="asha",
-                   help="ASHA stops trials whose val top-1 trails at a rung (default: %(default)s)")
-    g.add_argument("--grace-period", type=positive_int, default=1,
-                   help="epochs every trial runs before it can be stopped (default: %(default)s)")
-    g.add_argument("--reduction-factor", type=float, default=2,
-                   help="ASHA keeps 1/reduction-factor of the trials at each rung (default: %(default)s)")
+    g.add_argument(
+        "--scheduler",
+        choices=["asha", "none"],
+        default="asha",
+        help="ASHA stops trials whose val top-1 trails at a rung (default: %(default)s)",
+    )
+    g.add_argument(
+        "--grace-period",
+        type=positive_int,
+        default=1,
+        help="epochs every trial runs before it can be stopped (default: %(default)s)",
+    )
+    g.add_argument(
+        "--reduction-factor",
+        type=float,
+        default=2,
+        help="ASHA keeps 1/reduction-factor of the trials at each rung (default: %(default)s)",
+    )
     g = p.add_argument_group("resources and outputs")
-    g.add_argument("--workers-per-trial", type=positive_int, default=1,
-                   help="Ray Train workers (DDP ranks) per trial (default: %(default)s)")
-    g.add_argument("--gpus-per-worker", type=int, choices=[0, 1], default=None,
-                   help="1: one GPU per worker (default: 1 when the cluster has GPUs)")
-    g.add_argument("--cpus-per-worker", type=float, default=1.0,
-                   help="CPUs per worker, fractions allowed (default: %(default)s)")
-    g.add_argument("--max-concurrent", type=positive_int,
-                   help="trials at once (default: as many as the cluster can place)")
-    g.add_argument("--autoscale", action="store_true",
-                   help="the cluster starts nodes on demand: skip the placement check and run "
-                        "--max-concurrent trials at a time")
+    g.add_argument(
+        "--workers-per-trial",
+        type=positive_int,
+        default=1,
+        help="Ray Train workers (DDP ranks) per trial (default: %(default)s)",
+    )
+    g.add_argument(
+        "--gpus-per-worker",
+        type=int,
+        choices=[0, 1],
+        default=None,
+        help="1: one GPU per worker (default: 1 when the cluster has GPUs)",
+    )
+    g.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=1.0,
+        help="CPUs per worker, fractions allowed (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-concurrent",
+        type=positive_int,
+        help="trials at once (default: as many as the cluster can place)",
+    )
+    g.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="the cluster starts nodes on demand: skip the placement check and run "
+        "--max-concurrent trials at a time",
+    )
     g.add_argument("--storage-path", default=DEFAULT_STORAGE, help="default: %(default)s")
     g.add_argument("--name", help="sweep name; the same name resumes it (default: sweep-<date>-<time>)")
     g.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
-    g.add_argument("--verbose", action="store_true",
-                   help="Tune's own progress tables (default: one line per trial event: started, "
-                        "each epoch's val top-1, finished / stopped early / errored)")
+    g.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Tune's own progress tables (default: one line per trial event: started, "
+        "each epoch's val top-1, finished / stopped early / errored)",
+    )
     return p.parse_args(argv)
 
 
@@ -103,8 +157,9 @@ def check_space(args) -> None:
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         raise UserError(f"--batch-sizes must be positive integers, got {args.batch_sizes}")
     if min(args.batch_sizes) < args.workers_per_trial:
-        raise UserError(f"batch size {min(args.batch_sizes)} is smaller than --workers-per-trial "
-                        f"{args.workers_per_trial}")
+        raise UserError(
+            f"batch size {min(args.batch_sizes)} is smaller than --workers-per-trial {args.workers_per_trial}"
+        )
     if args.cpus_per_worker <= 0:
         raise UserError(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker}")
     if args.autoscale and not args.max_concurrent:
@@ -112,8 +167,10 @@ def check_space(args) -> None:
     if args.scale_lr is not None and args.scale_lr < 1:
         raise UserError(f"--scale-lr must be a batch size >= 1, got {args.scale_lr}")
     if args.lr == "auto":
-        raise UserError("--lr auto is for rayjobs/train.py: a sweep searches the lr itself "
-                        "(--lr-min/--lr-max, or --grid --lrs)")
+        raise UserError(
+            "--lr auto is for rayjobs/train.py: a sweep searches the lr itself "
+            "(--lr-min/--lr-max, or --grid --lrs)"
+        )
     if args.reduction_factor <= 1:
         raise UserError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
     if args.grid:
@@ -139,8 +196,11 @@ def stop_on_signals():
         if stopped:  # a second signal: stop at once
             raise KeyboardInterrupt
         stopped.append(signal.Signals(signum).name)
-        print(f"{signal.Signals(signum).name}: stopping the trials; results so far go to results.csv",
-              file=sys.stderr, flush=True)
+        print(
+            f"{signal.Signals(signum).name}: stopping the trials; results so far go to results.csv",
+            file=sys.stderr,
+            flush=True,
+        )
         os.kill(os.getpid(), signal.SIGUSR1)
 
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
@@ -157,13 +217,17 @@ def main(argv=None) -> int:
     check_space(args)
     cfg = config_from_args(args)
 
-    from placesnet.data import describe, open_split, resolve_data_root
+    from placesnet.data.places import describe, open_split, resolve_data_root
+    from placesnet.data.validate import fetch_and_check
+    from placesnet.launch.preflight import check_cluster_paths, check_storage_writable
+    from placesnet.launch.sweep import best_record, collect_results, make_tuner, plan_sweep, search_space
     from placesnet.plots import sweep_png
-    from placesnet.ray_train import check_cluster_paths, check_storage_writable
-    from placesnet.validate import fetch_and_check
-    from placesnet.sweep import best_record, collect_results, make_tuner, plan_sweep, search_space
 
-    storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).expanduser().resolve())
+    storage = (
+        args.storage_path
+        if "://" in args.storage_path
+        else str(Path(args.storage_path).expanduser().resolve())
+    )
     name = args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     check_storage_writable(storage)
     root = resolve_data_root(cfg)
@@ -179,8 +243,14 @@ def main(argv=None) -> int:
 
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     use_gpu = bool(has_gpu if args.gpus_per_worker is None else args.gpus_per_worker)
-    plan = plan_sweep(args.workers_per_trial, use_gpu, args.cpus_per_worker, args.max_concurrent,
-                      args.autoscale, ray_data=cfg.input == "ray-data")
+    plan = plan_sweep(
+        args.workers_per_trial,
+        use_gpu,
+        args.cpus_per_worker,
+        args.max_concurrent,
+        args.autoscale,
+        ray_data=cfg.input == "ray-data",
+    )
     check_cluster_paths(storage, root if cfg.dataset == "places365" else None)
     if args.grid:
         space = search_space(args.batch_sizes, lrs=args.lrs)
@@ -188,13 +258,25 @@ def main(argv=None) -> int:
     else:
         space = search_space(args.batch_sizes, lr_range=(args.lr_min, args.lr_max))
         num_samples = count = args.num_samples
-    print(f"sweep {name}: {count} trial(s) of {cfg.epochs} epoch(s), {plan.max_concurrent} at a "
-          f"time, each {args.workers_per_trial} worker(s) x ({args.cpus_per_worker:g} CPU"
-          f"{' + 1 GPU' if use_gpu else ''}), scheduler {args.scheduler}")
-    tuner = make_tuner(cfg, root, plan, storage_path=storage, name=name, param_space=space,
-                       num_samples=num_samples, scheduler=args.scheduler,
-                       grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-                       scale_lr=args.scale_lr, verbose=args.verbose)
+    print(
+        f"sweep {name}: {count} trial(s) of {cfg.epochs} epoch(s), {plan.max_concurrent} at a "
+        f"time, each {args.workers_per_trial} worker(s) x ({args.cpus_per_worker:g} CPU"
+        f"{' + 1 GPU' if use_gpu else ''}), scheduler {args.scheduler}"
+    )
+    tuner = make_tuner(
+        cfg,
+        root,
+        plan,
+        storage_path=storage,
+        name=name,
+        param_space=space,
+        num_samples=num_samples,
+        scheduler=args.scheduler,
+        grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor,
+        scale_lr=args.scale_lr,
+        verbose=args.verbose,
+    )
     with stop_on_signals() as stopped:
         grid = tuner.fit()
 
@@ -204,20 +286,38 @@ def main(argv=None) -> int:
     (exp_dir / "sweep.png").write_bytes(sweep_png(table))
     if stopped:
         done = int((table["status"] != "interrupted").sum())
-        print("\n" + table[["trial_id", "batch_size", "lr", "best_val_top1", "status"]]
-              .to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print(
+            "\n"
+            + table[["trial_id", "batch_size", "lr", "best_val_top1", "status"]].to_string(
+                index=False, float_format=lambda v: f"{v:.4g}"
+            )
+        )
         print(f"results so far: {exp_dir / 'results.csv'}")
-        raise Interrupted(f"interrupted by {stopped[0]} with {done} of {count} trial(s) done: "
-                          "resume with the same command")
+        raise Interrupted(
+            f"interrupted by {stopped[0]} with {done} of {count} trial(s) done: resume with the same command"
+        )
     best = best_record(table, cfg)
     (exp_dir / "best.json").write_text(json.dumps(best, indent=2))
 
-    shown = table[["trial_id", "batch_size", "lr", *(["train_lr"] if args.scale_lr else []), "epochs_run", "best_val_top1", "best_val_top5",
-                   "final_train_loss", "status"]]
+    shown = table[
+        [
+            "trial_id",
+            "batch_size",
+            "lr",
+            *(["train_lr"] if args.scale_lr else []),
+            "epochs_run",
+            "best_val_top1",
+            "best_val_top5",
+            "final_train_loss",
+            "status",
+        ]
+    ]
     print("\n" + shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     scaled = f" (trained at {best['train_lr']:.4g})" if args.scale_lr else ""
-    print(f"\nbest: batch {best['batch_size']}, lr {best['lr']:.4g}{scaled}: val top-1 {best['val_top1']:.4f}, "
-          f"top-5 {best['val_top5']:.4f}")
+    print(
+        f"\nbest: batch {best['batch_size']}, lr {best['lr']:.4g}{scaled}: val top-1 {best['val_top1']:.4f}, "
+        f"top-5 {best['val_top5']:.4f}"
+    )
     print(f"best checkpoint: {best['best_checkpoint']}")
     print(f"results:         {exp_dir / 'results.csv'}")
     print(f"best:            {exp_dir / 'best.json'}")

@@ -32,8 +32,11 @@ from pathlib import Path
 import numpy as np
 import ray.train
 
-from .config import TrainConfig
-from .data import BadImageFile, drop_last_batch, open_split, read_image_uint8, resolve_data_root, train_transform
+from placesnet.config import TrainConfig
+from placesnet.data.loaders import drop_last_batch
+from placesnet.data.places import BadImageFile, open_split, read_image_uint8, resolve_data_root
+from placesnet.data.transforms import train_transform
+
 
 def _quiet_ray_data() -> None:
     """Ray Data's actors that run the datasets (DatasetManager, SplitCoordinator) unpickle
@@ -71,15 +74,23 @@ def build_datasets(cfg: TrainConfig, root: Path, images: int | None = None) -> d
         if split == "train":
             order = np.random.default_rng(cfg.seed).permutation(len(rows))
         order = order[:images]
-        table = pa.table({"index": pa.array(order, pa.int64()),
-                          "path": pa.array([rows[i][0] for i in order], pa.string()),
-                          "label": pa.array([rows[i][1] for i in order], pa.int64())})
+        table = pa.table(
+            {
+                "index": pa.array(order, pa.int64()),
+                "path": pa.array([rows[i][0] for i in order], pa.string()),
+                "label": pa.array([rows[i][1] for i in order], pa.int64()),
+            }
+        )
         ds = ray.data.from_arrow([table.slice(i, BLOCK_ROWS) for i in range(0, len(order), BLOCK_ROWS)])
         if split == "train":
             ds = ds.randomize_block_order()  # re-drawn every epoch
         datasets[split] = ds.map_batches(
-            decode_batch, batch_size=None, batch_format="numpy", num_cpus=1,
-            fn_kwargs={"config": cfg.to_dict(), "augment": cfg.augment and split == "train"})
+            decode_batch,
+            batch_size=None,
+            batch_format="numpy",
+            num_cpus=1,
+            fn_kwargs={"config": cfg.to_dict(), "augment": cfg.augment and split == "train"},
+        )
     return datasets
 
 
@@ -119,8 +130,9 @@ class ExactValDataConfig(ray.train.DataConfig):
             val.set_name("val")
             val.context.execution_options = self._resolve_execution_options("val")
             hints = worker_node_ids if self._enable_shard_locality else None
-            for shard, split in zip(output, val.streaming_split(world_size, equal=False,
-                                                                locality_hints=hints)):
+            for shard, split in zip(
+                output, val.streaming_split(world_size, equal=False, locality_hints=hints)
+            ):
                 shard["val"] = split
         return output
 
@@ -134,7 +146,9 @@ class ShardBatches:
         self.shuffle = shuffle
         # train: ``rows`` images on every rank, so a known, equal number of steps
         self.drop_last = rows is not None and drop_last_batch(rows, batch_size)
-        self.steps = None if rows is None else (rows // batch_size if self.drop_last else -(-rows // batch_size))
+        self.steps = (
+            None if rows is None else (rows // batch_size if self.drop_last else -(-rows // batch_size))
+        )
 
     def __len__(self) -> int:
         if self.steps is None:
@@ -146,9 +160,13 @@ class ShardBatches:
 
     def __iter__(self):
         batches = self.shard.iter_torch_batches(
-            batch_size=self.batch_size, drop_last=self.drop_last, device="cpu", pin_memory=self.pin_memory,
+            batch_size=self.batch_size,
+            drop_last=self.drop_last,
+            device="cpu",
+            pin_memory=self.pin_memory,
             local_shuffle_buffer_size=SHUFFLE_BATCHES * self.batch_size if self.shuffle else None,
-            prefetch_batches=2)
+            prefetch_batches=2,
+        )
         for batch in batches:
             yield batch["image"], batch["label"]
 
@@ -156,9 +174,14 @@ class ShardBatches:
 def worker_inputs(cfg: TrainConfig, world: int, train_images: int, pin_memory: bool):
     """This Train worker's (train, val) batches from the datasets :func:`build_datasets` made."""
     per_worker = max(cfg.batch_size // world, 1)
-    train = ShardBatches(ray.train.get_dataset_shard("train"), per_worker, train_images // world,
-                         shuffle=True, pin_memory=pin_memory)
-    val = ShardBatches(ray.train.get_dataset_shard("val"), per_worker * 2, None,
-                       shuffle=False, pin_memory=pin_memory)
+    train = ShardBatches(
+        ray.train.get_dataset_shard("train"),
+        per_worker,
+        train_images // world,
+        shuffle=True,
+        pin_memory=pin_memory,
+    )
+    val = ShardBatches(
+        ray.train.get_dataset_shard("val"), per_worker * 2, None, shuffle=False, pin_memory=pin_memory
+    )
     return train, val
-

@@ -18,14 +18,21 @@ import ray.train
 import ray.train.torch
 import torch
 
-from . import engine
-from .checkpoint import (load_checkpoint, load_model_state, load_train_state, read_meta, save_checkpoint,
-                         verify_checkpoint)
-from .config import SCORE, TrainConfig, UserError, checkpoint_score
-from .data import BadImages, LoaderPlan, class_names, make_loaders, open_split, resolve_data_root
-from .evaluation import evaluate_checkpoint
-from .model import build_model
-from .ray_train import _log
+from placesnet.checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    load_train_state,
+    read_meta,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from placesnet.config import SCORE, TrainConfig, UserError, checkpoint_score
+from placesnet.data.loaders import LoaderPlan, make_loaders
+from placesnet.data.places import BadImages, class_names, open_split, resolve_data_root
+from placesnet.evaluation import evaluate_checkpoint
+from placesnet.launch.logs import echo
+from placesnet.model import build_model
+from placesnet.train import engine, optim
 
 
 def _maybe_crash(loop_config: dict, epoch: int, rank: int) -> None:
@@ -39,7 +46,7 @@ def _maybe_crash(loop_config: dict, epoch: int, rank: int) -> None:
         return
     ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED)
     Path(marker).write_text(f"crashed after epoch {epoch}\n")
-    _log(f"[fault injection] worker exits after epoch {epoch}")
+    echo(f"[fault injection] worker exits after epoch {epoch}")
     os._exit(1)
 
 
@@ -48,7 +55,7 @@ def _maybe_diverge(loop_config: dict, epoch: int, model):
     Returns the hook to remove after the epoch, or None."""
     if loop_config.get("diverge_at_epoch") != epoch:
         return None
-    _log(f"[fault injection] the loss becomes NaN in epoch {epoch}")
+    echo(f"[fault injection] the loss becomes NaN in epoch {epoch}")
     return model.register_forward_pre_hook(lambda module, args: (args[0] * float("nan"), *args[1:]))
 
 
@@ -75,21 +82,25 @@ def train_worker(loop_config: dict) -> dict | None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
     ray_data = cfg.input == "ray-data"  # Ray Data tasks decode: no DataLoader processes here
-    plan = LoaderPlan.for_worker(loop_config["cpus_per_worker"], device.type == "cuda",
-                                 0 if ray_data else cfg.loader_workers)
+    plan = LoaderPlan.for_worker(
+        loop_config["cpus_per_worker"], device.type == "cuda", 0 if ray_data else cfg.loader_workers
+    )
     if device.type == "cpu":
         torch.set_num_threads(plan.threads)
-    log = _log if rank == 0 else None
-    _log(f"rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()} ({device})")
+    log = echo if rank == 0 else None
+    echo(f"rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()} ({device})")
 
     # --- data: each worker reads its shard; val is sharded without padding for exact metrics ---
     root = data_root_here(cfg, loop_config["data_root"])
     train_ds, val_ds = open_split(cfg, "train", root), open_split(cfg, "val", root)
     classes = class_names(train_ds)
-    warn = (lambda message: _log(f"[rank {rank}] {message}"))
+
+    def warn(message: str) -> None:
+        echo(f"[rank {rank}] {message}")
+
     bad_train, bad_val = BadImages(cfg.bad_images, train_ds, warn), BadImages(cfg.bad_images, val_ds, warn)
     if ray_data:
-        from .raydata import worker_inputs
+        from placesnet.data.raydata import worker_inputs
 
         train_loader, val_loader = worker_inputs(cfg, world, len(train_ds), plan.pin_memory)
         set_epoch = train_loader.set_epoch
@@ -104,8 +115,8 @@ def train_worker(loop_config: dict) -> dict | None:
     model = ray.train.torch.prepare_model(model)
     if cfg.compile:  # in place, so state_dict keys (and checkpoints) stay those of the plain model
         model.compile()
-    optimizer = engine.build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, device)
-    scheduler = engine.scheduler_for(optimizer, cfg, len(train_loader))  # per step
+    optimizer = optim.build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, device)
+    scheduler = optim.scheduler_for(optimizer, cfg, len(train_loader))  # per step
     amp_dtype = engine.amp_dtype_for(device, cfg.amp)
     scaler = engine.make_scaler(device, amp_dtype)
 
@@ -116,8 +127,10 @@ def train_worker(loop_config: dict) -> dict | None:
         with checkpoint.as_directory() as ckpt_dir:
             problem = verify_checkpoint(ckpt_dir)
             if problem:  # a UserError: Ray does not restart on it (see StopOnUserErrors)
-                raise UserError(f"cannot resume from {checkpoint.path}: {problem}; run the same "
-                                "command again to resume from the newest intact checkpoint")
+                raise UserError(
+                    f"cannot resume from {checkpoint.path}: {problem}; run the same "
+                    "command again to resume from the newest intact checkpoint"
+                )
             getattr(model, "module", model).load_state_dict(load_model_state(ckpt_dir, device))
             state = load_train_state(ckpt_dir, device)
             optimizer.load_state_dict(state["optimizer"])
@@ -140,13 +153,23 @@ def train_worker(loop_config: dict) -> dict | None:
         t0 = time.perf_counter()
         injected = _maybe_diverge(loop_config, epoch + 1, model)
         try:
-            train = engine.train_one_epoch(model, train_loader, optimizer, device, amp_dtype=amp_dtype,
-                                           scaler=scaler, channels_last=channels_last,
-                                           label_smoothing=cfg.label_smoothing, log_every=log_every,
-                                           log=log, epoch=epoch + 1, scheduler=scheduler,
-                                           clip_grad_norm=cfg.clip_grad_norm or None,
-                                           rise_warning=engine.RISE_WARNING if epoch == 0 else 0.0,
-                                           bad_images=bad_train)
+            train = engine.train_one_epoch(
+                model,
+                train_loader,
+                optimizer,
+                device,
+                amp_dtype=amp_dtype,
+                scaler=scaler,
+                channels_last=channels_last,
+                label_smoothing=cfg.label_smoothing,
+                log_every=log_every,
+                log=log,
+                epoch=epoch + 1,
+                scheduler=scheduler,
+                clip_grad_norm=cfg.clip_grad_norm or None,
+                rise_warning=engine.RISE_WARNING if epoch == 0 else 0.0,
+                bad_images=bad_train,
+            )
         except engine.TrainingDiverged as e:
             # Every rank stops at the same step. Returning instead of raising ends the run without
             # Ray's restarts, which would only diverge again from the same checkpoint.
@@ -160,24 +183,47 @@ def train_worker(loop_config: dict) -> dict | None:
             train.pop(key)
         # The module inside DDP: DDP's forward may broadcast buffers, a collective that would hang
         # when ranks evaluate different numbers of batches (exact sharding, no padding).
-        val = engine.evaluate(getattr(model, "module", model), val_loader, device, num_classes=len(classes),
-                              amp_dtype=amp_dtype, channels_last=channels_last, bad_images=bad_val)
+        val = engine.evaluate(
+            getattr(model, "module", model),
+            val_loader,
+            device,
+            num_classes=len(classes),
+            amp_dtype=amp_dtype,
+            channels_last=channels_last,
+            bad_images=bad_val,
+        )
         train["skipped_images"] += val.pop("val_skipped")  # --bad-images skip; 0 otherwise
-        metrics = {"epoch": epoch + 1, **train, **val,
-                   "epoch_time_s": time.perf_counter() - t0, "num_workers": world}
+        metrics = {
+            "epoch": epoch + 1,
+            **train,
+            **val,
+            "epoch_time_s": time.perf_counter() - t0,
+            "num_workers": world,
+        }
         history = [*history, metrics]
         if log:
-            log(f"epoch {epoch + 1}/{cfg.epochs} train_loss {train['train_loss']:.4f} "
+            log(
+                f"epoch {epoch + 1}/{cfg.epochs} train_loss {train['train_loss']:.4f} "
                 f"train_top1 {train['train_top1']:.4f} val_loss {val['val_loss']:.4f} "
                 f"val_top1 {val['val_top1']:.4f} val_top5 {val['val_top5']:.4f} "
-                f"{train['images_per_s']:.0f} img/s {metrics['epoch_time_s']:.1f}s")
+                f"{train['images_per_s']:.0f} img/s {metrics['epoch_time_s']:.1f}s"
+            )
         # Every rank must call report (it is a barrier); only rank 0 writes a checkpoint.
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                save_checkpoint(tmp, model=model, config=cfg, classes=classes, epoch=epoch,
-                                metrics=metrics, history=history, optimizer=optimizer,
-                                scheduler=scheduler, scaler=scaler)
+                save_checkpoint(
+                    tmp,
+                    model=model,
+                    config=cfg,
+                    classes=classes,
+                    epoch=epoch,
+                    metrics=metrics,
+                    history=history,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    scaler=scaler,
+                )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, SCORE: checkpoint_score(metrics)}, checkpoint=ckpt)
         _maybe_crash(loop_config, epoch + 1, rank)
@@ -189,20 +235,29 @@ def decode_on_gpu(cfg: TrainConfig, device: torch.device, train_ds) -> bool:
         return False
     if cfg.decode == "gpu":
         return True
-    from .gpudecode import JPEG_MAGIC
+    from placesnet.data.gpudecode import JPEG_MAGIC
 
     with open(train_ds.imgs[0][0], "rb") as f:
         return f.read(3) == JPEG_MAGIC
 
 
-def _loaders(cfg: TrainConfig, train_ds, val_ds, rank: int, world: int, plan: LoaderPlan,
-             device: torch.device, log=None):
+def _loaders(
+    cfg: TrainConfig,
+    train_ds,
+    val_ds,
+    rank: int,
+    world: int,
+    plan: LoaderPlan,
+    device: torch.device,
+    log=None,
+):
     """--input loader: this worker's train and val batches, and the train sampler's set_epoch."""
     gpu = decode_on_gpu(cfg, device, train_ds)  # loader processes read bytes; nvJPEG decodes here
     if gpu and log:
         log("--decode gpu: loader processes read the files, nvJPEG decodes each batch on the GPU")
-    train_loader, val_loader, sampler = make_loaders(cfg, train_ds, val_ds, rank, world, plan.kwargs(),
-                                                     device if gpu else None, log)
+    train_loader, val_loader, sampler = make_loaders(
+        cfg, train_ds, val_ds, rank, world, plan.kwargs(), device if gpu else None, log
+    )
     if not gpu:  # batches to the device (DeviceDecode's are there already); sampler already set
         train_loader = ray.train.torch.prepare_data_loader(train_loader)
         val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=False)
@@ -212,8 +267,9 @@ def _loaders(cfg: TrainConfig, train_ds, val_ds, rank: int, world: int, plan: Lo
 def _move_scheduler(scheduler, step: int) -> None:
     """Set a per-step scheduler (and its optimizer's lr) to optimizer step ``step``."""
     scheduler.last_epoch = step
-    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
-                                   scheduler.lr_lambdas):
+    for group, base, factor in zip(
+        scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas
+    ):
         group["lr"] = base * factor(step)
 
 
@@ -225,11 +281,17 @@ def eval_worker(loop_config: dict) -> dict | None:
         torch.set_num_threads(plan.threads)
     loaded = load_checkpoint(loop_config["checkpoint"], device)
     loaded.config = loaded.config.replace(skip_verify=loop_config["skip_verify"])
-    result = evaluate_checkpoint(loaded, Path(loop_config["data_root"]), device,
-                                 split=loop_config["split"], batch_size=loop_config["batch_size"],
-                                 loader_workers=plan.workers,
-                                 rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
-                                 mistakes=loop_config.get("mistakes", 0))
+    result = evaluate_checkpoint(
+        loaded,
+        Path(loop_config["data_root"]),
+        device,
+        split=loop_config["split"],
+        batch_size=loop_config["batch_size"],
+        loader_workers=plan.workers,
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        mistakes=loop_config.get("mistakes", 0),
+    )
     if ctx.get_world_rank() != 0:
         return None
     result["confusion"] = result["confusion"].tolist()  # Ray refuses to return tensors

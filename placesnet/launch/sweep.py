@@ -18,10 +18,11 @@ from pathlib import Path
 import pandas as pd
 from ray import tune
 
-from .checkpoint import read_meta
-from .config import METRIC, METRIC_MODE, TrainConfig, UserError, checkpoint_score
-from .engine import TrainingDiverged
-from .ray_train import Resources, alive_nodes, diverged, make_trainer, worker_slots
+from placesnet.checkpoint import read_meta
+from placesnet.config import METRIC, METRIC_MODE, TrainConfig, UserError, checkpoint_score
+from placesnet.launch.resources import Resources, alive_nodes, worker_slots
+from placesnet.launch.trainer import diverged, make_trainer
+from placesnet.train.engine import TrainingDiverged
 
 DRIVER_CPU = 0.01  # a trial's driver only waits on its TorchTrainer; its workers hold the CPUs
 
@@ -32,8 +33,14 @@ class SweepPlan:
     max_concurrent: int
 
 
-def plan_sweep(workers_per_trial: int, use_gpu: bool, cpus_per_worker: float,
-               max_concurrent: int | None, autoscale: bool = False, ray_data: bool = False) -> SweepPlan:
+def plan_sweep(
+    workers_per_trial: int,
+    use_gpu: bool,
+    cpus_per_worker: float,
+    max_concurrent: int | None,
+    autoscale: bool = False,
+    ray_data: bool = False,
+) -> SweepPlan:
     """How many trials can run at once on the connected cluster; refuse what can never fit.
 
     Concurrency is capped so that every running trial's workers can be placed: Tune would
@@ -58,8 +65,10 @@ def plan_sweep(workers_per_trial: int, use_gpu: bool, cpus_per_worker: float,
     if fits < 1:
         what = f"{workers_per_trial} worker(s) x ({cpus_per_worker:g} CPU{' + 1 GPU' if use_gpu else ''})"
         what += " + 1 CPU for Ray Data" if ray_data else ""
-        raise UserError(f"one trial needs {what}, more than the cluster ({len(nodes)} node(s), "
-                        f"{total_cpus:g} CPUs) can place; lower --workers-per-trial or --cpus-per-worker")
+        raise UserError(
+            f"one trial needs {what}, more than the cluster ({len(nodes)} node(s), "
+            f"{total_cpus:g} CPUs) can place; lower --workers-per-trial or --cpus-per-worker"
+        )
     if max_concurrent:
         fits = min(fits, max_concurrent)
     return SweepPlan(resources, fits)
@@ -84,9 +93,16 @@ def trial_driver(tune_config: dict, base: dict) -> None:
 
     cfg = trial_config(tune_config, base)
     trial_id = tune.get_context().get_trial_id()
-    trainer = make_trainer(cfg, Path(base["data_root"]), Resources(**base["resources"]),
-                           storage_path=base["train_storage"], name=trial_id, max_failures=0, keep=1,
-                           callbacks=[TuneReportCallback()])
+    trainer = make_trainer(
+        cfg,
+        Path(base["data_root"]),
+        Resources(**base["resources"]),
+        storage_path=base["train_storage"],
+        name=trial_id,
+        max_failures=0,
+        keep=1,
+        callbacks=[TuneReportCallback()],
+    )
     message = diverged(trainer.fit())
     if message:  # the trial errors (results.csv says why); the sweep goes on
         raise TrainingDiverged(message)
@@ -112,8 +128,11 @@ class TrialEvents(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self.last[trial.trial_id] = result
         if METRIC in result:
-            self._say(trial, f"epoch {result.get('epoch', '?')}/{self.epochs} val top-1 {result[METRIC]:.4f} "
-                             f"val loss {result.get('val_loss', float('nan')):.4f}")
+            self._say(
+                trial,
+                f"epoch {result.get('epoch', '?')}/{self.epochs} val top-1 {result[METRIC]:.4f} "
+                f"val loss {result.get('val_loss', float('nan')):.4f}",
+            )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = self.last.get(trial.trial_id, {})
@@ -125,8 +144,9 @@ class TrialEvents(tune.Callback):
         self._say(trial, "errored (see results.csv)")
 
 
-def search_space(batch_sizes: list[int], lrs: list[float] | None = None,
-                 lr_range: tuple[float, float] | None = None) -> dict:
+def search_space(
+    batch_sizes: list[int], lrs: list[float] | None = None, lr_range: tuple[float, float] | None = None
+) -> dict:
     """Tune's param_space: every (batch size, lr) pair of ``lrs`` (grid search), or for random
     search a batch size from the list and an lr log-uniform in ``lr_range``."""
     if lrs is not None:
@@ -141,20 +161,43 @@ def make_scheduler(scheduler: str, epochs: int, grace_period: int, reduction_fac
         return None
     # stop_last_trials=False: a trial that reaches the last epoch ends on its own, so its Train
     # run shuts its workers down normally instead of being killed mid-cleanup.
-    return tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=epochs,
-                                         grace_period=grace_period, reduction_factor=reduction_factor,
-                                         stop_last_trials=False)
+    return tune.schedulers.ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=epochs,
+        grace_period=grace_period,
+        reduction_factor=reduction_factor,
+        stop_last_trials=False,
+    )
 
 
-def make_tuner(cfg: TrainConfig, data_root: Path, plan: SweepPlan, *, storage_path: str, name: str,
-               param_space: dict, num_samples: int, scheduler: str, grace_period: int,
-               reduction_factor: float, scale_lr: int | None = None, verbose: bool = False) -> tune.Tuner:
+def make_tuner(
+    cfg: TrainConfig,
+    data_root: Path,
+    plan: SweepPlan,
+    *,
+    storage_path: str,
+    name: str,
+    param_space: dict,
+    num_samples: int,
+    scheduler: str,
+    grace_period: int,
+    reduction_factor: float,
+    scale_lr: int | None = None,
+    verbose: bool = False,
+) -> tune.Tuner:
     """A new Tuner, or the interrupted one restored (finished trials are not run again)."""
     exp_dir = str(Path(storage_path) / name)
-    base = {"config": cfg.to_dict(), "data_root": str(data_root),
-            "train_storage": str(Path(exp_dir) / "train"), "scale_lr": scale_lr,
-            "resources": {"num_workers": plan.resources.num_workers, "use_gpu": plan.resources.use_gpu,
-                          "cpus_per_worker": plan.resources.cpus_per_worker}}
+    base = {
+        "config": cfg.to_dict(),
+        "data_root": str(data_root),
+        "train_storage": str(Path(exp_dir) / "train"),
+        "scale_lr": scale_lr,
+        "resources": {
+            "num_workers": plan.resources.num_workers,
+            "use_gpu": plan.resources.use_gpu,
+            "cpus_per_worker": plan.resources.cpus_per_worker,
+        },
+    }
     if not verbose:
         # Tune's newer output engine prints its experiment box and a final trial table whatever
         # `verbose` says; the legacy one is silent at verbose=0, and TrialEvents speaks instead.
@@ -163,23 +206,30 @@ def make_tuner(cfg: TrainConfig, data_root: Path, plan: SweepPlan, *, storage_pa
     trainable = tune.with_resources(tune.with_parameters(trial_driver, base=base), {"CPU": DRIVER_CPU})
     if tune.Tuner.can_restore(exp_dir):
         print(f"resuming sweep {exp_dir}: finished trials are kept, unfinished ones continue")
-        return tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False)
+        return tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=False)
     return tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(metric=METRIC, mode=METRIC_MODE,
-                                    scheduler=make_scheduler(scheduler, cfg.epochs, grace_period,
-                                                             reduction_factor),
-                                    num_samples=num_samples, max_concurrent_trials=plan.max_concurrent),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=METRIC_MODE,
+            scheduler=make_scheduler(scheduler, cfg.epochs, grace_period, reduction_factor),
+            num_samples=num_samples,
+            max_concurrent_trials=plan.max_concurrent,
+        ),
         # verbose=0: no progress tables (hundreds of lines); TrialEvents says what happens instead
-        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=1 if verbose else 0,
-                                  callbacks=[] if verbose else [TrialEvents(cfg.epochs)]),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            verbose=1 if verbose else 0,
+            callbacks=[] if verbose else [TrialEvents(cfg.epochs)],
+        ),
     )
 
 
-def collect_results(result_grid, exp_dir: Path, epochs: int, scale_lr: int | None = None,
-                    interrupted: bool = False) -> pd.DataFrame:
+def collect_results(
+    result_grid, exp_dir: Path, epochs: int, scale_lr: int | None = None, interrupted: bool = False
+) -> pd.DataFrame:
     """One row per trial, from Tune's results and each trial's own Train run. ``lr`` is the
     searched value, ``train_lr`` the one the trial trained with (they differ with ``scale_lr``).
     ``interrupted``: the sweep was stopped; trials that the saved experiment state has not ended
@@ -193,23 +243,37 @@ def collect_results(result_grid, exp_dir: Path, epochs: int, scale_lr: int | Non
         epochs_run = int(history["epoch"].max()) if "epoch" in history and len(history) else 0
         best_ckpt, best_meta = _best_checkpoint(train_dir, epochs_run)
         config, error = _config_and_error(r)
-        status = ("errored" if error else "finished" if epochs_run >= epochs
-                  else "interrupted" if trial_id in ended else "stopped early")
-        rows.append({
-            "trial_id": trial_id,
-            "batch_size": config.get("batch_size"),
-            "lr": config.get("lr"),
-            "train_lr": (train_lr(float(config["lr"]), int(config["batch_size"]), scale_lr)
-                         if "lr" in config and "batch_size" in config else math.nan),
-            "epochs_run": epochs_run,
-            "best_val_top1": best_meta["val_top1"] if best_meta else math.nan,
-            "best_val_top5": best_meta["val_top5"] if best_meta else math.nan,
-            "final_train_loss": float(history["train_loss"].iloc[-1]) if "train_loss" in history and len(history) else math.nan,
-            "status": status,
-            "error": error.strip().splitlines()[-1][:200] if error else "",
-            "best_checkpoint": str(best_ckpt) if best_ckpt else "",
-            "curve": json.dumps([float(v) for v in history.get(METRIC, [])]),
-        })
+        status = (
+            "errored"
+            if error
+            else "finished"
+            if epochs_run >= epochs
+            else "interrupted"
+            if trial_id in ended
+            else "stopped early"
+        )
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "batch_size": config.get("batch_size"),
+                "lr": config.get("lr"),
+                "train_lr": (
+                    train_lr(float(config["lr"]), int(config["batch_size"]), scale_lr)
+                    if "lr" in config and "batch_size" in config
+                    else math.nan
+                ),
+                "epochs_run": epochs_run,
+                "best_val_top1": best_meta["val_top1"] if best_meta else math.nan,
+                "best_val_top5": best_meta["val_top5"] if best_meta else math.nan,
+                "final_train_loss": float(history["train_loss"].iloc[-1])
+                if "train_loss" in history and len(history)
+                else math.nan,
+                "status": status,
+                "error": error.strip().splitlines()[-1][:200] if error else "",
+                "best_checkpoint": str(best_ckpt) if best_ckpt else "",
+                "curve": json.dumps([float(v) for v in history.get(METRIC, [])]),
+            }
+        )
     return pd.DataFrame(rows).sort_values("best_val_top1", ascending=False, na_position="last")
 
 
@@ -263,8 +327,14 @@ def best_record(table: pd.DataFrame, base: TrainConfig) -> dict:
         raise UserError("no trial produced a checkpoint: see the errors in results.csv")
     best = ok.iloc[0]
     config = base.replace(batch_size=int(best["batch_size"]), lr=float(best["train_lr"])).to_dict()
-    return {"trial_id": best["trial_id"], "batch_size": int(best["batch_size"]), "lr": float(best["lr"]),
-            "train_lr": float(best["train_lr"]),
-            "val_top1": float(best["best_val_top1"]), "val_top5": float(best["best_val_top5"]),
-            "epochs_run": int(best["epochs_run"]), "best_checkpoint": best["best_checkpoint"],
-            "config": config}
+    return {
+        "trial_id": best["trial_id"],
+        "batch_size": int(best["batch_size"]),
+        "lr": float(best["lr"]),
+        "train_lr": float(best["train_lr"]),
+        "val_top1": float(best["best_val_top1"]),
+        "val_top5": float(best["best_val_top5"]),
+        "epochs_run": int(best["epochs_run"]),
+        "best_checkpoint": best["best_checkpoint"],
+        "config": config,
+    }

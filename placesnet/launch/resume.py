@@ -20,8 +20,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import CONFIG_FILE, META_FILE, verify_checkpoint
-from .config import UserError
+from placesnet.checkpoint import CONFIG_FILE, META_FILE, verify_checkpoint
+from placesnet.config import UserError
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"
 
@@ -49,11 +49,16 @@ def _write_snapshot(run_dir: Path, intact: list[tuple[int, Path, dict]]) -> None
     """Ray's checkpoint-manager snapshot for the intact checkpoints (epoch, dir, meta), oldest first."""
     import ray
 
-    from .config import SCORE, checkpoint_score
+    from placesnet.config import SCORE, checkpoint_score
 
-    results = [{"version": 0, "checkpoint_dir_name": d.name,
-                "metrics": {**meta["metrics"], SCORE: checkpoint_score(meta["metrics"])}}
-               for _, d, meta in intact]
+    results = [
+        {
+            "version": 0,
+            "checkpoint_dir_name": d.name,
+            "metrics": {**meta["metrics"], SCORE: checkpoint_score(meta["metrics"])},
+        }
+        for _, d, meta in intact
+    ]
     state = {
         "ray_version": ray.__version__,
         "checkpoint_results": results,
@@ -107,9 +112,11 @@ def prepare_resume(run_dir: Path) -> ResumePlan:
         plan.notes.append(f"Ray's {SNAPSHOT} is unreadable: rebuilt from the intact checkpoints")
     if not intact:
         if broken or missing or listed is None:
-            raise UserError(f"no intact checkpoint to resume in {run_dir} "
-                            f"({'; '.join(plan.notes) or 'none written yet'}); start again with a "
-                            "new --name, or delete the directory")
+            raise UserError(
+                f"no intact checkpoint to resume in {run_dir} "
+                f"({'; '.join(plan.notes) or 'none written yet'}); start again with a "
+                "new --name, or delete the directory"
+            )
         return plan  # a snapshot without checkpoints: Ray starts from scratch
     unlisted = [d.name for _, d, _ in intact if d.name not in (listed or [])]
     if listed is None or missing or broken or unlisted:
@@ -117,7 +124,9 @@ def prepare_resume(run_dir: Path) -> ResumePlan:
         # killed driver) after a checkpoint was committed but before Ray recorded it, or before
         # Ray wrote its snapshot at all; without them Ray would start again from scratch.
         if listed is not None:  # (an unreadable snapshot has its own note above)
-            plan.notes += [f"adding checkpoint {name}: complete, but not yet recorded by Ray" for name in unlisted]
+            plan.notes += [
+                f"adding checkpoint {name}: complete, but not yet recorded by Ray" for name in unlisted
+            ]
         _write_snapshot(run_dir, intact)
     epoch, newest, _ = intact[-1]
     plan.checkpoint, plan.epoch = newest, epoch + 1

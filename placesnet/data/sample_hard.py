@@ -14,8 +14,23 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from .sample import (OUT_SIZE, SIZE, _below, _beach, _blobs, _desert, _field, _forest, _gradient,
-                     _horizon, _jitter, _noise, _ocean, _sky, _snowfield)
+from placesnet.data.scenes import (
+    OUT_SIZE,
+    SIZE,
+    add_blobs,
+    beach_scene,
+    below_mask,
+    desert_scene,
+    field_scene,
+    fill_gradient,
+    forest_scene,
+    horizon_line,
+    jitter_colour,
+    noise_field,
+    ocean_scene,
+    sky_scene,
+    snowfield_scene,
+)
 
 
 def _cliff(rng, img):
@@ -26,84 +41,90 @@ def _cliff(rng, img):
     width = rng.uniform(0.18, 0.4) * SIZE
     edge = width * (0.6 + 0.4 * rows / SIZE) + 6 * np.sin(rows / rng.uniform(5, 12))
     mask = ((cols < edge) if side == 0 else (cols > SIZE - edge))[:, :, None]
-    rock = _gradient(rng, (0.4, 0.36, 0.32), (0.25, 0.22, 0.2)) + 0.12 * _noise(rng, 40)
+    rock = fill_gradient(rng, (0.4, 0.36, 0.32), (0.25, 0.22, 0.2)) + 0.12 * noise_field(rng, 40)
     img = np.where(mask, rock, img)
-    return _blobs(rng, img, rng.integers(3, 8), (0.3, 0.28, 0.26), (0.015, 0.04), (0.6, 0.95))
+    return add_blobs(rng, img, rng.integers(3, 8), (0.3, 0.28, 0.26), (0.015, 0.04), (0.6, 0.95))
 
 
 def _coast(rng):
-    return _cliff(rng, _beach(rng))
+    return _cliff(rng, beach_scene(rng))
 
 
 def _desert_vegetation(rng):
-    img = _desert(rng)
-    return _blobs(rng, img, rng.integers(8, 22), (0.35, 0.4, 0.18), (0.01, 0.03), (0.55, 1.0))
+    img = desert_scene(rng)
+    return add_blobs(rng, img, rng.integers(8, 22), (0.35, 0.4, 0.18), (0.01, 0.03), (0.55, 1.0))
 
 
 def _field_cultivated(rng):
-    img = _field(rng)
-    horizon = _horizon(rng, 0.5, 0.02)
+    img = field_scene(rng)
+    horizon = horizon_line(rng, 0.5, 0.02)
     rows = np.arange(SIZE, dtype=np.float32)[:, None]
     cols = np.arange(SIZE, dtype=np.float32)[None, :]
     vanish = rng.uniform(0.2, 0.8) * SIZE
     depth = np.maximum(rows - horizon.mean(), 1.0)
     stripes = np.sin((cols - vanish) / depth * rng.uniform(8, 14))[:, :, None]  # furrows
-    ground = _gradient(rng, (0.5, 0.42, 0.25), (0.4, 0.32, 0.18)) + 0.1 * stripes
-    return np.where(_below(horizon), ground, img)
+    ground = fill_gradient(rng, (0.5, 0.42, 0.25), (0.4, 0.32, 0.18)) + 0.1 * stripes
+    return np.where(below_mask(horizon), ground, img)
 
 
 def _forest_path(rng):
-    img = _forest(rng)
+    img = forest_scene(rng)
     rows = np.arange(SIZE, dtype=np.float32)[:, None]
     cols = np.arange(SIZE, dtype=np.float32)[None, :]
     top, centre = rng.uniform(0.4, 0.6) * SIZE, rng.uniform(0.35, 0.65) * SIZE
     half = np.clip((rows - top) / (SIZE - top), 0, 1) * rng.uniform(0.2, 0.35) * SIZE
     mask = (np.abs(cols - centre) < half)[:, :, None]
-    path = _gradient(rng, (0.55, 0.45, 0.3), (0.5, 0.4, 0.28)) + 0.08 * _noise(rng, 32)
+    path = fill_gradient(rng, (0.55, 0.45, 0.3), (0.5, 0.4, 0.28)) + 0.08 * noise_field(rng, 32)
     return np.where(mask, path, img)
 
 
 def _lake(rng):
-    img = _ocean(rng)
-    water_line = _horizon(rng, 0.35, 0.0)
-    shore_top = water_line - rng.uniform(0.05, 0.12) * SIZE * (1 + 0.5 * _noise(rng, 12)[0, :, 0])
-    band = _below(shore_top) * (1 - _below(water_line))
-    trees = _gradient(rng, (0.12, 0.3, 0.12), (0.08, 0.2, 0.08)) + 0.1 * _noise(rng, 48)
+    img = ocean_scene(rng)
+    water_line = horizon_line(rng, 0.35, 0.0)
+    shore_top = water_line - rng.uniform(0.05, 0.12) * SIZE * (1 + 0.5 * noise_field(rng, 12)[0, :, 0])
+    band = below_mask(shore_top) * (1 - below_mask(water_line))
+    trees = fill_gradient(rng, (0.12, 0.3, 0.12), (0.08, 0.2, 0.08)) + 0.1 * noise_field(rng, 48)
     return np.where(band > 0, trees, img)
 
 
 def _glacier(rng):
-    img = _gradient(rng, (0.45, 0.6, 0.85), (0.75, 0.82, 0.9))
-    ice = _gradient(rng, (0.7, 0.85, 0.95), (0.55, 0.75, 0.9)) + 0.05 * _noise(rng, 32)
-    img = np.where(_below(_horizon(rng, 0.4, 0.05)), ice, img)
+    img = fill_gradient(rng, (0.45, 0.6, 0.85), (0.75, 0.82, 0.9))
+    ice = fill_gradient(rng, (0.7, 0.85, 0.95), (0.55, 0.75, 0.9)) + 0.05 * noise_field(rng, 32)
+    img = np.where(below_mask(horizon_line(rng, 0.4, 0.05)), ice, img)
     for _ in range(rng.integers(3, 7)):  # dark crevasses
         y, x0 = rng.uniform(0.5, 0.95) * SIZE, rng.integers(0, SIZE - 20)
         length, slope = rng.integers(15, 50), rng.uniform(-0.3, 0.3)
         for dx in range(length):
             yy = int(y + slope * dx)
             if 0 <= yy < SIZE - 1 and x0 + dx < SIZE:
-                img[yy:yy + 2, x0 + dx] = _jitter(rng, (0.15, 0.25, 0.4), 0.03)
+                img[yy : yy + 2, x0 + dx] = jitter_colour(rng, (0.15, 0.25, 0.4), 0.03)
     return img
 
 
 def _ridge(rng, sky_top, sky_bottom, snow: bool, lava: bool):
-    img = _gradient(rng, sky_top, sky_bottom)
+    img = fill_gradient(rng, sky_top, sky_bottom)
     cols = np.arange(SIZE, dtype=np.float32)
     ridge = np.full(SIZE, float(SIZE))
     for _ in range(rng.integers(1, 4)):  # one or more peaks
         peak_x, peak_y = rng.uniform(0.15, 0.85) * SIZE, rng.uniform(0.2, 0.45) * SIZE
         ridge = np.minimum(ridge, peak_y + rng.uniform(0.7, 1.5) * np.abs(cols - peak_x))
-    mountain = _gradient(rng, (0.3, 0.27, 0.25), (0.15, 0.13, 0.12)) + 0.06 * _noise(rng, 24)
-    img = np.where(_below(ridge), mountain, img)
+    mountain = fill_gradient(rng, (0.3, 0.27, 0.25), (0.15, 0.13, 0.12)) + 0.06 * noise_field(rng, 24)
+    img = np.where(below_mask(ridge), mountain, img)
     if snow:  # a white cap above the snow line
         line = ridge.min() + rng.uniform(0.08, 0.15) * SIZE
         rows = np.arange(SIZE, dtype=np.float32)[:, None, None]
-        cap = _below(ridge) * (rows < line)
-        img = np.where(cap > 0, _jitter(rng, (0.93, 0.94, 0.97), 0.03), img)
+        cap = below_mask(ridge) * (rows < line)
+        img = np.where(cap > 0, jitter_colour(rng, (0.93, 0.94, 0.97), 0.03), img)
     if lava:
         top = ridge.min()
-        img = _blobs(rng, img, rng.integers(1, 3), (1.0, 0.35, 0.05), (0.02, 0.05),
-                     (top / SIZE, min(top / SIZE + 0.1, 1.0)))
+        img = add_blobs(
+            rng,
+            img,
+            rng.integers(1, 3),
+            (1.0, 0.35, 0.05),
+            (0.02, 0.05),
+            (top / SIZE, min(top / SIZE + 0.1, 1.0)),
+        )
     return img
 
 
@@ -121,21 +142,21 @@ def _mountain_snowy(rng):
 
 # Official category names in official (alphabetical) order, which fixes the class indices.
 SCENES = {
-    "/b/beach": _beach,
+    "/b/beach": beach_scene,
     "/c/coast": _coast,
-    "/d/desert/sand": _desert,
+    "/d/desert/sand": desert_scene,
     "/d/desert/vegetation": _desert_vegetation,
     "/f/field/cultivated": _field_cultivated,
-    "/f/field/wild": _field,
-    "/f/forest/broadleaf": _forest,
+    "/f/field/wild": field_scene,
+    "/f/forest/broadleaf": forest_scene,
     "/f/forest_path": _forest_path,
     "/g/glacier": _glacier,
     "/l/lake/natural": _lake,
     "/m/mountain": _mountain,
     "/m/mountain_snowy": _mountain_snowy,
-    "/o/ocean": _ocean,
-    "/s/sky": _sky,
-    "/s/snowfield": _snowfield,
+    "/o/ocean": ocean_scene,
+    "/s/sky": sky_scene,
+    "/s/snowfield": snowfield_scene,
     "/v/volcano": _volcano_hard,
 }
 
@@ -144,7 +165,7 @@ def _zoom(rng, img):
     """A random crop of 55-100 % of the side, scaled back up: the scene's scale and framing change."""
     side = int(rng.uniform(0.55, 1.0) * SIZE)
     y, x = rng.integers(0, SIZE - side + 1), rng.integers(0, SIZE - side + 1)
-    crop = (np.clip(img[y:y + side, x:x + side], 0, 1) * 255).astype(np.uint8)
+    crop = (np.clip(img[y : y + side, x : x + side], 0, 1) * 255).astype(np.uint8)
     return np.asarray(Image.fromarray(crop).resize((SIZE, SIZE), Image.BILINEAR), np.float32) / 255
 
 
@@ -153,15 +174,15 @@ def _occlude(rng, img):
     for _ in range(rng.integers(1, 4)):
         h, w = (rng.uniform(0.12, 0.35, 2) * SIZE).astype(int)
         y, x = rng.integers(0, SIZE - h), rng.integers(0, SIZE - w)
-        patch = rng.uniform(0, 1, 3).astype(np.float32) + 0.15 * _noise(rng, 8, s=SIZE)[:h, :w]
-        img[y:y + h, x:x + w] = patch
+        patch = rng.uniform(0, 1, 3).astype(np.float32) + 0.15 * noise_field(rng, 8, s=SIZE)[:h, :w]
+        img[y : y + h, x : x + w] = patch
     return img
 
 
 def draw_scene(category: str, rng: np.random.Generator) -> Image.Image:
     """One OUT_SIZE x OUT_SIZE RGB picture of a hard-sample ``category``."""
     img = _zoom(rng, SCENES[category](rng))
-    img = _blobs(rng, img, rng.integers(0, 5), rng.uniform(0, 1, 3), (0.03, 0.12))
+    img = add_blobs(rng, img, rng.integers(0, 5), rng.uniform(0, 1, 3), (0.03, 0.12))
     img = _occlude(rng, img)
     # Colour: brightness, per-channel gains (white balance), offset and saturation.
     img = img * rng.uniform(0.5, 1.4) * rng.uniform(0.75, 1.25, 3).astype(np.float32)

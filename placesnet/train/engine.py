@@ -18,13 +18,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainConfig, UserError
-from .data import normalize
+from placesnet.config import TrainConfig, UserError
+from placesnet.data.transforms import normalize
+from placesnet.train.optim import build_optimizer, scheduler_for
 
 # A first-epoch step loss above this multiple of the first step's is warned about (see
 # train_one_epoch): healthy runs stay well below it, a learning rate that is too high passes it
 # steps before the loss becomes NaN.
 RISE_WARNING = 3.0
+
+
 # Steps between the host's reads of the training loss (see train_one_epoch), when no log_every.
 CHECK_EVERY = 20
 
@@ -104,8 +107,16 @@ class _StepStats:
                 bad_loss = torch.where(bad_step == first_bad, bad_loss, 0.0)
                 dist.all_reduce(bad_loss)
             bad_step = torch.where(first_bad <= steps, first_bad, 0)
-        values = torch.stack([self.loss_sum, self.correct.double(), self.first.double(), self.peak.double(),
-                              bad_step.double(), bad_loss.double()]).tolist()
+        values = torch.stack(
+            [
+                self.loss_sum,
+                self.correct.double(),
+                self.first.double(),
+                self.peak.double(),
+                bad_step.double(),
+                bad_loss.double(),
+            ]
+        ).tolist()
         return dict(zip(("loss_sum", "correct", "first", "peak", "bad_step", "bad_loss"), values))
 
 
@@ -116,7 +127,8 @@ def _check_finite(stats: dict, *, epoch: int, steps: int, lrs: dict[int, float])
         raise TrainingDiverged(
             f"training diverged: the loss is {stats['bad_loss']} at epoch {epoch}, step {step}/{steps} "
             f"(lr {lrs.get(step, math.nan):g}); lower --lr (or find one with --lr auto), or add "
-            "--clip-grad-norm 1")
+            "--clip-grad-norm 1"
+        )
 
 
 def _to_device(images, targets, device, channels_last):
@@ -227,20 +239,25 @@ def train_one_epoch(
         lrs.clear()
         if log and rise_warning and not warned and stats["peak"] > rise_warning * stats["first"]:
             warned = True
-            log(f"warning: the training loss rose from {stats['first']:.4g} to {stats['peak']:.4g} by "
+            log(
+                f"warning: the training loss rose from {stats['first']:.4g} to {stats['peak']:.4g} by "
                 f"epoch {epoch}, step {step}/{steps} (lr {lr:g}): the learning rate is probably too "
-                "high; try --lr auto, a lower --lr, or --clip-grad-norm 1")
+                "high; try --lr auto, a lower --lr, or --clip-grad-norm 1"
+            )
         if log and log_every and (at_log_point or step == steps):
             now = time.perf_counter()
-            log(f"epoch {epoch} step {step}/{steps} loss {stats['loss_sum'] / max(seen, 1):.4f} "
+            log(
+                f"epoch {epoch} step {step}/{steps} loss {stats['loss_sum'] / max(seen, 1):.4f} "
                 f"top1 {stats['correct'] / max(seen, 1):.4f} {window_seen / (now - window_start):.0f} "
-                "img/s per worker")
+                "img/s per worker"
+            )
             window_start, window_seen = now, 0
     loss_sum, correct = stats["loss_sum"], stats["correct"]
     first_loss, peak_loss = stats["first"], stats["peak"]
     elapsed = time.perf_counter() - start
-    loss_sum, correct, seen, elapsed_sum, skipped = _all_reduce([loss_sum, correct, seen, elapsed, skipped],
-                                                                device)
+    loss_sum, correct, seen, elapsed_sum, skipped = _all_reduce(
+        [loss_sum, correct, seen, elapsed, skipped], device
+    )
     # Ranks run in lockstep under DDP, so the mean of their times is the epoch's wall time.
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     wall = elapsed_sum / world
@@ -304,17 +321,21 @@ def evaluate(
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
         topk = logits.topk(k, dim=1).indices  # (B, k)
         hits = topk == targets[:, None]
-        counts[:3] += torch.stack([hits[:, 0].sum(), hits.any(1).sum(),
-                                   torch.tensor(targets.numel(), device=device)])
+        counts[:3] += torch.stack(
+            [hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(targets.numel(), device=device)]
+        )
         if confusion:
-            matrix += torch.bincount(targets * num_classes + topk[:, 0],
-                                     minlength=num_classes * num_classes)
+            matrix += torch.bincount(targets * num_classes + topk[:, 0], minlength=num_classes * num_classes)
         if mistakes:
             miss = ~hits[:, 0]
             if miss.any():  # a host sync, only when asked for (evaluate.py's gallery)
                 probs = torch.softmax(logits[miss], dim=1).max(1)
-                wrong += zip(probs.values.tolist(), positions[miss.cpu()].tolist(),
-                             targets[miss].tolist(), probs.indices.tolist())
+                wrong += zip(
+                    probs.values.tolist(),
+                    positions[miss.cpu()].tolist(),
+                    targets[miss].tolist(),
+                    probs.indices.tolist(),
+                )
                 wrong = sorted(wrong, reverse=True)[:mistakes]
     if dist.is_available() and dist.is_initialized():
         for t in (loss_sum, counts, matrix):
@@ -330,95 +351,39 @@ def evaluate(
     if confusion:
         out["confusion"] = matrix.view(num_classes, num_classes).cpu()
     if mistakes:
-        out["mistakes"] = [{"position": pos, "true": t, "predicted": p, "probability": prob}
-                           for prob, pos, t, p in wrong]
+        out["mistakes"] = [
+            {"position": pos, "true": t, "predicted": p, "probability": prob} for prob, pos, t, p in wrong
+        ]
     return out
 
 
-def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float,
-                    device: torch.device) -> torch.optim.Optimizer:
-    """SGD with momentum; no weight decay on biases and BatchNorm (1-D parameters).
-
-    The fused CUDA kernel is used on GPU (one launch for all parameters instead of one each).
-    """
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0,
-                           fused=device.type == "cuda" or None)
-
-
-# --- the learning-rate schedule, evaluated per optimizer step -----------------------------------
-# Warmup when --warmup-steps/--warmup-epochs are not given: 5 % of all steps, at least
-# WARMUP_FLOOR steps (but never more than a fifth of the run) and at most WARMUP_CAP steps.
-# A 6-step tiny epoch trained 8 epochs warms up over 9 steps; a 7,000-step Places365 epoch
-# trained 30 epochs over 5,000 (0.7 epoch).
-WARMUP_FRACTION, WARMUP_FLOOR, WARMUP_CAP = 0.05, 50, 5000
-
-
-def warmup_steps_for(total_steps: int, warmup_steps: int | None = None, warmup_epochs: int = 0,
-                     steps_per_epoch: int = 0) -> int:
-    """Linear-warmup length in optimizer steps: ``warmup_steps`` when given (>= 0),
-    ``warmup_epochs`` x ``steps_per_epoch`` when ``warmup_epochs`` > 0, else the automatic
-    5 % of ``total_steps`` with a floor and a cap (see WARMUP_FRACTION)."""
-    if warmup_steps is not None and warmup_steps >= 0:
-        return min(warmup_steps, max(total_steps - 1, 0))
-    if warmup_epochs > 0:
-        return min(warmup_epochs * steps_per_epoch, max(total_steps - 1, 0))
-    auto = max(round(WARMUP_FRACTION * total_steps), min(WARMUP_FLOOR, total_steps // 5))
-    return min(auto, WARMUP_CAP)
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """The multiplier of the peak lr for optimizer step ``step`` (0-based) of ``total_steps``.
-
-    Linear warmup from 1/(warmup+1) to 1 over the first ``warmup_steps`` steps, then "cosine"
-    (half a cosine down to 0 at the last step), "step" (/10 at 50 % and 75 % of all steps) or
-    "none" (flat).
-    """
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if schedule == "cosine":
-        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    if schedule == "step":
-        return 0.1 ** sum(step >= m * total_steps for m in (0.5, 0.75))
-    return 1.0
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int,
-                    warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-STEP schedule (call ``scheduler.step()`` after every ``optimizer.step()``; the
-    epoch loop does): see :func:`lr_factor`. Its state_dict holds the step count, so a resumed
-    run continues the schedule exactly where it stopped."""
-    # A partial, not an object with attributes: LambdaLR saves such an object's __dict__ and
-    # load_state_dict would bring back the OLD total_steps when a run is extended to more epochs.
-    factor = functools.partial(lr_factor, total_steps=total_steps, warmup_steps=warmup_steps,
-                               schedule=schedule)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def scheduler_for(optimizer: torch.optim.Optimizer, config: TrainConfig,
-                  steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The per-step schedule of ``config`` (schedule, warmup) for ``steps_per_epoch`` steps."""
-    total = config.epochs * steps_per_epoch
-    warmup = warmup_steps_for(total, None if config.warmup_steps < 0 else config.warmup_steps,
-                              config.warmup_epochs, steps_per_epoch)
-    return build_scheduler(optimizer, config.schedule, total, warmup)
-
-
-def fit(model: nn.Module, train_loader, val_loader, config: TrainConfig, device: torch.device, *,
-        num_classes: int, log: Callable[[str], None] | None = None) -> Iterator[dict]:
+def fit(
+    model: nn.Module,
+    train_loader,
+    val_loader,
+    config: TrainConfig,
+    device: torch.device,
+    *,
+    num_classes: int,
+    log: Callable[[str], None] | None = None,
+) -> Iterator[dict]:
     """Train ``model`` with ``config``'s recipe in this process, without Ray (benchmarks, tests,
     notebooks): the optimizer, per-step schedule, clipping and epoch functions of a Ray Train
     worker. Yields one metrics dict per epoch, train and val, as it ends."""
     optimizer = build_optimizer(model, config.lr, config.momentum, config.weight_decay, device)
     scheduler = scheduler_for(optimizer, config, len(train_loader))
     for epoch in range(1, config.epochs + 1):
-        row = train_one_epoch(model, train_loader, optimizer, device, scheduler=scheduler,
-                              clip_grad_norm=config.clip_grad_norm or None,
-                              label_smoothing=config.label_smoothing, log=log, epoch=epoch,
-                              rise_warning=RISE_WARNING if epoch == 1 else 0.0)
+        row = train_one_epoch(
+            model,
+            train_loader,
+            optimizer,
+            device,
+            scheduler=scheduler,
+            clip_grad_norm=config.clip_grad_norm or None,
+            label_smoothing=config.label_smoothing,
+            log=log,
+            epoch=epoch,
+            rise_warning=RISE_WARNING if epoch == 1 else 0.0,
+        )
         row.update(evaluate(model, val_loader, device, num_classes=num_classes))
         yield {"epoch": epoch, **row}

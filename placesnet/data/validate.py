@@ -17,8 +17,8 @@ from pathlib import Path
 
 from torchvision.datasets import Places365
 
-from .config import UserError
-from .data import SPLITS
+from placesnet.config import UserError
+from placesnet.data.places import SPLITS
 
 SHOWN = 5  # problems named in the error line; the count says how many there are in all
 STAT_THREADS = 32  # stats are I/O bound: many in flight hide a network filesystem's latency
@@ -51,8 +51,11 @@ def list_file(root: Path, split: str) -> Path:
 def images_dir(root: Path, split: str) -> Path:
     """The image directory torchvision's Places365 (small=True) reads for ``split``."""
     name = SPLITS[split]
-    return root / (f"data_256_{'challenge' if 'challenge' in name else 'standard'}"
-                   if name.startswith("train") else f"{name}_256")
+    return root / (
+        f"data_256_{'challenge' if 'challenge' in name else 'standard'}"
+        if name.startswith("train")
+        else f"{name}_256"
+    )
 
 
 def read_categories(root: Path) -> int:
@@ -85,8 +88,9 @@ def _more(count: int) -> str:
     return f" (and {count - 1} more problem(s))" if count > 1 else ""
 
 
-def check_split(root: Path, split: str, num_classes: int, *, files: bool = True,
-                threads: int = STAT_THREADS) -> SplitCheck:
+def check_split(
+    root: Path, split: str, num_classes: int, *, files: bool = True, threads: int = STAT_THREADS
+) -> SplitCheck:
     """Parse ``split``'s list file as torchvision does (whitespace-separated): two columns, an
     integer label in 0..num_classes-1, no image listed twice; with ``files``, stat every listed
     image (``threads`` at a time, in bounded chunks) for missing or empty files."""
@@ -98,12 +102,11 @@ def check_split(root: Path, split: str, num_classes: int, *, files: bool = True,
     seen: set[str] = set()
     chunk: list[tuple[int, str]] = []
     prefix = str(check.images_dir) + os.sep
-    with ThreadPoolExecutor(threads) as pool, \
-            open(check.list_file, encoding="utf-8", errors="replace") as f:
+    with ThreadPoolExecutor(threads) as pool, open(check.list_file, encoding="utf-8", errors="replace") as f:
 
         def stat_chunk() -> None:  # a few hundred stats per task: a future per file costs more
             paths = [p for _, p in chunk]
-            parts = [paths[i:i + STAT_BATCH] for i in range(0, len(paths), STAT_BATCH)]
+            parts = [paths[i : i + STAT_BATCH] for i in range(0, len(paths), STAT_BATCH)]
             verdicts = [v for part in pool.map(_stat_problems, parts) for v in part]
             for (number, path), verdict in zip(chunk, verdicts):
                 if verdict:
@@ -121,8 +124,9 @@ def check_split(root: Path, split: str, num_classes: int, *, files: bool = True,
             if not _is_int(label):
                 check.problem(number, f"label {label!r} is not an integer")
             elif not 0 <= int(label) < num_classes:
-                check.problem(number, f"label {label} is out of range 0..{num_classes - 1} "
-                                      f"({num_classes} categories)")
+                check.problem(
+                    number, f"label {label} is out of range 0..{num_classes - 1} ({num_classes} categories)"
+                )
             if image in seen:
                 check.problem(number, f"{image} is listed twice")
                 continue
@@ -161,20 +165,25 @@ def check_dataset(root: Path, splits=("train", "val"), *, files: bool = True) ->
     for split in splits:
         check = check_split(root, split, num_classes, files=files)
         if check.problem_count:
-            raise DataError(f"{check.problems[0]} (in {check.list_file})" + _more(check.problem_count)
-                            + (f"; also: {'; '.join(check.problems[1:])}" if len(check.problems) > 1 else ""))
+            raise DataError(
+                f"{check.problems[0]} (in {check.list_file})"
+                + _more(check.problem_count)
+                + (f"; also: {'; '.join(check.problems[1:])}" if len(check.problems) > 1 else "")
+            )
         checks.append(check)
     counts = ", ".join(f"{c.split} {c.lines:,} lines" for c in checks)
     what = "every listed image present and non-empty" if files else "image files not checked"
-    return (f"data check: {counts}, {num_classes} classes: lists well-formed, {what} "
-            f"({time.perf_counter() - start:.1f} s)")
+    return (
+        f"data check: {counts}, {num_classes} classes: lists well-formed, {what} "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
 
 
 def fetch_and_check(cfg, root: Path, *, files: bool = True):
     """The driver's data step before any worker starts: with ``--download`` torchvision first
     fetches what is missing, then the copy is checked like any other (the summary is printed).
     Returns ``cfg`` with ``download`` off: workers only read."""
-    from .data import open_split
+    from placesnet.data.places import open_split
 
     if cfg.download:
         open_split(cfg, "train", root), open_split(cfg, "val", root)

@@ -113,8 +113,15 @@ def decode_files(files: list[torch.Tensor], device: torch.device) -> tuple[list[
     return images, slow
 
 
-def decode_batch(buffer: torch.Tensor, offsets: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor,
-                 device: torch.device, transform, size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def decode_batch(
+    buffer: torch.Tensor,
+    offsets: torch.Tensor,
+    targets: torch.Tensor,
+    indices: torch.Tensor,
+    device: torch.device,
+    transform,
+    size: int,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Decode a packed batch on ``device``: (uint8 (B, 3, S, S) images on ``device``, CPU targets
     with undecodable files marked ``-(index + 1)``, how many files left nvJPEG's batch path).
 
@@ -134,8 +141,9 @@ def decode_batch(buffer: torch.Tensor, offsets: torch.Tensor, targets: torch.Ten
     return torch.stack([blank if o is None else o for o in out]), targets, slow
 
 
-def decode_uploads(uploads: list[bytes], device: torch.device, transform,
-                   max_pixels: int) -> list[torch.Tensor | Exception]:
+def decode_uploads(
+    uploads: list[bytes], device: torch.device, transform, max_pixels: int
+) -> list[torch.Tensor | Exception]:
     """The Serve endpoint's decode on a GPU replica: each uploaded image as ``transform``'s uint8
     (3, S, S) tensor on ``device``, or the :class:`~placesnet.images.BadImage` that says why not.
 
@@ -149,7 +157,7 @@ def decode_uploads(uploads: list[bytes], device: torch.device, transform,
 
     from PIL import Image
 
-    from .images import BadImage, decode_image
+    from placesnet.images import BadImage, decode_image
 
     def nvjpeg_can_take(data: bytes) -> bool:
         # no end-of-image marker: truncated, or trailing bytes; PIL's verdict, not nvJPEG's guess
@@ -157,8 +165,11 @@ def decode_uploads(uploads: list[bytes], device: torch.device, transform,
             return False
         try:
             with Image.open(io.BytesIO(data)) as img:  # the header only
-                return img.format == "JPEG" and img.mode in ("RGB", "L") and \
-                    img.size[0] * img.size[1] <= max_pixels
+                return (
+                    img.format == "JPEG"
+                    and img.mode in ("RGB", "L")
+                    and img.size[0] * img.size[1] <= max_pixels
+                )
         except Exception:  # noqa: BLE001 (anything PIL cannot read: decode_image says what)
             return False
 
@@ -172,8 +183,9 @@ def decode_uploads(uploads: list[bytes], device: torch.device, transform,
     fast = [i for i, data in enumerate(uploads) if nvjpeg_can_take(data)]
     if fast:
         with _DEVICE_DECODE:
-            decoded, _ = decode_files([torch.frombuffer(bytearray(uploads[i]), dtype=torch.uint8)
-                                       for i in fast], device)
+            decoded, _ = decode_files(
+                [torch.frombuffer(bytearray(uploads[i]), dtype=torch.uint8) for i in fast], device
+            )
         for i, image in zip(fast, decoded):
             out[i] = on_cpu(uploads[i]) if image is None else transform(image)
     for i, data in enumerate(uploads):
@@ -197,12 +209,15 @@ class DeviceDecode:
     def __iter__(self):
         warned = False
         for buffer, offsets, targets, indices in self.loader:
-            images, targets, slow = decode_batch(buffer, offsets, targets, indices, self.device,
-                                                 self.transform, self.size)
+            images, targets, slow = decode_batch(
+                buffer, offsets, targets, indices, self.device, self.transform, self.size
+            )
             self.slow += slow
             if slow and self.warn and not warned:
                 warned = True
-                self.warn(f"--decode gpu: {slow} file(s) of a batch of {len(targets)} were not plain "
-                          "JPEGs nvJPEG could batch (PNG, CMYK or corrupt); they were decoded one by "
-                          "one, the CPU decoding the non-JPEGs")
+                self.warn(
+                    f"--decode gpu: {slow} file(s) of a batch of {len(targets)} were not plain "
+                    "JPEGs nvJPEG could batch (PNG, CMYK or corrupt); they were decoded one by "
+                    "one, the CPU decoding the non-JPEGs"
+                )
             yield images, targets

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import engine
-from .config import TrainConfig, UserError
+from placesnet.config import TrainConfig, UserError
+from placesnet.train import engine, optim
 
 CSV_FILE, PNG_FILE = "lr_find.csv", "lr_find.png"
 
@@ -50,9 +50,14 @@ class LRFinderResult:
     settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"lrs": self.lrs, "losses": self.losses, "smoothed": self.smoothed,
-                "suggestion": self.suggestion, "stopped_early": self.stopped_early,
-                "settings": self.settings}
+        return {
+            "lrs": self.lrs,
+            "losses": self.losses,
+            "smoothed": self.smoothed,
+            "suggestion": self.suggestion,
+            "stopped_early": self.stopped_early,
+            "settings": self.settings,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "LRFinderResult":
@@ -95,8 +100,10 @@ def steepest(lrs: list[float], losses: list[float], skip: int = 10) -> float:
     """Lightning's suggestion: the lr where the loss falls fastest against log lr, ignoring the
     first ``skip`` points (fewer for short runs) and the last one."""
     skip = min(skip, max(len(losses) // 10, 1))
-    slopes = [(losses[i + 1] - losses[i - 1]) / math.log(lrs[i + 1] / lrs[i - 1])
-              for i in range(skip, len(losses) - 1)]
+    slopes = [
+        (losses[i + 1] - losses[i - 1]) / math.log(lrs[i + 1] / lrs[i - 1])
+        for i in range(skip, len(losses) - 1)
+    ]
     if not slopes:
         raise UserError(f"the LR range test needs at least 3 steps, it ran {len(losses)}")
     return lrs[skip + min(range(len(slopes)), key=slopes.__getitem__)]
@@ -105,10 +112,21 @@ def steepest(lrs: list[float], losses: list[float], skip: int = 10) -> float:
 SUGGESTIONS = {"steepest": steepest, "valley": valley, "minimum": minimum}
 
 
-def lr_range_test(model: nn.Module, loader, optimizer: torch.optim.Optimizer, device: torch.device, *,
-                  min_lr: float = 1e-5, max_lr: float = 10.0, steps: int = 100, smoothing: float = 0.98,
-                  diverge: float = 4.0, amp_dtype: torch.dtype | None = None,
-                  channels_last: bool = False, suggest: str = "steepest") -> LRFinderResult:
+def lr_range_test(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    min_lr: float = 1e-5,
+    max_lr: float = 10.0,
+    steps: int = 100,
+    smoothing: float = 0.98,
+    diverge: float = 4.0,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    suggest: str = "steepest",
+) -> LRFinderResult:
     """Run the range test on ``model`` (its weights change: pass a fresh one and discard it).
 
     ``loader`` is cycled if it has fewer than ``steps`` batches. Returns every lr and loss seen and
@@ -146,41 +164,82 @@ def lr_range_test(model: nn.Module, loader, optimizer: torch.optim.Optimizer, de
             stopped = True
             break
     if len(lrs) < 3:
-        raise UserError(f"the LR range test diverged after {len(lrs)} step(s): lower --min-lr "
-                        f"(now {min_lr:g})")
-    return LRFinderResult(lrs, losses, smoothed, SUGGESTIONS[suggest](lrs, smoothed), stopped,
-                          {"min_lr": min_lr, "max_lr": max_lr, "steps": steps, "smoothing": smoothing,
-                           "diverge": diverge, "suggest": suggest})
+        raise UserError(
+            f"the LR range test diverged after {len(lrs)} step(s): lower --min-lr (now {min_lr:g})"
+        )
+    return LRFinderResult(
+        lrs,
+        losses,
+        smoothed,
+        SUGGESTIONS[suggest](lrs, smoothed),
+        stopped,
+        {
+            "min_lr": min_lr,
+            "max_lr": max_lr,
+            "steps": steps,
+            "smoothing": smoothing,
+            "diverge": diverge,
+            "suggest": suggest,
+        },
+    )
 
 
-def find_lr(config: TrainConfig, root: Path, device: torch.device, *, loader_workers: int = 0,
-            min_lr: float = 1e-5, max_lr: float = 10.0, steps: int = 100,
-            suggest: str = "steepest") -> LRFinderResult:
+def find_lr(
+    config: TrainConfig,
+    root: Path,
+    device: torch.device,
+    *,
+    loader_workers: int = 0,
+    min_lr: float = 1e-5,
+    max_lr: float = 10.0,
+    steps: int = 100,
+    suggest: str = "steepest",
+) -> LRFinderResult:
     """The range test for ``config``'s model, data, batch size and optimizer settings: what
     ``rayjobs/train.py`` would train, on one worker with the GLOBAL batch."""
     from torch.utils.data import DataLoader
 
-    from .data import LoaderPlan, class_names, open_split
-    from .model import build_model
+    from placesnet.data.loaders import LoaderPlan
+    from placesnet.data.places import class_names, open_split
+    from placesnet.model import build_model
 
     torch.manual_seed(config.seed)
     train = open_split(config, "train", root)
     plan = LoaderPlan(loader_workers, 1, device.type == "cuda")
-    loader = DataLoader(train, batch_size=config.batch_size, shuffle=True,
-                        drop_last=len(train) >= config.batch_size,
-                        generator=torch.Generator().manual_seed(config.seed), **plan.kwargs())
+    loader = DataLoader(
+        train,
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=len(train) >= config.batch_size,
+        generator=torch.Generator().manual_seed(config.seed),
+        **plan.kwargs(),
+    )
     channels_last = config.channels_last and device.type == "cuda"
     model = build_model(config, len(class_names(train))).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = engine.build_optimizer(model, min_lr, config.momentum, config.weight_decay, device)
+    optimizer = optim.build_optimizer(model, min_lr, config.momentum, config.weight_decay, device)
     amp_dtype = engine.amp_dtype_for(device, config.amp)
     if amp_dtype == torch.float16:  # fp16 would need a GradScaler; the range test runs in fp32
         amp_dtype = None
-    result = lr_range_test(model, loader, optimizer, device, min_lr=min_lr, max_lr=max_lr, steps=steps,
-                           amp_dtype=amp_dtype, channels_last=channels_last, suggest=suggest)
-    result.settings.update(model=config.model, batch_size=config.batch_size,
-                           momentum=config.momentum, weight_decay=config.weight_decay)
+    result = lr_range_test(
+        model,
+        loader,
+        optimizer,
+        device,
+        min_lr=min_lr,
+        max_lr=max_lr,
+        steps=steps,
+        amp_dtype=amp_dtype,
+        channels_last=channels_last,
+        suggest=suggest,
+    )
+    result.settings.update(
+        model=config.model,
+        batch_size=config.batch_size,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
     return result
 
 
@@ -190,11 +249,12 @@ def write_outputs(result: LRFinderResult, write: "callable") -> list[str]:
 
     import pandas as pd
 
-    from .plots import lr_find_png
+    from placesnet.plots import lr_find_png
 
     buf = io.StringIO()
     pd.DataFrame({"lr": result.lrs, "loss": result.losses, "smoothed_loss": result.smoothed}).to_csv(
-        buf, index=False)
+        buf, index=False
+    )
     write(CSV_FILE, buf.getvalue().encode())
     write(PNG_FILE, lr_find_png(result.lrs, result.losses, result.smoothed, result.suggestion))
     return [CSV_FILE, PNG_FILE]
