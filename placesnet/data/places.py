@@ -2,7 +2,7 @@
 
 The input pipeline stays uint8 until it reaches the training device: files are decoded straight
 to uint8 tensors (``read_image_uint8`` as Places365's ``loader=``), resized and cropped as uint8,
-collated and pinned as uint8 (a quarter of float32's bytes), and :func:`normalize` turns them into
+collated and pinned as uint8 (a quarter of float32's bytes), and ``transforms.normalize`` turns them into
 the workshop's ToTensor + Normalize(0.5) values on the device, with identical numerics.
 
 torchvision checks the md5 of the categories and list files even when it does not download, so a

@@ -1,5 +1,11 @@
-"""Everything that ties the Ray-free pieces to Ray Train: the per-worker loop, the trainer,
-the callback that keeps metrics.csv/curves.png, and cluster resource checks."""
+"""The Ray Train jobs of this project: :func:`make_trainer` (training) and
+:func:`distributed_evaluate`, the per-worker entry points they hand to Ray, and the trainer that
+runs them (:class:`StopOnUserErrors`: no restarts for a user's mistake; Ctrl-C/SIGTERM end in
+:class:`Interrupted`).
+
+Ray Train's controller unpickles the entry points from this module for every run: it stays free of
+torchvision, pandas and matplotlib (tests/test_layout.py checks), and the worker loop
+(placesnet/launch/worker.py) is imported inside the entry points, on the workers only."""
 
 from __future__ import annotations
 
