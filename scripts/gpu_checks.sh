@@ -21,6 +21,9 @@ cd "$(dirname "$0")/.."
 OUT="${1:?usage: scripts/gpu_checks.sh OUT_DIR [--dry]}"
 DRY="${2:-}"
 PY="${PYTHON:-python3}"
+# Where the project is not installed (pip install -e .), its root goes on PYTHONPATH, as Ray's
+# working_dir does for `ray job submit`: the scripts below import placesnet and serving.
+"$PY" -c "import placesnet" 2>/dev/null || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 export PLACESNET_CACHE="${PLACESNET_CACHE:-$OUT/cache}" RAY_USAGE_STATS_ENABLED=0
 
