@@ -23,6 +23,7 @@ from placesnet.config import TrainConfig
 from placesnet.data.transforms import normalize
 from placesnet.model import build_model
 from placesnet.train import engine, optim
+from placesnet.train.step import StepSettings
 
 
 def _sync(device: torch.device):
@@ -56,6 +57,7 @@ def step_rate(
         images = images.contiguous(memory_format=torch.channels_last)
     targets = torch.randint(0, 365, (batch_size,), device=device)
     optimizer = optim.build_optimizer(model, 0.01, 0.9, 5e-4, device)
+    settings = StepSettings(amp_dtype=amp_dtype, channels_last=channels_last)  # bf16: no GradScaler
 
     def run(n: int) -> None:  # the project's own epoch function, over n copies of the batch
         engine.train_one_epoch(
@@ -63,8 +65,7 @@ def step_rate(
             [(images, targets)] * n,
             optimizer,
             device,
-            amp_dtype=amp_dtype,
-            channels_last=channels_last,
+            settings=settings,
         )
 
     with FlopCounterMode(display=False) as counter:  # also the warm-up step

@@ -30,6 +30,7 @@ from common import print_table, ratio, sample_root
 from placesnet.config import TrainConfig
 from placesnet.model import build_model
 from placesnet.train import engine, optim
+from placesnet.train.step import StepSettings, amp_dtype_for
 
 SYNCED = "amp + channels_last, host sync every step"
 MODES = [  # name, amp, channels_last, compile, check_every (0: the epoch loop's default)
@@ -57,9 +58,10 @@ def train_rate(
     then one timed epoch. ``loader``: real batches instead of synthetic ones on the device (its
     untimed epoch also starts its processes and warms the page cache)."""
     torch.manual_seed(0)
-    model = build_model(cfg, 365).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    # a CPU smoke run autocasts to bf16 where a GPU would (amp_dtype_for is None on the CPU)
+    amp_dtype = amp_dtype_for(device, amp) if device.type == "cuda" else (torch.bfloat16 if amp else None)
+    settings = StepSettings(amp_dtype=amp_dtype, channels_last=channels_last)
+    model = settings.prepare_model(build_model(cfg, 365).to(device))
     if compile:
         model.compile()
     batches = [
@@ -73,11 +75,7 @@ def train_rate(
     ]
     loader = loader if loader is not None else [batches[i % len(batches)] for i in range(steps)]
     optimizer = optim.build_optimizer(model, 0.01, 0.9, 5e-4, device)
-    amp_dtype = (
-        engine.amp_dtype_for(device, amp) if device.type == "cuda" else (torch.bfloat16 if amp else None)
-    )
-    scaler = engine.make_scaler(device, amp_dtype)
-    kwargs = dict(amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last, check_every=check_every)
+    kwargs = dict(settings=settings, scaler=settings.make_scaler(device), check_every=check_every)
     engine.train_one_epoch(model, loader, optimizer, device, **kwargs)
     return engine.train_one_epoch(model, loader, optimizer, device, **kwargs)["images_per_s"]
 

@@ -13,7 +13,7 @@ recipes differ.
 Each row trains, on the same files and in this process (no Ray):
 - **defaults**: ``--model`` (deepcnn) exactly as ``rayjobs/train.py`` would with no --lr: SGD +
   Nesterov, the model's lr per 256 images scaled to the row's batch, per-step warmup + cosine
-  (``engine.fit``, the epoch functions of a Ray Train worker);
+  (``engine.fit``: the training step and epoch functions of a Ray Train worker);
 - **reference**: a plain small CNN (3 conv-BN-ReLU-pool stages, global average pool, linear) with
   Adam at lr 1e-3 and batch 64, the settings of a typical PyTorch tutorial, for the same epochs.
 

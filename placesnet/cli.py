@@ -1,9 +1,11 @@
-"""Command-line pieces shared by rayjobs/, tuning/ and serving/: flags, config from flags,
-and the wrapper that turns a UserError into one clear line and a non-zero exit."""
+"""Command-line pieces shared by rayjobs/, tuning/ and serving/: the flags of TrainConfig's fields
+(derived from each field's option()), the config from those flags, and the wrapper that turns a
+UserError into one clear line and a non-zero exit."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -12,21 +14,18 @@ from pathlib import Path
 from typing import Callable
 
 from placesnet.config import (
-    BAD_IMAGE_POLICIES,
-    DATASET_DEFAULTS,
-    DATASETS,
-    DECODES,
-    INPUTS,
+    DATA,
+    DERIVED_DEFAULTS,
+    INPUT,
+    MODEL,
     MODEL_LR,
-    MODELS,
+    NO_FLAG,
     REFERENCE_BATCH,
-    SAMPLE_CLASSES,
-    SAMPLE_DIFFICULTIES,
-    SCHEDULES,
     Interrupted,
     TrainConfig,
     UserError,
-    default_lr,
+    fill_defaults,
+    flag,
 )
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -73,50 +72,82 @@ def int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+# How a flag's text becomes its field's value: by the field's type, except where the flag takes
+# other text than the field holds: --lr also 'auto', and --clip-grad-norm and --warmup-steps only
+# real values, not their field's "off" / "automatic" sentinel (0.0, -1).
+_PARSE_BY_TYPE = {
+    "int": int,
+    "int | None": int,
+    "float": float,
+    "str": str,
+    "str | None": str,
+    "tuple[int, ...]": int_list,
+}
+FLAG_PARSE = {"lr": lr_value, "clip_grad_norm": positive_float, "warmup_steps": non_negative_int}
+
+
+def option_fields() -> list[dataclasses.Field]:
+    """TrainConfig's fields that are command-line options: all but NO_FLAG, each an option()."""
+    found = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in NO_FLAG:
+            continue
+        if "help" not in f.metadata:
+            raise TypeError(
+                f"TrainConfig.{f.name} is not an option(): declare it with one, or list it in NO_FLAG"
+            )
+        found.append(f)
+    return found
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def add_field_arg(container, name: str, default_help: str | None = None) -> None:
+    """Add the flag of TrainConfig field ``name`` (config.flag) to a parser or argument group, with
+    the help, choices and default of its option(); the value lands in ``args.<name>``. An option
+    in DERIVED_DEFAULTS starts as None (fill_defaults resolves it). ``default_help`` replaces what
+    the help says of the default (a command whose default comes from elsewhere)."""
+    f = {f.name: f for f in option_fields()}[name]
+    meta = f.metadata
+    text = meta["help"]
+    if f.type == "bool":  # a switch: the flag sets the field to the opposite of its default
+        action = "store_false" if f.default else "store_true"
+        container.add_argument(flag(name), dest=name, action=action, help=text.replace("%", "%%"))
+        return
+    shown = default_help or meta["default_help"] or (None if f.default is None else _shown(f.default))
+    text += f" (default: {shown})" if shown else ""
+    container.add_argument(
+        flag(name),
+        dest=name,
+        type=FLAG_PARSE.get(name) or _PARSE_BY_TYPE[f.type],
+        choices=meta["choices"],
+        default=None if name in DERIVED_DEFAULTS else f.default,
+        metavar=meta["metavar"],
+        help=text.replace("%", "%%"),  # argparse %-formats help
+    )
+
+
+def add_config_args(p: argparse.ArgumentParser, group: str) -> argparse._ArgumentGroup:
+    """Add the flag of every option() of TrainConfig in ``group`` (config.GROUPS) to ``p``, under
+    that --help heading, in field order; options with one ``exclusive`` tag are mutually exclusive.
+    Returns the argument group, for a command's own flags under the same heading."""
+    g = p.add_argument_group(group)
+    exclusive = {}
+    for f in option_fields():
+        if f.metadata["group"] != group:
+            continue
+        tag = f.metadata["exclusive"]
+        if tag and tag not in exclusive:
+            exclusive[tag] = g.add_mutually_exclusive_group()
+        add_field_arg(exclusive[tag] if tag else g, f.name)
+    return g
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--dataset",
-        choices=DATASETS,
-        default="sample",
-        help="'sample': the embedded sample scenes (generated on first use); "
-        "'places365': torchvision's Places365 (default: %(default)s)",
-    )
-    g.add_argument(
-        "--data-root",
-        help="dataset directory (places365: default "
-        "/scratch/datasets/places365; sample: cache base, default ~/.cache/placesnet/sample)",
-    )
-    g.add_argument(
-        "--skip-verify",
-        action="store_true",
-        help="load a Places365 copy whose list files differ from the official ones "
-        "(a subset or derived copy); the layout must still match",
-    )
-    g.add_argument(
-        "--download",
-        action="store_true",
-        help="download Places365 (256x256, about 26 GB) into --data-root first",
-    )
-    g.add_argument(
-        "--image-size",
-        type=positive_int,
-        help="side in pixels the images are resized to "
-        f"(default: sample {DATASET_DEFAULTS['sample']['image_size']}, "
-        f"places365 {DATASET_DEFAULTS['places365']['image_size']})",
-    )
-    g.add_argument(
-        "--augment", action="store_true", help="random resized crop + horizontal flip on the training split"
-    )
-    g.add_argument(
-        "--bad-images",
-        choices=BAD_IMAGE_POLICIES,
-        default="fail",
-        help="an image file that cannot be decoded during training: 'fail' stops the run "
-        "at once, naming the file and its list line (no retries); 'skip' leaves it "
-        "out, logs its path and counts it in metrics.csv's skipped_images "
-        "(default: %(default)s)",
-    )
+    """The data options, and --no-check-files (a check before training, not part of the config)."""
+    g = add_config_args(p, DATA)
     g.add_argument(
         "--no-check-files",
         dest="check_files",
@@ -124,216 +155,47 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
         help="before training, check only the list files, not that every listed image "
         "exists and is non-empty (a stat per file: for slow network filesystems)",
     )
-    g.add_argument(
-        "--sample-difficulty",
-        choices=SAMPLE_DIFFICULTIES,
-        default="easy",
-        help="sample dataset: 'easy' (8 distinct scene kinds; about 99%% with any recipe) "
-        "or 'hard' (16 look-alike categories with occlusion, zoom, colour changes "
-        "and noise: where training recipes differ) (default: %(default)s)",
-    )
-    g.add_argument(
-        "--sample-classes",
-        type=positive_int,
-        help="sample dataset: number of classes, 2-8 easy, 2-16 hard (default: all: "
-        f"{SAMPLE_CLASSES['easy']} easy, {SAMPLE_CLASSES['hard']} hard)",
-    )
-    g.add_argument(
-        "--sample-train-per-class",
-        type=positive_int,
-        default=150,
-        help="sample dataset: training images per class (default: %(default)s)",
-    )
-    g.add_argument(
-        "--sample-val-per-class",
-        type=positive_int,
-        default=40,
-        help="sample dataset: validation images per class (default: %(default)s)",
-    )
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and optimisation")
-    g.add_argument(
-        "--model",
-        choices=MODELS,
-        default="deepcnn",
-        help="deepcnn: conv-BN-ReLU-pool stages + fc1(1024) + fc2; workshop: the "
-        "workshop's two conv layers (64, 128), corrected; resnet18: torchvision's, "
-        "random init (default: %(default)s)",
-    )
-    g.add_argument(
-        "--widths",
-        type=int_list,
-        default=(32, 64, 128, 256),
-        help="deepcnn: channels of each conv stage, e.g. 32,64,128,256 (the default)",
-    )
-    g.add_argument(
-        "--epochs",
-        type=positive_int,
-        help="epochs (default: sample "
-        f"{DATASET_DEFAULTS['sample']['epochs']}, places365 "
-        f"{DATASET_DEFAULTS['places365']['epochs']})",
-    )
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        help="GLOBAL batch size, split evenly across the "
-        "workers so results do not depend on the worker count (default: sample "
-        f"{DATASET_DEFAULTS['sample']['batch_size']}, places365 "
-        f"{DATASET_DEFAULTS['places365']['batch_size']})",
-    )
-    g.add_argument(
-        "--lr",
-        type=lr_value,
-        help="peak learning rate of SGD, or 'auto': run the LR "
-        "range test (rayjobs/lr_find.py) first and train with its suggestion. Default: "
-        f"the model's lr per {REFERENCE_BATCH} images ("
-        + ", ".join(f"{m} {lr:g}" for m, lr in MODEL_LR.items())
-        + ") x batch size / 256 (the linear scaling rule; see docs/recipe.md)",
-    )
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="default: %(default)s")
-    g.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default="cosine",
-        help="LR decay after the warmup, evaluated every step: cosine to 0, step (/10 at "
-        "50%% and 75%% of the steps) or none (default: %(default)s)",
-    )
-    warm = g.add_mutually_exclusive_group()
-    warm.add_argument(
-        "--warmup-steps",
-        type=non_negative_int,
-        help="linear LR warmup over this many optimizer steps (default: 5%% of all "
-        "steps, at least 50 (at most a fifth of the run), at most 5000)",
-    )
-    warm.add_argument(
-        "--warmup-epochs",
-        type=non_negative_int,
-        default=0,
-        help="linear LR warmup over this many epochs instead",
-    )
-    g.add_argument(
-        "--clip-grad-norm",
-        type=positive_float,
-        metavar="MAX",
-        help="clip the global gradient norm to MAX before every step (default: off)",
-    )
-    g.add_argument(
-        "--no-amp", action="store_true", help="GPU: train in fp32 instead of bf16/fp16 mixed precision"
-    )
-    g.add_argument(
-        "--no-channels-last",
-        action="store_true",
-        help="GPU: keep NCHW memory format instead of channels_last",
-    )
-    g.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the model: faster steps after a compile of a minute or "
-        "more; worth it for long GPU runs (see docs/benchmarks.md)",
-    )
-    g.add_argument(
-        "--loader-workers",
-        type=non_negative_int,
-        help="DataLoader processes per Ray worker (default: on GPU its CPUs minus one, "
-        "on CPU one per 4 CPUs)",
-    )
-    g.add_argument(
-        "--log-every",
-        type=non_negative_int,
-        default=0,
-        help="progress line every N steps (default: 10 per epoch when an epoch has >= 100 steps)",
-    )
-    g.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    """The model, optimisation and speed options."""
+    add_config_args(p, MODEL)
+
+
+def add_input_arg(p: argparse.ArgumentParser) -> None:
+    """--input and --decode, for the commands that train under Ray (train.py, sweep.py)."""
+    add_config_args(p, INPUT)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """Every TrainConfig option, by --help heading, and --no-check-files: train.py's and sweep.py's."""
+    add_data_args(p)
+    add_model_args(p)
+    add_input_arg(p)
+
+
+def _config(args: argparse.Namespace, fields: list[dataclasses.Field]) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)}
+    if values.get("lr") == "auto":  # a placeholder until the LR range test has run
+        values["lr"] = None
+    return TrainConfig(**fill_defaults(values)).validate()
 
 
 def data_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A validated TrainConfig from add_data_args' flags alone (the other fields at defaults)."""
-    difficulty = getattr(args, "sample_difficulty", "easy")
-    image_size = args.image_size or DATASET_DEFAULTS[args.dataset]["image_size"]
-    return TrainConfig(
-        dataset=args.dataset,
-        data_root=args.data_root,
-        skip_verify=args.skip_verify,
-        download=args.download,
-        image_size=image_size,
-        augment=args.augment,
-        bad_images=getattr(args, "bad_images", "fail"),
-        sample_difficulty=difficulty,
-        sample_classes=args.sample_classes or SAMPLE_CLASSES[difficulty],
-        sample_train_per_class=args.sample_train_per_class,
-        sample_val_per_class=args.sample_val_per_class,
-    ).validate()
-
-
-def add_input_arg(p: argparse.ArgumentParser) -> None:
-    """--input, for the commands that train under Ray (train.py, sweep.py)."""
-    p.add_argument(
-        "--input",
-        choices=INPUTS,
-        default="loader",
-        help="how images reach the workers: loader = DataLoader processes on each "
-        "worker's own CPUs; ray-data = Ray Data tasks decode on any node's CPUs, "
-        "CPU-only nodes included, and stream batches to the workers (see "
-        "docs/input.md) (default: %(default)s)",
-    )
-    p.add_argument(
-        "--decode",
-        choices=DECODES,
-        default="auto",
-        help="where --input loader decodes JPEGs: gpu = loader processes only read the "
-        "files and each GPU worker decodes its batches with nvJPEG; cpu = in the "
-        "loader processes; auto = gpu on GPU workers when the files are JPEGs "
-        "(default: %(default)s)",
-    )
+    return _config(args, [f for f in option_fields() if f.metadata["group"] == DATA])
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """A validated TrainConfig from parsed flags, with per-dataset defaults filled in."""
-    defaults = DATASET_DEFAULTS[args.dataset]
-
-    def pick(name):
-        value = getattr(args, name, None)
-        return defaults[name] if value is None else value
-
-    batch_size = pick("batch_size")
-    lr = getattr(args, "lr", None)
-    if lr is None or lr == "auto":  # "auto": a placeholder until the LR range test has run
-        lr = default_lr(args.model, max(batch_size, 1))
-    warmup_steps = getattr(args, "warmup_steps", None)
-    return (
-        data_config_from_args(args)
-        .replace(
-            model=args.model,
-            widths=args.widths,
-            epochs=pick("epochs"),
-            batch_size=batch_size,
-            lr=lr,
-            momentum=args.momentum,
-            weight_decay=args.weight_decay,
-            schedule=args.schedule,
-            warmup_steps=-1 if warmup_steps is None else warmup_steps,
-            warmup_epochs=args.warmup_epochs,
-            clip_grad_norm=getattr(args, "clip_grad_norm", None) or 0.0,
-            amp=not args.no_amp,
-            channels_last=not args.no_channels_last,
-            compile=args.compile,
-            loader_workers=args.loader_workers,
-            input=getattr(args, "input", "loader"),
-            decode=getattr(args, "decode", "auto"),
-            log_every=args.log_every,
-            seed=args.seed,
-        )
-        .validate()
-    )
+    """A validated TrainConfig from parsed flags: each option the parser had (the others at their
+    field defaults), with the defaults that depend on other options filled in (fill_defaults)."""
+    return _config(args, option_fields())
 
 
 def lr_source(args: argparse.Namespace, cfg: TrainConfig) -> str:
     """Where the lr of ``cfg`` came from, for the line train.py prints before training."""
     if args.lr is not None and args.lr != "auto":
-        return "--lr"
+        return flag("lr")
     return (
         f"{cfg.model} default {MODEL_LR[cfg.model]:g} per {REFERENCE_BATCH} images x "
         f"{cfg.batch_size}/{REFERENCE_BATCH}"

@@ -2,7 +2,9 @@
 
 A frozen :class:`TrainConfig` flows CLI -> ``train_loop_config`` (as a dict) -> every worker
 (rebuilt with :meth:`TrainConfig.from_dict`) -> each checkpoint (``config.json``) -> evaluation,
-prediction and serving, which rebuild the model from the checkpoint alone.
+prediction and serving, which rebuild the model from the checkpoint alone. Each field that is a
+command-line option is declared with option(): its default, --help text, choices and bounds in one
+place; placesnet.cli derives the flags from them and validate() checks them.
 """
 
 from __future__ import annotations
@@ -76,49 +78,239 @@ class Interrupted(Exception):
     """Ctrl-C or SIGTERM stopped a run; the message says how to go on. Exit status 130."""
 
 
+# The --help headings of the options (option(group=...)), in the order they are shown.
+DATA, MODEL, INPUT = "data", "model and optimisation", "input"
+GROUPS = (DATA, MODEL, INPUT)
+
+
+def _per_dataset(name: str) -> str:
+    return ", ".join(f"{dataset} {defaults[name]}" for dataset, defaults in DATASET_DEFAULTS.items())
+
+
+def option(
+    default,
+    help: str,
+    *,
+    group: str,
+    choices: tuple[str, ...] | None = None,
+    minimum: float | None = None,
+    below: float | None = None,
+    default_help: str | None = None,
+    exclusive: str | None = None,
+    metavar: str | None = None,
+):
+    """A TrainConfig field that is also a command-line option, declared once: its default, its --help
+    text and heading (``group``), and the values it takes. placesnet.cli derives the flag from it
+    (``clip_grad_norm`` -> ``--clip-grad-norm``; a switch on by default -> ``--no-amp``) and
+    validate() refuses values outside ``choices``, below ``minimum`` or not below ``below``.
+
+    default_help: what --help says the default is where the field's own value does not say it (a
+    sentinel such as -1, or a default that depends on other options: DERIVED_DEFAULTS);
+    exclusive: options with the same tag cannot be given together.
+    """
+    metadata = dict(
+        help=help,
+        group=group,
+        choices=choices,
+        minimum=minimum,
+        below=below,
+        default_help=default_help,
+        exclusive=exclusive,
+        metavar=metavar,
+    )
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
+    # Every field but those in NO_FLAG is a command-line option (see option()). The help of a switch
+    # that is on by default describes its --no- flag.
     # --- data ---
-    dataset: str = "sample"
-    data_root: str | None = None  # None: the sample cache dir, or required for places365
-    skip_verify: bool = False  # accept list files whose md5 differs from the official ones
-    download: bool = False
-    image_size: int = 64
-    augment: bool = False  # random resized crop + horizontal flip on the training split
-    bad_images: str = "fail"  # an image that cannot be decoded: "fail" stops the run, "skip" leaves it out
-    # sample-dataset shape (ignored for places365)
-    sample_difficulty: str = "easy"  # "hard": 16 look-alike classes where recipes differ
-    sample_classes: int = 8
-    sample_train_per_class: int = 150
-    sample_val_per_class: int = 40
-    # --- model ---
-    model: str = "deepcnn"
-    widths: tuple[int, ...] = (32, 64, 128, 256)  # one conv stage per width (deepcnn)
-    fc_hidden: int = 1024  # fc1 units, as in the workshop
-    dropout: float = 0.3
-    # --- optimisation ---
-    epochs: int = 8
-    batch_size: int = 64  # GLOBAL batch, split evenly across workers
-    lr: float = default_lr("deepcnn", 64)  # the PEAK lr; CLI default: default_lr(model, batch)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # evaluated per optimizer step
-    warmup_steps: int = -1  # linear warmup steps; -1: automatic (optim.warmup_steps_for)
-    warmup_epochs: int = 0  # > 0: warm up over this many epochs instead
-    clip_grad_norm: float = 0.0  # > 0: clip the global gradient norm to this before each step
-    label_smoothing: float = 0.0
-    # --- speed ---
-    amp: bool = True  # mixed precision on GPU (bf16 where supported, else fp16 + GradScaler)
-    channels_last: bool = True  # on GPU only
-    compile: bool = False  # torch.compile the model (minutes of compile time; pays off on long GPU runs)
-    loader_workers: int | None = None  # DataLoader processes per worker; None: from CPUs given
-    input: str = "loader"  # "ray-data": Ray Data decodes on any node's CPUs (placesnet/data/raydata.py)
-    decode: str = (
-        "auto"  # "gpu": nvJPEG on the worker's GPU; auto: gpu on CUDA workers when the files are JPEGs
+    dataset: str = option(
+        "sample",
+        "'sample': the embedded sample scenes (generated on first use); 'places365': torchvision's Places365",
+        group=DATA,
+        choices=DATASETS,
     )
-    log_every: int = 0  # progress line every N steps from rank 0; 0: about 10 per epoch
+    data_root: str | None = option(  # None: the sample cache dir, or required for places365
+        None,
+        "dataset directory",
+        group=DATA,
+        default_help="places365: /scratch/datasets/places365; sample: cache base ~/.cache/placesnet/sample",
+    )
+    skip_verify: bool = option(
+        False,
+        "load a Places365 copy whose list files differ from the official ones (a subset or derived "
+        "copy); the layout must still match",
+        group=DATA,
+    )
+    download: bool = option(
+        False, "download Places365 (256x256, about 26 GB) into --data-root first", group=DATA
+    )
+    image_size: int = option(
+        DATASET_DEFAULTS["sample"]["image_size"],
+        "side in pixels the images are resized to",
+        group=DATA,
+        minimum=8,
+        default_help=_per_dataset("image_size"),
+    )
+    augment: bool = option(False, "random resized crop + horizontal flip on the training split", group=DATA)
+    bad_images: str = option(
+        "fail",
+        "an image file that cannot be decoded during training: 'fail' stops the run at once, naming "
+        "the file and its list line (no retries); 'skip' leaves it out, logs its path and counts it "
+        "in metrics.csv's skipped_images",
+        group=DATA,
+        choices=BAD_IMAGE_POLICIES,
+    )
+    # sample-dataset shape (ignored for places365)
+    sample_difficulty: str = option(
+        "easy",
+        "sample dataset: 'easy' (8 distinct scene kinds; about 99% with any recipe) or 'hard' (16 "
+        "look-alike categories with occlusion, zoom, colour changes and noise: where training "
+        "recipes differ)",
+        group=DATA,
+        choices=SAMPLE_DIFFICULTIES,
+    )
+    sample_classes: int = option(
+        SAMPLE_CLASSES["easy"],
+        "sample dataset: number of classes, "
+        + ", ".join(f"2-{n} {difficulty}" for difficulty, n in SAMPLE_CLASSES.items()),
+        group=DATA,
+        minimum=1,
+        default_help="all: " + ", ".join(f"{n} {difficulty}" for difficulty, n in SAMPLE_CLASSES.items()),
+    )
+    sample_train_per_class: int = option(
+        150, "sample dataset: training images per class", group=DATA, minimum=1
+    )
+    sample_val_per_class: int = option(
+        40, "sample dataset: validation images per class", group=DATA, minimum=1
+    )
+    # --- model ---
+    model: str = option(
+        "deepcnn",
+        "deepcnn: conv-BN-ReLU-pool stages + fc1 (--fc-hidden units, --dropout) + fc2; workshop: the "
+        "workshop's two conv layers (64, 128), corrected; resnet18: torchvision's, random init",
+        group=MODEL,
+        choices=MODELS,
+    )
+    widths: tuple[int, ...] = option(
+        (32, 64, 128, 256), "deepcnn: channels of each conv stage, comma-separated", group=MODEL
+    )
+    fc_hidden: int = option(
+        1024,
+        "deepcnn: units of fc1, the hidden fully connected layer (as in the workshop)",
+        group=MODEL,
+        minimum=1,
+    )
+    dropout: float = option(
+        0.3, "deepcnn: dropout probability on fc1's output", group=MODEL, minimum=0.0, below=1.0
+    )
+    # --- optimisation ---
+    epochs: int = option(
+        DATASET_DEFAULTS["sample"]["epochs"],
+        "epochs",
+        group=MODEL,
+        minimum=1,
+        default_help=_per_dataset("epochs"),
+    )
+    batch_size: int = option(
+        DATASET_DEFAULTS["sample"]["batch_size"],
+        "GLOBAL batch size, split evenly across the workers so results do not depend on the worker count",
+        group=MODEL,
+        minimum=1,
+        default_help=_per_dataset("batch_size"),
+    )
+    lr: float = option(
+        default_lr("deepcnn", DATASET_DEFAULTS["sample"]["batch_size"]),
+        "peak learning rate of SGD, or 'auto': run the LR range test (rayjobs/lr_find.py) first and "
+        "train with its suggestion",
+        group=MODEL,
+        default_help=f"the model's lr per {REFERENCE_BATCH} images ("
+        + ", ".join(f"{m} {lr:g}" for m, lr in MODEL_LR.items())
+        + f") x batch size / {REFERENCE_BATCH}: the linear scaling rule, see docs/recipe.md",
+    )
+    momentum: float = option(0.9, "SGD momentum", group=MODEL, minimum=0.0)
+    weight_decay: float = option(5e-4, "SGD weight decay", group=MODEL, minimum=0.0)
+    schedule: str = option(
+        "cosine",
+        "LR decay after the warmup, evaluated every step: cosine to 0, step (/10 at 50% and 75% of "
+        "the steps) or none",
+        group=MODEL,
+        choices=SCHEDULES,
+    )
+    warmup_steps: int = option(  # -1: automatic (optim.warmup_steps_for)
+        -1,
+        "linear LR warmup over this many optimizer steps",
+        group=MODEL,
+        minimum=-1,
+        exclusive="warmup",
+        default_help="5% of all steps, at least 50 (at most a fifth of the run), at most 5000",
+    )
+    warmup_epochs: int = option(  # > 0: warm up over this many epochs instead
+        0, "linear LR warmup over this many epochs instead", group=MODEL, minimum=0, exclusive="warmup"
+    )
+    clip_grad_norm: float = option(  # 0.0: no clipping
+        0.0,
+        "clip the global gradient norm to MAX before every step",
+        group=MODEL,
+        minimum=0.0,
+        default_help="off",
+        metavar="MAX",
+    )
+    label_smoothing: float = option(
+        0.0,
+        "label smoothing of the training loss: the share of each target spread evenly over all "
+        "classes (the true class keeps the rest)",
+        group=MODEL,
+        minimum=0.0,
+        below=1.0,
+    )
+    # --- speed ---
+    amp: bool = option(  # on GPU: bf16 where supported, else fp16 + GradScaler
+        True, "GPU: train in fp32 instead of bf16/fp16 mixed precision", group=MODEL
+    )
+    channels_last: bool = option(True, "GPU: keep NCHW memory format instead of channels_last", group=MODEL)
+    compile: bool = option(
+        False,
+        "torch.compile the model: faster steps after a compile of a minute or more; worth it for long "
+        "GPU runs (see docs/benchmarks.md)",
+        group=MODEL,
+    )
+    loader_workers: int | None = option(  # None: from the CPUs a worker is given
+        None,
+        "DataLoader processes per Ray worker",
+        group=MODEL,
+        minimum=0,
+        default_help="on GPU its CPUs minus one, on CPU one per 4 CPUs",
+    )
+    input: str = option(  # placesnet/data/raydata.py
+        "loader",
+        "how images reach the workers: loader = DataLoader processes on each worker's own CPUs; "
+        "ray-data = Ray Data tasks decode on any node's CPUs, CPU-only nodes included, and stream "
+        "batches to the workers (see docs/input.md)",
+        group=INPUT,
+        choices=INPUTS,
+    )
+    decode: str = option(  # placesnet/data/gpudecode.py
+        "auto",
+        "where --input loader decodes JPEGs: gpu = loader processes only read the files and each GPU "
+        "worker decodes its batches with nvJPEG; cpu = in the loader processes; auto = gpu on GPU "
+        "workers when the files are JPEGs",
+        group=INPUT,
+        choices=DECODES,
+    )
+    log_every: int = option(
+        0,
+        "progress line every N steps from rank 0",
+        group=MODEL,
+        minimum=0,
+        default_help="10 per epoch when an epoch has >= 100 steps",
+    )
     # --- where / how ---
-    seed: int = 0
+    seed: int = option(
+        0, "random seed: initial weights, order of the training data, generated sample images", group=MODEL
+    )
     extra: dict = field(default_factory=dict, compare=False)  # free-form notes kept in checkpoints
 
     def __post_init__(self) -> None:
@@ -140,67 +332,92 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> "TrainConfig":
-        """Raise UserError for values that cannot work; return self so calls chain."""
-        if self.dataset not in DATASETS:
-            raise UserError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
-        if self.model not in MODELS:
-            raise UserError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
-        if self.bad_images not in BAD_IMAGE_POLICIES:
-            raise UserError(
-                f"unknown --bad-images {self.bad_images!r}; choose one of {', '.join(BAD_IMAGE_POLICIES)}"
-            )
-        if self.input not in INPUTS:
-            raise UserError(f"unknown --input {self.input!r}; choose one of {', '.join(INPUTS)}")
-        if self.decode not in DECODES:
-            raise UserError(f"unknown --decode {self.decode!r}; choose one of {', '.join(DECODES)}")
+        """Raise UserError for values that cannot work, naming the flag that sets them (their
+        option()'s choices and bounds, then the rules between fields); return self so calls chain."""
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value not in choices:
+                raise UserError(f"unknown {flag(f.name)} {value!r}; choose one of {', '.join(choices)}")
+        for f in dataclasses.fields(self):
+            value, low, below = getattr(self, f.name), f.metadata.get("minimum"), f.metadata.get("below")
+            if value is None or low is None:
+                continue
+            if below is not None and not low <= value < below:
+                raise UserError(f"{flag(f.name)} must be in [{low:g}, {below:g}), got {value}")
+            if not value >= low:  # also refuses nan
+                raise UserError(f"{flag(f.name)} must be >= {low:g}, got {value}")
         if self.decode == "gpu" and self.input == "ray-data":
             raise UserError(
-                "--decode gpu is for --input loader: with --input ray-data, Ray Data's CPU tasks decode"
+                f"{flag('decode')} gpu is for {flag('input')} loader: with {flag('input')} ray-data, "
+                "Ray Data's CPU tasks decode"
             )
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         checks = [
-            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.image_size >= 8, f"--image-size must be >= 8 pixels, got {self.image_size}"),
-            (self.momentum >= 0, f"--momentum must be >= 0, got {self.momentum}"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
+            (self.lr > 0, f"{flag('lr')} must be > 0, got {self.lr}"),
             (
-                0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
-                f"--warmup-epochs must be smaller than --epochs, got {self.warmup_epochs}",
-            ),
-            (self.warmup_steps >= -1, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
-            (self.clip_grad_norm >= 0, f"--clip-grad-norm must be > 0, got {self.clip_grad_norm}"),
-            (
-                self.sample_difficulty in SAMPLE_DIFFICULTIES,
-                f"unknown sample difficulty {self.sample_difficulty!r}; choose one of "
-                f"{', '.join(SAMPLE_DIFFICULTIES)}",
-            ),
-            (
-                self.loader_workers is None or self.loader_workers >= 0,
-                f"--loader-workers must be >= 0, got {self.loader_workers}",
+                self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
+                f"{flag('warmup_epochs')} must be smaller than {flag('epochs')}, got {self.warmup_epochs}",
             ),
             (
                 len(self.widths) >= 1 and all(w >= 1 for w in self.widths),
-                f"--widths must be positive integers, got {list(self.widths)}",
+                f"{flag('widths')} must be positive integers, got {list(self.widths)}",
             ),
             (
                 self.dataset != "sample"
-                or 2 <= self.sample_classes <= SAMPLE_CLASSES.get(self.sample_difficulty, 0),
-                f"--sample-classes must be 2 to {SAMPLE_CLASSES.get(self.sample_difficulty)} for the "
+                or 2 <= self.sample_classes <= SAMPLE_CLASSES[self.sample_difficulty],
+                f"{flag('sample_classes')} must be 2 to {SAMPLE_CLASSES[self.sample_difficulty]} for the "
                 f"{self.sample_difficulty} sample, got {self.sample_classes}",
-            ),
-            (
-                self.sample_train_per_class >= 1 and self.sample_val_per_class >= 1,
-                "sample_train_per_class and sample_val_per_class must be >= 1",
             ),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
         return self
+
+
+# TrainConfig fields that have no command-line flag, each with the reason; every other field is an
+# option() with a flag (tests/test_options.py checks both ways).
+NO_FLAG = {
+    "extra": "free-form notes a program stores in the checkpoint, not a training setting",
+}
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def flag(name: str) -> str:
+    """The flag of TrainConfig field ``name``: 'clip_grad_norm' -> '--clip-grad-norm'; a switch
+    that is on by default is turned off by its flag: 'amp' -> '--no-amp'. KeyError for a name
+    that is not a field or has no flag (NO_FLAG)."""
+    if name in NO_FLAG:
+        raise KeyError(f"TrainConfig.{name} has no flag: {NO_FLAG[name]}")
+    dashed = name.replace("_", "-")
+    return f"--no-{dashed}" if _FIELDS[name].default is True else f"--{dashed}"
+
+
+def _dataset_default(name: str):
+    return lambda values: DATASET_DEFAULTS.get(values["dataset"], DATASET_DEFAULTS["sample"])[name]
+
+
+# Options whose default depends on other options: left unset (None) on the command line, they are
+# resolved by fill_defaults in this order (lr needs the batch size). Their option() says so in --help.
+DERIVED_DEFAULTS = {
+    "image_size": _dataset_default("image_size"),
+    "epochs": _dataset_default("epochs"),
+    "batch_size": _dataset_default("batch_size"),
+    "sample_classes": lambda values: SAMPLE_CLASSES.get(values["sample_difficulty"], SAMPLE_CLASSES["easy"]),
+    "lr": lambda values: default_lr(
+        values["model"] if values["model"] in MODEL_LR else "deepcnn", max(values["batch_size"], 1)
+    ),
+}
+
+
+def fill_defaults(values: dict) -> dict:
+    """``values`` (field -> value, as parsed from the command line) with each DERIVED_DEFAULTS
+    option that is None filled in from the others (missing ones count at their field default).
+    Fields missing from ``values`` stay missing: TrainConfig gives them its defaults."""
+    filled = dict(values)
+    for name, derive in DERIVED_DEFAULTS.items():
+        if name in filled and filled[name] is None:
+            filled[name] = derive({**{n: f.default for n, f in _FIELDS.items()}, **filled})
+    return filled
 
 
 def pretty(name: str) -> str:

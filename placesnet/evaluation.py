@@ -18,7 +18,8 @@ from placesnet.config import UserError, pretty
 from placesnet.data.loaders import ShardSampler, loader_kwargs
 from placesnet.data.places import class_names, open_split
 from placesnet.data.transforms import eval_transform, normalize
-from placesnet.train.engine import amp_dtype_for, evaluate
+from placesnet.train.engine import evaluate
+from placesnet.train.step import amp_dtype_for
 
 
 def evaluate_checkpoint(

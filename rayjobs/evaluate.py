@@ -28,7 +28,7 @@ import argparse
 import json
 from pathlib import Path
 
-from placesnet.cli import non_negative_int, positive_int, ray_init, run_cli
+from placesnet.cli import add_field_arg, non_negative_int, positive_int, ray_init, run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,12 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "newest finished run under ~/ray_results; latest:STORAGE_PATH for another)",
     )
     p.add_argument("--split", default="val", help="val (default) or train")
-    p.add_argument("--data-root", help="dataset directory (default: the one the checkpoint was trained on)")
-    p.add_argument(
-        "--skip-verify",
-        action="store_true",
-        help="accept Places365 list files that differ from the official ones",
-    )
+    # These two override the checkpoint's config: TrainConfig's flags, with its defaults.
+    add_field_arg(p, "data_root", default_help="the one the checkpoint was trained on")
+    add_field_arg(p, "skip_verify")
     p.add_argument("--batch-size", type=positive_int, default=256, help="per worker (default: %(default)s)")
     p.add_argument(
         "--num-workers",

@@ -5,7 +5,7 @@ r"""Train DeepCNN for scene classification with Ray Train (PyTorch DDP on every 
     # the real Places365 (256x256 'small' images) on 4 GPUs of a running cluster:
     python rayjobs/train.py --dataset places365 --data-root /scratch/datasets/places365 \
         --num-workers 4 --gpu --storage-path /shared/ray_results --name places-deepcnn
-    # as a Ray job (token auth on: the CLI needs RAY_AUTH_MODE=token, see README):
+    # as a Ray job (token auth on: the CLI needs RAY_AUTH_MODE=token, docs/clusters.md):
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python rayjobs/train.py --num-workers 2
 
@@ -21,9 +21,7 @@ import time
 from pathlib import Path
 
 from placesnet.cli import (
-    add_data_args,
-    add_input_arg,
-    add_model_args,
+    add_train_args,
     config_from_args,
     lr_source,
     positive_int,
@@ -38,9 +36,7 @@ ARCHITECTURE = ("dataset", "model", "widths", "fc_hidden", "sample_difficulty", 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_args(p)
-    add_model_args(p)
-    add_input_arg(p)
+    add_train_args(p)
     g = p.add_argument_group("cluster and outputs")
     g.add_argument(
         "--num-workers",
@@ -122,51 +118,34 @@ def main(argv=None) -> int:
         raise UserError("--decode gpu decodes on the workers' GPUs, but --cpu trains on CPUs")
 
     # Imports that pull in Ray and torch come after argument checks, so --help and typos are fast.
-    from placesnet.data.places import class_names, describe, open_split, resolve_data_root
-    from placesnet.data.validate import fetch_and_check
+    from placesnet.data.places import class_names
+    from placesnet.launch.driver import setup_driver
     from placesnet.launch.outputs import summarize
-    from placesnet.launch.preflight import check_cluster_paths, check_storage_writable
     from placesnet.launch.resources import plan_resources
-    from placesnet.launch.resume import prepare_resume
     from placesnet.launch.trainer import RESUME_HINT, diverged, failure_message, make_trainer
 
-    storage = args.storage_path
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
+    # Storage, --name and the data are checked before Ray starts (placesnet/launch/driver.py).
     name = args.name or f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if "/" in name or name in ("", ".", ".."):
-        raise UserError(f"--name must be a plain directory name, got {name!r}")
-    run_dir = Path(storage) / name  # local storage; messages below also name remote ones
-    run_label = f"{storage.rstrip('/')}/{name}"
-    check_storage_writable(storage)  # before the data check and Ray: one line if it cannot work
+    driver = setup_driver(cfg, storage_path=args.storage_path, name=name, check_files=args.check_files)
+    cfg, storage, root, run_label = driver.cfg, driver.storage, driver.root, driver.label
+    classes = class_names(driver.train_ds)
 
-    # Resolve and check the data on the driver: layout errors, bad list lines and missing or empty
-    # images surface here, before any worker starts.
-    root = resolve_data_root(cfg)
-    if cfg.dataset == "places365":
-        cfg = cfg.replace(data_root=str(root))
-    cfg = fetch_and_check(cfg, root, files=args.check_files)
-    train_ds, val_ds = open_split(cfg, "train", root), open_split(cfg, "val", root)
-    classes = class_names(train_ds)
-    print(f"data: train {describe(train_ds)}; val {len(val_ds)} images")
-
-    resume = prepare_resume(run_dir) if "://" not in storage else None
-    for note in resume.notes if resume else []:
-        print(note)
+    resume = driver.resume()
     previous = resume.config if resume else None
     source = lr_source(args, cfg)
     if previous:
         changed = [k for k in ARCHITECTURE if previous.get(k) != cfg.to_dict().get(k)]
         if changed:
             raise UserError(
-                f"{run_dir} holds a run with a different {', '.join(changed)}; "
+                f"{run_label} holds a run with a different {', '.join(changed)}; "
                 "resume it with the same settings or pick a new --name"
             )
-        print(f"resuming run {run_dir} from {resume.checkpoint.name} (epoch {resume.epoch})")
+        print(f"resuming run {run_label} from {resume.checkpoint.name} (epoch {resume.epoch})")
         if args.lr == "auto":  # the schedule continues: keep the lr the range test found before
             cfg, source = cfg.replace(lr=previous["lr"]), "--lr auto, found when the run started"
 
     ray_init(args.address)
+    driver.check_cluster()  # on a multi-node cluster: every node sees the storage and the data
     import ray.train
 
     res = plan_resources(
@@ -183,7 +162,6 @@ def main(argv=None) -> int:
             "--decode gpu decodes on the workers' GPUs, but this run trains on CPUs; "
             "drop --decode gpu or train with --gpu"
         )
-    check_cluster_paths(storage, root if cfg.dataset == "places365" else None)
     if args.lr == "auto" and not previous:
         cfg, source = find_lr_on_cluster(cfg, root, res, storage, name), "--lr auto: LR range test"
     print(
@@ -199,7 +177,7 @@ def main(argv=None) -> int:
         cfg,
         root,
         res,
-        storage_path=storage,
+        storage_path=storage.storage_path,
         name=name,
         max_failures=args.max_failures,
         keep=args.keep_checkpoints,
@@ -222,26 +200,25 @@ def main(argv=None) -> int:
         if result.checkpoint is None:
             raise UserError(f"{message} (run dir: {run_label}; no epoch finished, so no checkpoint)")
         # The epochs before are sound: their summary, metrics.csv and curves, as after a full run.
-        summary, _ = summarize(result, storage, name)  # metrics.csv and curves are up to date
+        summary, _ = summarize(result, storage.uri, name)  # metrics.csv and curves are up to date
         done = summary["epochs_completed"]
         kept = "epoch 1 is kept" if done == 1 else f"epochs 1-{done} are kept"
         raise UserError(
             f"{message} (run dir: {run_label}; {kept}, the best checkpoint is {summary['best_checkpoint']})"
         )
-    summary, history = summarize(result, storage, name)
-    _print_results(summary, history)
+    summary, history = summarize(result, storage.uri, name)
+    _print_results(summary, history, storage, name)
     return 0
 
 
-def find_lr_on_cluster(cfg, root: Path, res, storage: str, name: str):
+def find_lr_on_cluster(cfg, root: Path, res, storage, name: str):
     """--lr auto: the LR range test on one worker's resources (a GPU when training uses GPUs);
-    writes lr_find.png/.csv into the run dir and returns ``cfg`` with the suggested lr."""
-    import posixpath
-
+    writes lr_find.png/.csv into the run dir (``storage``: a driver.Storage) and returns ``cfg``
+    with the suggested lr."""
     import ray
-    from pyarrow import fs as pafs
 
     from placesnet.launch.trainer import run_lr_find
+    from placesnet.train.lr_find import PNG_FILE, write_outputs
 
     print(f"--lr auto: running the LR range test on one worker (global batch {cfg.batch_size})")
     task = ray.remote(run_lr_find).options(
@@ -252,21 +229,10 @@ def find_lr_on_cluster(cfg, root: Path, res, storage: str, name: str):
     except ray.exceptions.RayTaskError as e:
         cause = e.cause if isinstance(getattr(e, "cause", None), UserError) else None
         raise UserError(str(cause) if cause else f"the LR range test failed: {e}") from None
-    filesystem, base = pafs.FileSystem.from_uri(storage if "://" in storage else f"file://{storage}")
-    run_dir = posixpath.join(base, name)
-    filesystem.create_dir(run_dir, recursive=True)
-
-    def write(file: str, data: bytes) -> None:
-        with filesystem.open_output_stream(posixpath.join(run_dir, file)) as f:
-            f.write(data)
-
-    from placesnet.train.lr_find import PNG_FILE, write_outputs
-
-    write_outputs(result, write)
-    label = f"{storage.rstrip('/')}/{name}/{PNG_FILE}"
+    write_outputs(result, lambda file, data: storage.write(data, name, file))
     print(
         f"LR range test: {len(result.lrs)} steps up to lr {result.lrs[-1]:.3g}; suggested lr "
-        f"{result.suggestion:.4g} (plot: {label})"
+        f"{result.suggestion:.4g} (plot: {storage.label(name, PNG_FILE)})"
     )
     return cfg.replace(lr=result.suggestion)
 
@@ -284,8 +250,12 @@ def check_batch(batch_size: int, num_workers: int, note: bool = True) -> None:
         )
 
 
-def _print_results(summary: dict, history: list[dict]) -> None:
+def _print_results(summary: dict, history: list[dict], storage, name: str) -> None:
+    """The epoch table, the best epoch, and where the outputs are: the commands (TensorBoard,
+    Serve) name local paths when the storage is on this machine (``storage``: a driver.Storage)."""
     import pandas as pd
+
+    from placesnet.launch.driver import serve_command
 
     cols = [
         "epoch",
@@ -313,8 +283,9 @@ def _print_results(summary: dict, history: list[dict]) -> None:
     print(f"best checkpoint: {summary['best_checkpoint']}")
     print(f"metrics:         {summary['metrics_csv']}")
     print(f"curves:          {summary['curves_png']}")
-    print(f"tensorboard:     tensorboard --logdir {summary['tensorboard_dir']}")
+    print(f"tensorboard:     tensorboard --logdir {storage.readable(storage.fs_path(name, 'tensorboard'))}")
     print(f"summary:         {summary['summary_json']}")
+    print(f"serve it:        {serve_command(storage, storage.fs_path(name), summary['best_checkpoint'])}")
 
 
 if __name__ == "__main__":

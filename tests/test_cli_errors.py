@@ -32,6 +32,9 @@ def train(*args, tmp_path):
         (["--decode", "gpu", "--cpu"], "--decode gpu decodes on the workers' GPUs, but --cpu"),
         (["--decode", "gpu", "--input", "ray-data"], "--decode gpu is for --input loader"),
         (["--input", "spark"], "invalid choice"),
+        (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+        (["--label-smoothing", "-0.1"], "--label-smoothing must be in [0, 1)"),
+        (["--fc-hidden", "0"], "--fc-hidden must be >= 1"),
     ],
 )
 def test_bad_flags(args, fragment, tmp_path):
@@ -58,6 +61,32 @@ def test_derived_copy_needs_skip_verify(tiny_root, tmp_path):
     shutil.copytree(tiny_root, root)
     proc = train("--dataset", "places365", "--data-root", root, tmp_path=tmp_path)
     assert_user_error(proc, "--skip-verify")
+
+
+@pytest.mark.parametrize("script", ["rayjobs/train.py", "tuning/sweep.py"])
+def test_a_name_outside_the_storage_path_is_refused_before_ray(script, tmp_path):
+    """--name is one directory under --storage-path (the shared driver setup checks it): refused
+    first, before the storage is written, the data checked (a missing --data-root here) or Ray
+    contacted (a dead address)."""
+    extra = ["--grid", "--lrs", "0.1"] if "sweep" in script else []
+    proc = run_script(
+        script,
+        *TINY_ARGS,
+        *extra,
+        "--dataset",
+        "places365",
+        "--data-root",
+        tmp_path / "nowhere",
+        "--storage-path",
+        tmp_path / "runs",
+        "--name",
+        "../escape",
+        "--address",
+        "127.0.0.1:1",
+    )
+    assert_user_error(proc, "--name must be a plain directory name, got '../escape'")
+    assert "cannot connect" not in proc.stderr
+    assert not list(tmp_path.iterdir())  # neither the storage path nor ../escape beside it
 
 
 @pytest.mark.parametrize("script,extra", [("rayjobs/evaluate.py", []), ("rayjobs/predict.py", ["x.jpg"])])

@@ -89,10 +89,10 @@ def test_kuberay_manifests(name, kind):
 def test_serve_config_keeps_the_endpoint_on_the_machine():
     config = yaml.safe_load((REPO / "serving/config.yaml").read_text())
     assert config["http_options"]["host"] == "127.0.0.1"  # opened only on purpose, with a key
-    from serving.app import SECRETS, _secret_options
+    from placesnet.serve.options import SECRETS, parse_args
 
     args = config["applications"][0]["args"]
-    assert not set(args) & set(SECRETS) or _secret_options(args)  # if set, a valid reference
+    assert not set(args) & set(SECRETS) or parse_args(args)  # if set, a valid reference
 
 
 def _parses(script: str, args: list[str]) -> None:

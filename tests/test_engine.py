@@ -12,6 +12,7 @@ from placesnet.config import UserError
 from placesnet.data.places import class_names, open_split
 from placesnet.model import build_model
 from placesnet.train import engine, optim
+from placesnet.train.step import StepSettings, to_device
 
 CPU = torch.device("cpu")
 
@@ -195,24 +196,15 @@ def test_gpu_fast_path_trains(tiny_config, tiny_root):
     """bf16/fp16 autocast + channels_last + fused SGD on a GPU: the loss goes down."""
     device = torch.device("cuda")
     train = open_split(tiny_config, "train", tiny_root)
-    model = build_model(tiny_config, 4).to(device).to(memory_format=torch.channels_last)
+    settings = StepSettings.from_config(tiny_config.replace(amp=True, channels_last=True), device)
+    assert settings.amp_dtype in (torch.bfloat16, torch.float16) and settings.channels_last
+    model = settings.prepare_model(build_model(tiny_config, 4).to(device))
     opt = optim.build_optimizer(model, 0.05, 0.9, 5e-4, device)
-    amp = engine.amp_dtype_for(device)
-    assert amp in (torch.bfloat16, torch.float16)
+    scaler = settings.make_scaler(device)
     loader = DataLoader(train, 32, shuffle=True, pin_memory=True)
-    first = engine.train_one_epoch(
-        model, loader, opt, device, amp_dtype=amp, scaler=engine.make_scaler(device, amp), channels_last=True
-    )
+    first = engine.train_one_epoch(model, loader, opt, device, settings=settings, scaler=scaler)
     for _ in range(3):
-        last = engine.train_one_epoch(
-            model,
-            loader,
-            opt,
-            device,
-            amp_dtype=amp,
-            scaler=engine.make_scaler(device, amp),
-            channels_last=True,
-        )
+        last = engine.train_one_epoch(model, loader, opt, device, settings=settings, scaler=scaler)
     assert last["train_loss"] < first["train_loss"]
 
 
@@ -264,9 +256,7 @@ def test_uint8_batches_are_pinned_and_normalised_on_the_gpu(tiny_root):
     loader = DataLoader(ds, batch_size=8, **LoaderPlan.for_worker(2, on_gpu=True).kwargs())
     images, _ = next(iter(loader))
     assert images.dtype == torch.uint8 and images.is_pinned()
-    on_gpu = engine._to_device(
-        images, torch.zeros(8, dtype=torch.long), torch.device("cuda"), channels_last=True
-    )[0]
+    on_gpu = to_device(images, torch.zeros(8, dtype=torch.long), torch.device("cuda"), channels_last=True)[0]
     assert on_gpu.is_contiguous(memory_format=torch.channels_last)
     expected = torch.stack([workshop_transform(256)(Image.open(p).convert("RGB")) for p, _ in ds.imgs[:8]])
     torch.testing.assert_close(on_gpu.cpu(), expected, rtol=0, atol=1e-6)

@@ -265,7 +265,7 @@ def test_an_interrupted_sweep_says_so_and_resumes(ray_head, tmp_path):
 def test_replicas_scale_up_under_load_and_a_killed_one_costs_only_its_requests(
     ray_head, trained_run, tiny_root
 ):
-    """README: replicas autoscale on ongoing requests (here from 1 to 2 under a load of 8 clients,
+    """docs/serving.md: replicas autoscale on ongoing requests (here from 1 to 2 under a load of 8 clients,
     target 2 per replica, no upscale delay); then one of the two is SIGKILLed under that load:
     only the requests it held fail, the other serves on. Also: min_replicas defaults to 2 where
     the cluster has room."""

@@ -201,16 +201,18 @@ def test_serving_uploads_on_the_gpu_match_the_cpu_and_give_the_same_predictions(
 
 
 def test_a_gpu_replica_sends_a_requests_uploads_through_one_device_decode(tiny_config, tiny_root, tmp_path):
-    """serving/app.py with gpu_decode on (forced here on a CPU; a replica turns it on only with a
-    GPU): a multi-image request's uploads go to decode_uploads as ONE batch, the answers come in
-    the request's order and match the CPU replica's, broken files get the CPU path's status."""
+    """placesnet/serve/replica.py with gpu_decode on (forced here on a CPU; a replica turns it on
+    only with a GPU): a multi-image request's uploads go to decode_uploads as ONE batch, the
+    answers come in the request's order and match the CPU replica's, broken files get the CPU
+    path's status."""
     import asyncio
 
     from placesnet.checkpoint import save_checkpoint
     from placesnet.model import build_model
-    from serving.app import ClientError, SceneClassifier
+    from placesnet.serve.errors import ClientError
+    from placesnet.serve.options import ServeOptions
+    from placesnet.serve.replica import Replica, Upload
 
-    replica_class = SceneClassifier.func_or_class.__mro__[1]  # the class under Serve's wrappers
     torch.manual_seed(0)
     save_checkpoint(
         tmp_path / "ckpt",
@@ -221,26 +223,26 @@ def test_a_gpu_replica_sends_a_requests_uploads_through_one_device_decode(tiny_c
         metrics={"epoch": 1, "val_top1": 0.0},
         history=[],
     )
-    options = {"num_cpus": 1, "max_pixels": 100_000, "max_batch_size": 4}
-    cpu, dev = replica_class(str(tmp_path / "ckpt"), options), replica_class(str(tmp_path / "ckpt"), options)
+    options = ServeOptions(num_cpus=1, max_pixels=100_000, max_batch_size=4)
+    cpu, dev = Replica(str(tmp_path / "ckpt"), options), Replica(str(tmp_path / "ckpt"), options)
     assert not cpu.gpu_decode  # no GPU here
     dev.gpu_decode, batches = True, []
-    device_decode = dev._preprocess_on_device
-    dev._preprocess_on_device = lambda uploads: batches.append(len(uploads)) or device_decode(uploads)
-    files = [*_serving_uploads(tiny_root).items(), ("empty", b"")]
-    a, b = (asyncio.run(r._predict_many(files, 3)) for r in (cpu, dev))
+    device_decode = dev._decode_on_device
+    dev._decode_on_device = lambda uploads: batches.append(len(uploads)) or device_decode(uploads)
+    files = [Upload(*item) for item in [*_serving_uploads(tiny_root).items(), ("empty", b"")]]
+    a, b = (asyncio.run(r.predict(files, 3)) for r in (cpu, dev))
     assert batches == [len(files) - 1]  # every non-empty upload in one device batch
-    assert [r["file"] for r in b["results"]] == [name for name, _ in files]
-    for ra, rb in zip(a["results"], b["results"], strict=True):
-        assert ra.get("status") == rb.get("status") and ra.get("error") == rb.get("error"), (ra, rb)
-        if "predictions" in ra:
-            assert [p["label"] for p in ra["predictions"]] == [p["label"] for p in rb["predictions"]]
-            assert [p["probability"] for p in ra["predictions"]] == pytest.approx(
-                [p["probability"] for p in rb["predictions"]], abs=1e-3
+    assert [r.name for r in b.results] == [name for name, _ in files]
+    for ra, rb in zip(a.results, b.results, strict=True):
+        assert (ra.status, ra.error) == (rb.status, rb.error), (ra, rb)
+        if ra.predictions is not None:
+            assert [p["label"] for p in ra.predictions] == [p["label"] for p in rb.predictions]
+            assert [p["probability"] for p in ra.predictions] == pytest.approx(
+                [p["probability"] for p in rb.predictions], abs=1e-3
             )
-    assert sum("predictions" in r for r in b["results"]) == 6
+    assert sum(r.predictions is not None for r in b.results) == 6
     # one image per request: the same route, one upload per device batch
-    assert (dev._preprocess(files[1][1]).int() - cpu._preprocess(files[1][1]).int()).abs().max() <= 1
+    assert (dev._preprocess(files[1].data).int() - cpu._preprocess(files[1].data).int()).abs().max() <= 1
     with pytest.raises(ClientError) as refused:
         dev._preprocess(b"not an image at all")
     assert refused.value.status == 415 and batches[-1] == 1

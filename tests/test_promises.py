@@ -214,7 +214,7 @@ def _train_rank(rank: int, world: int, init: str, root: str, config: dict, out: 
 
 
 def test_one_and_two_workers_train_the_same_weights(tiny_config, tiny_root, tmp_path):
-    """README: --batch-size is the global batch split evenly over the workers, so results do not
+    """docs/training.md: --batch-size is the global batch split evenly over the workers, so results do not
     depend on the worker count. Each global batch holds the same images on 1 and 2 ranks, and
     DDP's gradient mean over the halves is the whole batch's: the same losses and weights."""
     runs = {}
@@ -237,7 +237,7 @@ def test_one_and_two_workers_train_the_same_weights(tiny_config, tiny_root, tmp_
 def test_json_errors_for_unknown_routes_wrong_methods_and_internal_failures():
     from fastapi.testclient import TestClient
 
-    from serving.app import app
+    from placesnet.serve.http_api import app
 
     if not any(getattr(r, "path", "") == "/_test_boom" for r in app.routes):
 
@@ -257,13 +257,15 @@ def test_json_errors_for_unknown_routes_wrong_methods_and_internal_failures():
 
 
 def test_two_replicas_by_default_only_where_they_fit():
-    from serving.app import DEFAULTS, replicas_with_room
+    from dataclasses import replace
 
-    opts = dict(DEFAULTS)
-    assert opts["min_replicas"] == 2
+    from placesnet.serve.options import DEFAULTS, ServeOptions, replicas_with_room
+
+    opts = ServeOptions()
+    assert DEFAULTS["min_replicas"] == opts.min_replicas == 2
     assert replicas_with_room(opts, {"CPU": 8}) == 2
     assert replicas_with_room(opts, {"CPU": 1}) == 1  # one replica of 1 CPU fits
-    assert replicas_with_room({**opts, "num_cpus": 0.5}, {"CPU": 1}) == 2
-    assert replicas_with_room({**opts, "num_gpus": 1.0}, {"CPU": 8, "GPU": 1}) == 1
-    assert replicas_with_room({**opts, "max_replicas": 1}, {"CPU": 8}) == 1
+    assert replicas_with_room(replace(opts, num_cpus=0.5), {"CPU": 1}) == 2
+    assert replicas_with_room(replace(opts, num_gpus=1.0), {"CPU": 8, "GPU": 1}) == 1
+    assert replicas_with_room(replace(opts, min_replicas=1, max_replicas=1), {"CPU": 8}) == 1
     assert replicas_with_room(opts, {"CPU": 0}) == 1  # never 0

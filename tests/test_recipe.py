@@ -11,6 +11,7 @@ from placesnet.cli import add_data_args, add_model_args, config_from_args, lr_so
 from placesnet.config import MODEL_LR, REFERENCE_BATCH, TrainConfig, UserError, default_lr
 from placesnet.train import engine, optim
 from placesnet.train.lr_find import lr_range_test, lr_schedule, minimum, steepest, valley
+from placesnet.train.step import StepSettings
 
 CPU = torch.device("cpu")
 
@@ -233,12 +234,12 @@ def test_clip_grad_norm_bounds_every_update():
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
         batch = [(torch.randn(4, 3, 2, 2) * 100, torch.randint(0, 3, (4,)))]
-        engine.train_one_epoch(model, batch, opt, CPU, clip_grad_norm=clip)
+        engine.train_one_epoch(model, batch, opt, CPU, settings=StepSettings(clip_grad_norm=clip))
         after = torch.cat([p.detach().flatten() for p in model.parameters()])
         return (after - before).norm().item()
 
     assert step_size(0.5) == pytest.approx(0.5, rel=1e-4)
-    assert step_size(None) > 10
+    assert step_size(0.0) > 10
 
 
 def _rising_batches():

@@ -266,7 +266,7 @@ def test_bad_build_args_are_clear(tmp_path):
 
 
 def test_build_args_reach_the_deployment(trained_run):
-    """README: replicas autoscale between min_replicas and max_replicas on ongoing requests, with
+    """docs/serving.md: replicas autoscale between min_replicas and max_replicas on ongoing requests, with
     the CPUs/GPUs given, and accept enough requests for a batch to fill. (This checks that Serve
     gets the options; test_faults.py watches it scale up under load.)"""
     from serving.app import build_app

@@ -1,6 +1,7 @@
 """A tiny Ray Tune sweep on the sample data: ASHA, results.csv, best.json, sweep.png, resume."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -9,6 +10,8 @@ from conftest import TINY_ARGS, assert_user_error, ray_driver, run_script
 from placesnet.config import UserError
 
 pytestmark = pytest.mark.slow
+
+SHOWN = ("best checkpoint:", "results:", "best:", "plot:", "serve it:")  # where the outputs are
 
 # --scale-lr 64 at batch 32: every trial trains at half the lr it is listed with.
 SWEEP = [
@@ -35,12 +38,14 @@ SWEEP = [
 
 @pytest.fixture(scope="module")
 def sweep(ray_head, tmp_path_factory):
+    """The sweep (and its rerun) with --storage-path given as a file:// URI: its outputs are read
+    and written through the filesystem layer Ray uses, as for s3://. (A sweep on a plain local
+    path: test_faults.py::test_an_interrupted_sweep_says_so_and_resumes.)"""
     storage = tmp_path_factory.mktemp("sweeps")
-    proc = run_script(
-        "tuning/sweep.py", *SWEEP, "--storage-path", storage, "--name", "tiny", env=ray_head.env
-    )
+    uri = f"file://{storage}"
+    proc = run_script("tuning/sweep.py", *SWEEP, "--storage-path", uri, "--name", "tiny", env=ray_head.env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return storage / "tiny", proc, storage
+    return storage / "tiny", proc, uri
 
 
 def test_results_table(sweep):
@@ -113,6 +118,27 @@ def test_best_json_points_at_a_loadable_checkpoint(sweep):
     assert loaded.config.batch_size == best["batch_size"]
     assert load_checkpoint(exp / "best.json").path == loaded.path  # Serve takes best.json too
     assert (exp / "sweep.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_printed_paths_are_local_ones_serve_can_read(sweep):
+    """With a file:// storage path the printed outputs are local paths: the serve line's
+    checkpoint resolves (as `serve run` resolves it) to best.json's best checkpoint."""
+    from placesnet.checkpoint import resolve_checkpoint
+
+    exp, proc, _ = sweep
+    best = json.loads((exp / "best.json").read_text())
+    assert Path(best["best_checkpoint"]).is_absolute() and Path(best["best_checkpoint"]).is_dir()
+    shown = [line for line in proc.stdout.splitlines() if line.startswith(SHOWN)]
+    lines = dict(line.split(":", 1) for line in shown if not line.startswith("best: batch"))
+    assert {k: v.strip() for k, v in lines.items() if k != "serve it"} == {
+        "best checkpoint": best["best_checkpoint"],
+        "results": str(exp / "results.csv"),
+        "best": str(exp / "best.json"),
+        "plot": str(exp / "sweep.png"),
+    }
+    command = lines["serve it"].strip()
+    assert command == f"serve run serving.app:build_app checkpoint={exp / 'best.json'}"
+    assert resolve_checkpoint(command.split("checkpoint=", 1)[1]) == Path(best["best_checkpoint"])
 
 
 def test_rerun_does_not_repeat_finished_trials(sweep, ray_head):

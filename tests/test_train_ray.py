@@ -187,13 +187,15 @@ def test_lr_auto_then_crash_recovery_then_resume(ray_head, tmp_path):
     """One run for three promises (each Ray Train run costs ~40 s here): --lr auto runs the LR
     range test and trains with its suggestion; a worker process that dies after epoch 1, in the
     middle of an 8-step warmup (5 steps per epoch), is restarted from the latest checkpoint and
-    the schedule goes on; rerunning the same name continues without a second range test."""
+    the schedule goes on; rerunning the same name continues without a second range test. The
+    storage path is a file:// URI: the driver setup resumes it as it does a local path, and
+    the printed commands name local paths."""
     import re
 
-    run_dir = tmp_path / "ft"
+    run_dir, storage = tmp_path / "ft", f"file://{tmp_path}"
     proc = train(
         ray_head,
-        tmp_path,
+        storage,
         "ft",
         "--lr",
         "auto",
@@ -209,7 +211,7 @@ def test_lr_auto_then_crash_recovery_then_resume(ray_head, tmp_path):
     found = re.search(r"suggested lr ([0-9.e-]+) \(plot: (\S+)\)", proc.stdout)
     assert found, proc.stdout
     suggestion = float(found.group(1))
-    assert found.group(2) == str(run_dir / "lr_find.png")
+    assert found.group(2) == f"{storage}/ft/lr_find.png"
     assert (run_dir / "lr_find.png").read_bytes().startswith(PNG)
     curve = pd.read_csv(run_dir / "lr_find.csv")
     assert list(curve.columns) == ["lr", "loss", "smoothed_loss"] and len(curve) >= 10
@@ -223,12 +225,15 @@ def test_lr_auto_then_crash_recovery_then_resume(ray_head, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     config = json.loads((Path(summary["best_checkpoint"]) / "config.json").read_text())
     assert config["lr"] == pytest.approx(suggestion, rel=1e-3)  # trained with the suggestion
+    assert f"serve it:        serve run serving.app:build_app checkpoint={run_dir}\n" in proc.stdout
+    assert f"tensorboard --logdir {run_dir / 'tensorboard'}\n" in proc.stdout
     # Re-running the same --storage-path/--name continues instead of starting over, keeps the lr
     # found when the run started (the schedule continues) and does not run the test again.
     stamp = (run_dir / "lr_find.csv").stat().st_mtime_ns
-    again = train(ray_head, tmp_path, "ft", "--lr", "auto", "--warmup-steps", 8, epochs=3)
+    again = train(ray_head, storage, "ft", "--lr", "auto", "--warmup-steps", 8, epochs=3)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming from" in again.stdout and "at epoch 3/3" in again.stdout
+    assert f"resuming run {storage}/ft from checkpoint_" in again.stdout  # the driver's resume check
     assert "--lr auto, found when the run started" in again.stdout
     assert "LR range test:" not in again.stdout
     assert (run_dir / "lr_find.csv").stat().st_mtime_ns == stamp
@@ -242,7 +247,7 @@ def test_lr_auto_then_crash_recovery_then_resume(ray_head, tmp_path):
     assert summary["epochs_completed"] == 3
     assert summary["val_top1"] > 0.25  # chance
     # ...but refuses to resume it as a different architecture.
-    changed = train(ray_head, tmp_path, "ft", "--model", "workshop", epochs=4)
+    changed = train(ray_head, storage, "ft", "--model", "workshop", epochs=4)
     assert_user_error(changed, "different model")
 
 

@@ -9,7 +9,7 @@ options as rayjobs/train.py.
     python tuning/sweep.py --grid --batch-sizes 32,64 --lrs 0.01,0.05,0.2 --epochs 6
     # lr per 256 images: batch 64 trains at lr/4, batch 512 at 2 x lr
     python tuning/sweep.py --batch-sizes 64,128,256,512 --lr-min 0.02 --lr-max 0.4 --scale-lr 256
-    # on a GPU cluster, 2 GPUs per trial, as a job (token auth: see README)
+    # on a GPU cluster, 2 GPUs per trial, as a job (token auth: docs/clusters.md)
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python tuning/sweep.py \
         --dataset places365 --data-root /shared/places365 --workers-per-trial 2 --gpus-per-worker 1 \
         --storage-path /shared/ray_results --name places-sweep
@@ -24,17 +24,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 from placesnet.cli import (
-    add_data_args,
-    add_input_arg,
-    add_model_args,
+    add_train_args,
     config_from_args,
     positive_int,
     ray_init,
@@ -59,9 +55,7 @@ def int_list(text: str) -> list[int]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_args(p)
-    add_model_args(p)
-    add_input_arg(p)
+    add_train_args(p)
     g = p.add_argument_group("search space")
     g.add_argument(
         "--batch-sizes",
@@ -217,28 +211,16 @@ def main(argv=None) -> int:
     check_space(args)
     cfg = config_from_args(args)
 
-    from placesnet.data.places import describe, open_split, resolve_data_root
-    from placesnet.data.validate import fetch_and_check
-    from placesnet.launch.preflight import check_cluster_paths, check_storage_writable
-    from placesnet.launch.sweep import best_record, collect_results, make_tuner, plan_sweep, search_space
-    from placesnet.plots import sweep_png
+    from placesnet.launch.driver import setup_driver
+    from placesnet.launch.sweep import make_tuner, plan_sweep, search_space
 
-    storage = (
-        args.storage_path
-        if "://" in args.storage_path
-        else str(Path(args.storage_path).expanduser().resolve())
-    )
+    # Storage, --name and the data are checked before Ray starts (placesnet/launch/driver.py).
     name = args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    check_storage_writable(storage)
-    root = resolve_data_root(cfg)
-    if cfg.dataset == "places365":
-        cfg = cfg.replace(data_root=str(root))
-    cfg = fetch_and_check(cfg, root, files=args.check_files)
-    train_ds = open_split(cfg, "train", root)
-    open_split(cfg, "val", root)
-    print(f"data: train {describe(train_ds)}")
+    driver = setup_driver(cfg, storage_path=args.storage_path, name=name, check_files=args.check_files)
+    cfg, storage, root = driver.cfg, driver.storage, driver.root
 
     ray_init(args.address)
+    driver.check_cluster()  # on a multi-node cluster: every node sees the storage and the data
     import ray
 
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -251,7 +233,6 @@ def main(argv=None) -> int:
         args.autoscale,
         ray_data=cfg.input == "ray-data",
     )
-    check_cluster_paths(storage, root if cfg.dataset == "places365" else None)
     if args.grid:
         space = search_space(args.batch_sizes, lrs=args.lrs)
         num_samples, count = 1, len(args.batch_sizes) * len(args.lrs)
@@ -267,7 +248,7 @@ def main(argv=None) -> int:
         cfg,
         root,
         plan,
-        storage_path=storage,
+        storage=storage,
         name=name,
         param_space=space,
         num_samples=num_samples,
@@ -280,10 +261,30 @@ def main(argv=None) -> int:
     with stop_on_signals() as stopped:
         grid = tuner.fit()
 
-    exp_dir = Path(storage) / name
-    table = collect_results(grid, exp_dir, cfg.epochs, args.scale_lr, interrupted=bool(stopped))
-    table.drop(columns=["curve"]).to_csv(exp_dir / "results.csv", index=False)
-    (exp_dir / "sweep.png").write_bytes(sweep_png(table))
+    _report_sweep(grid, storage, name, cfg, args.scale_lr, stopped, count)
+    return 0
+
+
+def _report_sweep(
+    grid, storage, name: str, cfg, scale_lr: int | None, stopped: list[str], count: int
+) -> None:
+    """results.csv, sweep.png and (for a sweep that was not interrupted) best.json into the sweep's
+    directory, through the storage's filesystem (``storage``: a driver.Storage), and the table,
+    the best trial and where everything is on stdout. The paths printed are local ones where the
+    storage is on this machine, so ``serve run`` can read what the last line names."""
+    from placesnet.launch.driver import serve_command
+    from placesnet.launch.sweep import (
+        PLOT_FILE,
+        RESULTS_FILE,
+        best_record,
+        collect_results,
+        write_best,
+        write_results,
+    )
+
+    table = collect_results(grid, storage, name, cfg.epochs, scale_lr, interrupted=bool(stopped))
+    write_results(storage, name, table)
+    results = storage.readable(storage.fs_path(name, RESULTS_FILE))
     if stopped:
         done = int((table["status"] != "interrupted").sum())
         print(
@@ -292,19 +293,19 @@ def main(argv=None) -> int:
                 index=False, float_format=lambda v: f"{v:.4g}"
             )
         )
-        print(f"results so far: {exp_dir / 'results.csv'}")
+        print(f"results so far: {results}")
         raise Interrupted(
             f"interrupted by {stopped[0]} with {done} of {count} trial(s) done: resume with the same command"
         )
     best = best_record(table, cfg)
-    (exp_dir / "best.json").write_text(json.dumps(best, indent=2))
+    best_json = write_best(storage, name, best)
 
     shown = table[
         [
             "trial_id",
             "batch_size",
             "lr",
-            *(["train_lr"] if args.scale_lr else []),
+            *(["train_lr"] if scale_lr else []),
             "epochs_run",
             "best_val_top1",
             "best_val_top5",
@@ -313,17 +314,16 @@ def main(argv=None) -> int:
         ]
     ]
     print("\n" + shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    scaled = f" (trained at {best['train_lr']:.4g})" if args.scale_lr else ""
+    scaled = f" (trained at {best['train_lr']:.4g})" if scale_lr else ""
     print(
         f"\nbest: batch {best['batch_size']}, lr {best['lr']:.4g}{scaled}: val top-1 {best['val_top1']:.4f}, "
         f"top-5 {best['val_top5']:.4f}"
     )
     print(f"best checkpoint: {best['best_checkpoint']}")
-    print(f"results:         {exp_dir / 'results.csv'}")
-    print(f"best:            {exp_dir / 'best.json'}")
-    print(f"plot:            {exp_dir / 'sweep.png'}")
-    print(f"serve it:        serve run serving.app:build_app checkpoint={exp_dir / 'best.json'}")
-    return 0
+    print(f"results:         {results}")
+    print(f"best:            {storage.readable(best_json)}")
+    print(f"plot:            {storage.readable(storage.fs_path(name, PLOT_FILE))}")
+    print(f"serve it:        {serve_command(storage, best_json, best['best_checkpoint'])}")
 
 
 if __name__ == "__main__":

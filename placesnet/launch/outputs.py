@@ -7,9 +7,7 @@ import json
 import posixpath
 from pathlib import Path
 
-import ray
 import ray.train
-import ray.train.torch
 
 from placesnet.config import SCORE, UserError
 

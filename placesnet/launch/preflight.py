@@ -1,10 +1,10 @@
-"""Checks on the driver before any worker starts: storage is writable, and on a multi-node
-cluster every node sees the storage path and the data."""
+"""Checks on the driver once Ray is up, before any worker starts: on a multi-node cluster every
+node sees the storage path and the data. (That the storage is writable at all is checked before
+Ray starts: placesnet/launch/driver.py.)"""
 
 from __future__ import annotations
 
 import os
-import posixpath
 import secrets
 from pathlib import Path
 
@@ -13,27 +13,6 @@ import ray.train
 import ray.train.torch
 
 from placesnet.config import UserError
-
-
-def check_storage_writable(storage_path: str) -> None:
-    """Write and delete a probe file under ``storage_path`` (a local path or a URI) from the
-    driver, so an unwritable place fails in one line before anything starts, on any cluster size.
-    (On clusters of 2+ nodes :func:`check_cluster_paths` also checks every node sees it.)"""
-    from pyarrow import fs as pafs
-
-    try:
-        if "://" in storage_path:
-            filesystem, base = pafs.FileSystem.from_uri(storage_path)
-        else:
-            filesystem, base = pafs.LocalFileSystem(), storage_path
-        filesystem.create_dir(base, recursive=True)
-        probe = posixpath.join(base, f".placesnet-write-check-{secrets.token_hex(4)}")
-        with filesystem.open_output_stream(probe) as f:
-            f.write(b"ok")
-        filesystem.delete_file(probe)
-    except Exception as e:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid, ...
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot write to --storage-path {storage_path}: {reason}") from None
 
 
 def _sees(path: str, token: str | None) -> bool:
@@ -106,5 +85,5 @@ def check_cluster_paths(storage_path: str, data_root: Path | None = None) -> Non
             raise UserError(
                 f"--data-root {data_root} is missing on {len(blind)} of {len(nodes)} nodes "
                 f"({', '.join(blind)}): put Places365 on storage mounted at the same "
-                "path on every node (see the README, 'Running on a cluster')"
+                "path on every node (docs/clusters.md, 'Shared storage')"
             )

@@ -10,8 +10,9 @@ or lacks an intact one (a run stopped between writing a checkpoint and recording
 the snapshot from the intact checkpoints, so the run resumes from the newest of them.
 
 The snapshot format is Ray 2.60's (``ray.train.v2``'s ``_CheckpointManagerState``); the old one is
-kept as ``checkpoint_manager_snapshot.json.broken``. Local and shared-filesystem storage only:
-runs on s3:// or gs:// are left to Ray.
+kept as ``checkpoint_manager_snapshot.json.broken``. Storage on this machine's filesystem only (a
+local or shared path, or ``file://``; placesnet/launch/driver.py decides): runs on s3:// or gs://
+are left to Ray.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 Train V2 pattern: every trial runs :func:`trial_driver`, which builds and fits a TorchTrainer
 (so a trial may itself be multi-GPU DDP) and forwards its reports to Tune with
 ``TuneReportCallback``; ASHA stops weak trials early on val top-1. Trial Train runs live in
-``<storage>/<name>/train/<trial_id>``; Tune's own state in ``<storage>/<name>/``.
+``<storage>/<name>/train/<trial_id>``; Tune's own state in ``<storage>/<name>/``. The sweep's
+outputs are read and written through the storage's pyarrow filesystem (:class:`Storage`), as Ray
+does, so local paths, ``file://`` and ``s3://`` work alike.
 """
 
 from __future__ import annotations
@@ -11,18 +13,24 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
+from pyarrow import fs as pafs
 from ray import tune
 
-from placesnet.checkpoint import read_meta
+from placesnet.checkpoint import META_FILE
 from placesnet.config import METRIC, METRIC_MODE, TrainConfig, UserError, checkpoint_score
 from placesnet.launch.resources import Resources, alive_nodes, worker_slots
 from placesnet.launch.trainer import diverged, make_trainer
 from placesnet.train.engine import TrainingDiverged
+
+if TYPE_CHECKING:
+    from placesnet.launch.driver import Storage
 
 DRIVER_CPU = 0.01  # a trial's driver only waits on its TorchTrainer; its workers hold the CPUs
 
@@ -175,7 +183,7 @@ def make_tuner(
     data_root: Path,
     plan: SweepPlan,
     *,
-    storage_path: str,
+    storage: Storage,
     name: str,
     param_space: dict,
     num_samples: int,
@@ -186,11 +194,11 @@ def make_tuner(
     verbose: bool = False,
 ) -> tune.Tuner:
     """A new Tuner, or the interrupted one restored (finished trials are not run again)."""
-    exp_dir = str(Path(storage_path) / name)
+    exp_dir = storage.path(name)  # Tune opens it (and the trials' Train runs) as Ray opens any storage
     base = {
         "config": cfg.to_dict(),
         "data_root": str(data_root),
-        "train_storage": str(Path(exp_dir) / "train"),
+        "train_storage": storage.path(name, "train"),
         "scale_lr": scale_lr,
         "resources": {
             "num_workers": plan.resources.num_workers,
@@ -220,7 +228,7 @@ def make_tuner(
         # verbose=0: no progress tables (hundreds of lines); TrialEvents says what happens instead
         run_config=tune.RunConfig(
             name=name,
-            storage_path=storage_path,
+            storage_path=storage.storage_path,
             verbose=1 if verbose else 0,
             callbacks=[] if verbose else [TrialEvents(cfg.epochs)],
         ),
@@ -228,20 +236,26 @@ def make_tuner(
 
 
 def collect_results(
-    result_grid, exp_dir: Path, epochs: int, scale_lr: int | None = None, interrupted: bool = False
+    result_grid,
+    storage: Storage,
+    name: str,
+    epochs: int,
+    scale_lr: int | None = None,
+    interrupted: bool = False,
 ) -> pd.DataFrame:
-    """One row per trial, from Tune's results and each trial's own Train run. ``lr`` is the
-    searched value, ``train_lr`` the one the trial trained with (they differ with ``scale_lr``).
-    ``interrupted``: the sweep was stopped; trials that the saved experiment state has not ended
-    (those a rerun continues) are ``interrupted``."""
+    """One row per trial of the sweep ``<storage>/<name>``, from Tune's results and each trial's
+    own Train run. ``lr`` is the searched value, ``train_lr`` the one the trial trained with
+    (they differ with ``scale_lr``). ``interrupted``: the sweep was stopped; trials that the
+    saved experiment state has not ended (those a rerun continues) are ``interrupted``.
+    ``best_checkpoint`` is a local absolute path on local (and file://) storage, else a URI."""
     rows = []
-    ended = unended_trials(exp_dir) if interrupted else set()
+    ended = unended_trials(storage.path(name)) if interrupted else set()
     for r in result_grid:
         history = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
         trial_id = (r.metrics or {}).get("trial_id") or _trial_id_from_dir(r.path)
-        train_dir = exp_dir / "train" / str(trial_id)
+        train_dir = storage.fs_path(name, "train", str(trial_id))
         epochs_run = int(history["epoch"].max()) if "epoch" in history and len(history) else 0
-        best_ckpt, best_meta = _best_checkpoint(train_dir, epochs_run)
+        best_ckpt, best_meta = _best_checkpoint(storage.filesystem, train_dir, epochs_run)
         config, error = _config_and_error(r)
         status = (
             "errored"
@@ -270,44 +284,66 @@ def collect_results(
                 else math.nan,
                 "status": status,
                 "error": error.strip().splitlines()[-1][:200] if error else "",
-                "best_checkpoint": str(best_ckpt) if best_ckpt else "",
+                "best_checkpoint": storage.readable(best_ckpt) if best_ckpt else "",
                 "curve": json.dumps([float(v) for v in history.get(METRIC, [])]),
             }
         )
     return pd.DataFrame(rows).sort_values("best_val_top1", ascending=False, na_position="last")
 
 
-def unended_trials(exp_dir: Path) -> set[str]:
-    """Ids of the trials an interrupted sweep's saved state has not ended (pending or running)."""
+def unended_trials(exp_dir: str) -> set[str]:
+    """Ids of the trials an interrupted sweep's saved state (at ``exp_dir``, a local path or a
+    URI) has not ended (pending or running)."""
     from ray.tune import ExperimentAnalysis
 
     try:
-        trials = ExperimentAnalysis(str(exp_dir)).trials
+        trials = ExperimentAnalysis(exp_dir).trials
     except Exception:  # noqa: BLE001 - no state saved yet: nothing had started
         return set()
     return {t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")}
 
 
+def _read_text(filesystem: pafs.FileSystem, path: str) -> str | None:
+    """A small file of the storage, or None when it is not there."""
+    try:
+        with filesystem.open_input_stream(path) as f:
+            return f.read().decode()
+    except OSError:  # FileNotFoundError among them
+        return None
+
+
 def _config_and_error(result) -> tuple[dict, str]:
     """A trial's searched values and its error text. A restored sweep's result for a trial that
-    errored before its first report has neither in memory: Tune's files in the trial dir do."""
+    errored before its first report has neither in memory: Tune's files in the trial dir do
+    (read through the result's filesystem: local, file:// or s3:// alike)."""
     config, error = result.config, str(result.error) if result.error else ""
-    trial_dir = Path(result.path) if result.path else None
-    if config is None and trial_dir and (trial_dir / "params.json").is_file():
-        config = json.loads((trial_dir / "params.json").read_text())
-    if not error and trial_dir and (trial_dir / "error.txt").is_file():
-        error = (trial_dir / "error.txt").read_text()
+    if result.path and config is None:
+        text = _read_text(result.filesystem, posixpath.join(result.path, "params.json"))
+        config = json.loads(text) if text else None
+    if result.path and not error:
+        error = _read_text(result.filesystem, posixpath.join(result.path, "error.txt")) or ""
     return config or {}, error
 
 
-def _best_checkpoint(train_dir: Path, epochs_run: int) -> tuple[Path | None, dict | None]:
-    """The trial's best checkpoint among the epochs Tune saw (a stopped trial's Train run may
-    finish one more epoch while it is torn down), else its best overall."""
+def _best_checkpoint(
+    filesystem: pafs.FileSystem, train_dir: str, epochs_run: int
+) -> tuple[str | None, dict | None]:
+    """The trial's best checkpoint (its path on ``filesystem``, and its metrics) among the epochs
+    Tune saw (a stopped trial's Train run may finish one more epoch while it is torn down), else
+    its best overall."""
     found = []
-    for d in (p for p in train_dir.glob("checkpoint_*") if p.is_dir()):
+    listing = filesystem.get_file_info(pafs.FileSelector(train_dir, allow_not_found=True))
+    for info in listing:
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
         try:
-            found.append((d, read_meta(d)["metrics"]))
-        except (UserError, KeyError):
+            found.append(
+                (
+                    info.path,
+                    json.loads(_read_text(filesystem, posixpath.join(info.path, META_FILE)))["metrics"],
+                )
+            )
+        except (TypeError, ValueError, KeyError):  # no meta.json (TypeError: None), or not ours
             continue
     seen = [(d, m) for d, m in found if m["epoch"] <= epochs_run] or found
     if not seen:
@@ -319,6 +355,23 @@ def _trial_id_from_dir(path: str | None) -> str | None:
     # "trial_driver_3a2b1_00000_0_batch_size=32,lr=0.05_2026-..." -> "3a2b1_00000"
     parts = Path(path).name.split("_") if path else []
     return f"{parts[2]}_{parts[3]}" if len(parts) > 3 else None
+
+
+RESULTS_FILE, BEST_FILE, PLOT_FILE = "results.csv", "best.json", "sweep.png"
+
+
+def write_results(storage: Storage, name: str, table: pd.DataFrame) -> None:
+    """results.csv (a row per trial) and sweep.png into ``<storage>/<name>``, written through the
+    storage's filesystem as Ray writes its own files there."""
+    from placesnet.plots import sweep_png
+
+    storage.write(table.drop(columns=["curve"]).to_csv(index=False).encode(), name, RESULTS_FILE)
+    storage.write(sweep_png(table), name, PLOT_FILE)
+
+
+def write_best(storage: Storage, name: str, best: dict) -> str:
+    """best.json (see :func:`best_record`) into ``<storage>/<name>``; returns its fs path."""
+    return storage.write(json.dumps(best, indent=2).encode(), name, BEST_FILE)
 
 
 def best_record(table: pd.DataFrame, base: TrainConfig) -> dict:

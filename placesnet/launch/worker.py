@@ -1,9 +1,9 @@
 """What runs inside each Ray Train worker: the DDP training loop (report every epoch, resume
 from a checkpoint, fault injection for tests) and distributed evaluation.
 
-Only the workers import this module (through :func:`ray_train.train_loop_per_worker`), so the
-driver-side pieces in ray_train.py, which Ray's Train controller imports, stay free of
-torchvision, pandas and matplotlib: each run starts seconds sooner.
+Only the workers import this module (through :func:`trainer.train_loop_per_worker`), so the
+modules Ray's Train controller imports (trainer.py, outputs.py) stay free of torchvision, pandas
+and matplotlib: each run starts seconds sooner (tests/test_layout.py checks).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from placesnet.evaluation import evaluate_checkpoint
 from placesnet.launch.logs import echo
 from placesnet.model import build_model
 from placesnet.train import engine, optim
+from placesnet.train.step import StepSettings
 
 
 def _maybe_crash(loop_config: dict, epoch: int, rank: int) -> None:
@@ -108,17 +109,13 @@ def train_worker(loop_config: dict) -> dict | None:
         train_loader, val_loader, set_epoch = _loaders(cfg, train_ds, val_ds, rank, world, plan, device, log)
 
     # --- model, optimiser, precision ---
-    channels_last = cfg.channels_last and device.type == "cuda"
-    model = build_model(cfg, len(classes))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    settings = StepSettings.from_config(cfg, device)  # AMP, channels_last, label smoothing, clipping
+    model = ray.train.torch.prepare_model(settings.prepare_model(build_model(cfg, len(classes))))
     if cfg.compile:  # in place, so state_dict keys (and checkpoints) stay those of the plain model
         model.compile()
     optimizer = optim.build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, device)
     scheduler = optim.scheduler_for(optimizer, cfg, len(train_loader))  # per step
-    amp_dtype = engine.amp_dtype_for(device, cfg.amp)
-    scaler = engine.make_scaler(device, amp_dtype)
+    scaler = settings.make_scaler(device)
 
     # --- resume: after a worker failure, or when the same run is started again ---
     start_epoch, history = 0, []
@@ -158,15 +155,12 @@ def train_worker(loop_config: dict) -> dict | None:
                 train_loader,
                 optimizer,
                 device,
-                amp_dtype=amp_dtype,
+                settings=settings,
                 scaler=scaler,
-                channels_last=channels_last,
-                label_smoothing=cfg.label_smoothing,
                 log_every=log_every,
                 log=log,
                 epoch=epoch + 1,
                 scheduler=scheduler,
-                clip_grad_norm=cfg.clip_grad_norm or None,
                 rise_warning=engine.RISE_WARNING if epoch == 0 else 0.0,
                 bad_images=bad_train,
             )
@@ -188,8 +182,8 @@ def train_worker(loop_config: dict) -> dict | None:
             val_loader,
             device,
             num_classes=len(classes),
-            amp_dtype=amp_dtype,
-            channels_last=channels_last,
+            amp_dtype=settings.amp_dtype,
+            channels_last=settings.channels_last,
             bad_images=bad_val,
         )
         train["skipped_images"] += val.pop("val_skipped")  # --bad-images skip; 0 otherwise

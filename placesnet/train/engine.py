@@ -7,7 +7,6 @@ count when the val loader shards without padding (``data.ShardSampler``).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import time
@@ -19,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from placesnet.config import TrainConfig, UserError
-from placesnet.data.transforms import normalize
 from placesnet.train.optim import build_optimizer, scheduler_for
+from placesnet.train.step import IGNORED, StepSettings, autocast, to_device, train_step
 
 # A first-epoch step loss above this multiple of the first step's is warned about (see
 # train_one_epoch): healthy runs stay well below it, a learning rate that is too high passes it
@@ -31,27 +30,12 @@ RISE_WARNING = 3.0
 # Steps between the host's reads of the training loss (see train_one_epoch), when no log_every.
 CHECK_EVERY = 20
 
+# The step of train_one_epoch when none is given: fp32, no label smoothing, no clipping.
+PLAIN = StepSettings()
+
 
 class TrainingDiverged(UserError):
     """The training loss became NaN or infinite: the run cannot recover at this learning rate."""
-
-
-def amp_dtype_for(device: torch.device, enabled: bool = True) -> torch.dtype | None:
-    """bf16 on GPUs that support it, fp16 on older GPUs, None (full fp32) on CPU or if disabled."""
-    if not enabled or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def make_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
-    """A GradScaler only where it is needed: fp16 autocast (bf16 has fp32's exponent range)."""
-    return torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-
-
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
@@ -131,32 +115,18 @@ def _check_finite(stats: dict, *, epoch: int, steps: int, lrs: dict[int, float])
         )
 
 
-def _to_device(images, targets, device, channels_last):
-    """Copy a batch to ``device``; uint8 images are normalised there (a quarter of the bytes cross
-    PCIe, and the conversion runs on the GPU instead of in the loader processes)."""
-    images = images.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    if images.dtype == torch.uint8:
-        images = normalize(images)
-    return images, targets.to(device, non_blocking=True)
-
-
 def train_one_epoch(
     model: nn.Module,
     loader,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     *,
-    amp_dtype: torch.dtype | None = None,
+    settings: StepSettings = PLAIN,
     scaler: torch.amp.GradScaler | None = None,
-    channels_last: bool = False,
-    label_smoothing: float = 0.0,
     log_every: int = 0,
     log: Callable[[str], None] | None = None,
     epoch: int = 0,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    clip_grad_norm: float | None = None,
     rise_warning: float = 0.0,
     bad_images=None,
     check_every: int = 0,
@@ -165,8 +135,12 @@ def train_one_epoch(
     ``train_time_s``, ``images_per_s``, the ``lr`` of the last step, and this rank's
     ``first_step_loss`` and ``peak_step_loss``.
 
-    ``scheduler`` steps after every optimizer step (a per-step schedule, see
-    :func:`build_scheduler`). ``clip_grad_norm`` clips the global gradient norm before each step.
+    Every batch is one :func:`step.train_step` with ``settings`` (precision, channels_last, label
+    smoothing, clipping; :meth:`StepSettings.from_config` derives them from a config) and
+    ``scaler``, the run's GradScaler where the settings need one (``settings.make_scaler``; None:
+    no loss scaling). ``scheduler`` steps after every optimizer step (a per-step schedule, see
+    :func:`optim.build_scheduler`).
+
     Raises :class:`TrainingDiverged` (on all ranks at once, naming the first step whose loss was
     NaN or infinite) instead of training on with NaN weights. With ``rise_warning`` > 0, ``log``
     gets one warning line when a step's loss exceeds ``rise_warning`` times the epoch's first:
@@ -200,32 +174,21 @@ def train_one_epoch(
         bad = bad_images.check(targets) if bad_images is not None else 0  # on the CPU: no sync
         n = targets.numel() - bad
         skipped += bad
-        if bad:
-            targets = targets.clamp(min=-1)  # -1: ignored by the loss, never a correct prediction
-        images, targets = _to_device(images, targets, device, channels_last)
-        with _autocast(device, amp_dtype):
-            logits = model(images)
-            if n:
-                loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing, ignore_index=-1)
-            else:  # every sample of this rank's batch was bad: a zero loss keeps DDP in step
-                loss = logits.sum() * 0.0
-        optimizer.zero_grad(set_to_none=True)
+        if bad:  # ignored by the loss, never a correct prediction
+            targets = targets.clamp(min=IGNORED)
         lr = lrs[step] = optimizer.param_groups[0]["lr"]
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if clip_grad_norm:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if clip_grad_norm:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        sums.add(step, loss, n, (logits.argmax(1) == targets).sum())  # no host sync
+        out = train_step(
+            model,
+            optimizer,
+            images,
+            targets,
+            device,
+            settings,
+            scaler=scaler,
+            scheduler=scheduler,
+            counted=n,
+        )
+        sums.add(step, out.loss, n, (out.logits.argmax(1) == out.targets).sum())  # no host sync
         seen += n
         window_seen += n
         # the same steps on every rank (log_every is), whether or not this rank prints: the
@@ -314,8 +277,8 @@ def evaluate(
             images, targets, positions = images[keep], targets[keep], positions[keep]
             if not targets.numel():
                 continue
-        images, targets = _to_device(images, targets, device, channels_last)
-        with _autocast(device, amp_dtype):
+        images, targets = to_device(images, targets, device, channels_last)
+        with autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
@@ -368,22 +331,36 @@ def fit(
     log: Callable[[str], None] | None = None,
 ) -> Iterator[dict]:
     """Train ``model`` with ``config``'s recipe in this process, without Ray (benchmarks, tests,
-    notebooks): the optimizer, per-step schedule, clipping and epoch functions of a Ray Train
-    worker. Yields one metrics dict per epoch, train and val, as it ends."""
+    notebooks): the optimizer, per-step schedule, training step (AMP, channels_last, label
+    smoothing, clipping: :meth:`StepSettings.from_config`) and epoch functions of a Ray Train
+    worker. ``model`` moves to ``device`` (in place). Yields one metrics dict per epoch, train and
+    val, as it ends."""
+    settings = StepSettings.from_config(config, device)
+    model = settings.prepare_model(model.to(device))
     optimizer = build_optimizer(model, config.lr, config.momentum, config.weight_decay, device)
     scheduler = scheduler_for(optimizer, config, len(train_loader))
+    scaler = settings.make_scaler(device)
     for epoch in range(1, config.epochs + 1):
         row = train_one_epoch(
             model,
             train_loader,
             optimizer,
             device,
+            settings=settings,
+            scaler=scaler,
             scheduler=scheduler,
-            clip_grad_norm=config.clip_grad_norm or None,
-            label_smoothing=config.label_smoothing,
             log=log,
             epoch=epoch,
             rise_warning=RISE_WARNING if epoch == 1 else 0.0,
         )
-        row.update(evaluate(model, val_loader, device, num_classes=num_classes))
+        row.update(
+            evaluate(
+                model,
+                val_loader,
+                device,
+                num_classes=num_classes,
+                amp_dtype=settings.amp_dtype,
+                channels_last=settings.channels_last,
+            )
+        )
         yield {"epoch": epoch, **row}

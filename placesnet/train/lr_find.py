@@ -1,9 +1,10 @@
 """The learning-rate range test (Smith, 2015 / 2017), as fastai's and Lightning's ``lr_find``.
 
-Train a fresh model for ``steps`` optimizer steps while the learning rate grows exponentially
-from ``min_lr`` to ``max_lr``; record the loss of every step, smoothed with an exponential moving
-average (fastai's 0.98, bias-corrected); stop once the smoothed loss exceeds ``diverge`` times its
-minimum (the lr is too high from there on).
+Train a fresh model for ``steps`` optimizer steps (the training step of a Ray Train worker,
+:func:`step.train_step`, with the run's precision, label smoothing and clipping) while the
+learning rate grows exponentially from ``min_lr`` to ``max_lr``; record the loss of every step,
+smoothed with an exponential moving average (fastai's 0.98, bias-corrected); stop once the
+smoothed loss exceeds ``diverge`` times its minimum (the lr is too high from there on).
 
 The suggestion is the PEAK lr for the same optimizer, batch size and data: the run then warms up
 to it and decays from it. Three rules (``SUGGESTIONS``), all on the smoothed loss:
@@ -31,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from placesnet.config import TrainConfig, UserError
-from placesnet.train import engine, optim
+from placesnet.train import optim
+from placesnet.train.step import StepSettings, train_step
 
 CSV_FILE, PNG_FILE = "lr_find.csv", "lr_find.png"
 
@@ -123,14 +124,15 @@ def lr_range_test(
     steps: int = 100,
     smoothing: float = 0.98,
     diverge: float = 4.0,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
+    settings: StepSettings = StepSettings(),
     suggest: str = "steepest",
 ) -> LRFinderResult:
     """Run the range test on ``model`` (its weights change: pass a fresh one and discard it).
 
-    ``loader`` is cycled if it has fewer than ``steps`` batches. Returns every lr and loss seen and
-    the ``suggest`` rule's suggestion (see SUGGESTIONS) from the smoothed loss.
+    Each step is the training step with ``settings`` (:meth:`StepSettings.from_config`: the step
+    the run will train with), a GradScaler of its own where they need one. ``loader`` is cycled if
+    it has fewer than ``steps`` batches. Returns every lr and loss seen and the ``suggest`` rule's
+    suggestion (see SUGGESTIONS) from the smoothed loss.
     """
     if not 0 < min_lr < max_lr:
         raise UserError(f"need 0 < --min-lr < --max-lr, got [{min_lr}, {max_lr}]")
@@ -140,17 +142,13 @@ def lr_range_test(
     lrs, losses, smoothed = [], [], []
     average, best, stopped = 0.0, math.inf, False
     model.train()
+    scaler = settings.make_scaler(device)
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
     for i, (lr, (images, targets)) in enumerate(zip(schedule, batches)):
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images, targets = engine._to_device(images, targets, device, channels_last)
-        with engine._autocast(device, amp_dtype):
-            loss = F.cross_entropy(model(images), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        value = loss.item()
+        out = train_step(model, optimizer, images, targets, device, settings, scaler=scaler)
+        value = out.loss.item()
         if not math.isfinite(value):
             stopped = True
             break
@@ -214,14 +212,9 @@ def find_lr(
         generator=torch.Generator().manual_seed(config.seed),
         **plan.kwargs(),
     )
-    channels_last = config.channels_last and device.type == "cuda"
-    model = build_model(config, len(class_names(train))).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    settings = StepSettings.from_config(config, device)
+    model = settings.prepare_model(build_model(config, len(class_names(train))).to(device))
     optimizer = optim.build_optimizer(model, min_lr, config.momentum, config.weight_decay, device)
-    amp_dtype = engine.amp_dtype_for(device, config.amp)
-    if amp_dtype == torch.float16:  # fp16 would need a GradScaler; the range test runs in fp32
-        amp_dtype = None
     result = lr_range_test(
         model,
         loader,
@@ -230,8 +223,7 @@ def find_lr(
         min_lr=min_lr,
         max_lr=max_lr,
         steps=steps,
-        amp_dtype=amp_dtype,
-        channels_last=channels_last,
+        settings=settings,
         suggest=suggest,
     )
     result.settings.update(
@@ -239,6 +231,9 @@ def find_lr(
         batch_size=config.batch_size,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
+        label_smoothing=config.label_smoothing,
+        clip_grad_norm=config.clip_grad_norm,
+        amp=str(settings.amp_dtype or torch.float32).removeprefix("torch."),
     )
     return result
 

@@ -1,0 +1,372 @@
+"""placesnet/serve without Ray: build_app's options are typed and checked once, every bad one
+refused by name; HTTP and gRPC call one predict core and a ClientError's status reaches both
+through one table (GRPC_CODES); a multipart body's `file` fields. (tests/test_serve.py runs the
+same endpoint under a real Ray Serve.)"""
+
+import asyncio
+import io
+import json
+import math
+import re
+from dataclasses import fields
+
+import grpc
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from placesnet.serve.errors import GRPC_CODES, ClientError
+from placesnet.serve.options import DEFAULTS, ServeOptions, parse_args
+
+# --- options --------------------------------------------------------------------------------------
+
+
+# Each option's type and whether 0 is allowed, as documented (docs/serving.md, serving/config.yaml).
+KINDS = {
+    "min_replicas": (int, True),
+    "max_replicas": (int, False),
+    "target_ongoing_requests": (int, False),
+    "upscale_delay_s": (float, True),
+    "downscale_delay_s": (float, True),
+    "num_cpus": (float, False),
+    "num_gpus": (float, True),
+    "max_batch_size": (int, False),
+    "batch_wait_timeout_s": (float, True),
+    "adaptive_batching": (bool, True),
+    "gpu_decode": (bool, True),
+    "max_images_per_request": (int, False),
+    "top_k": (int, False),
+    "max_body_bytes": (int, False),
+    "max_pixels": (int, False),
+    "api_key_env": (str, True),
+    "api_key_file": (str, True),
+}
+
+
+def _bad_values(name: str) -> list:
+    kind, zero_ok = KINDS[name]
+    if kind is bool:
+        return [2, "maybe", 1.0]
+    if kind is str:
+        return ["MY-KEY", "1ABC"] if name == "api_key_env" else ["key.txt", "./secrets/key"]
+    bad = ["abc", "", None, -1, "-1", True, "nan", "inf", math.inf]
+    if kind is int:
+        bad += [1.5, "2.5"]
+    return bad if zero_ok else [*bad, 0, "0"]
+
+
+_CASES = [(name, bad) for name in KINDS for bad in _bad_values(name)]
+
+
+def test_every_option_is_covered_with_its_documented_type():
+    assert {f.name: type(f.default) for f in fields(ServeOptions)} == {n: k for n, (k, _) in KINDS.items()}
+    for name in [n for n, (kind, zero_ok) in KINDS.items() if zero_ok and kind in (int, float)]:
+        assert getattr(parse_args({"checkpoint": "x", name: "0"})[1], name) == 0, name  # 0 is allowed
+
+
+@pytest.mark.parametrize("name, bad", _CASES, ids=[f"{n}={b!r}" for n, b in _CASES])
+def test_each_bad_option_is_refused_with_one_line_that_names_it(name, bad):
+    with pytest.raises(ValueError) as refused:
+        parse_args({"checkpoint": "/ckpt", name: bad})
+    message = str(refused.value)
+    assert message.startswith(f"{name} must ") and repr(bad) in message and "\n" not in message, message
+    assert "; " not in message  # this one option, not a list of others
+
+
+def test_options_from_strings_are_typed_and_all_bad_ones_are_named_in_one_error():
+    checkpoint, options = parse_args(
+        {
+            "checkpoint": "~/run",
+            "max_batch_size": "24",
+            "num_cpus": "0.5",
+            "upscale_delay_s": 5,
+            "adaptive_batching": "0",
+            "gpu_decode": True,
+            "max_replicas": "3",
+            "api_key_env": "PLACESNET_API_KEY",
+            "api_key_file": "~/key",
+        }
+    )
+    assert checkpoint == "~/run"  # build_app resolves it
+    assert (options.max_batch_size, options.num_cpus, options.upscale_delay_s) == (24, 0.5, 5.0)
+    assert type(options.max_batch_size) is int and type(options.upscale_delay_s) is float
+    assert (options.adaptive_batching, options.gpu_decode) == (False, True)
+    assert (
+        options.min_replicas == 2
+        and options.api_key_file.endswith("/key")
+        and "~" not in options.api_key_file
+    )
+    assert parse_args({"checkpoint": "x", "max_replicas": 1})[1].min_replicas == 1  # default within max
+    with pytest.raises(ValueError) as both:
+        parse_args({"checkpoint": "x", "max_batch_size": "abc", "top_k": 0})
+    assert (
+        str(both.value)
+        == "max_batch_size must be a positive integer, got 'abc'; top_k must be a positive integer, got 0"
+    )
+    for args, message in (
+        ({"checkpoint": "x", "min_replicas": 3, "max_replicas": 2}, "min_replicas 3 > max_replicas 2"),
+        (
+            {"checkpoint": "x", "replicas": 3},
+            "unknown option(s) ['replicas']; known: checkpoint, min_replicas",
+        ),
+        ({"max_batch_size": 4}, "missing checkpoint=PATH"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_args(args)
+    assert DEFAULTS["max_batch_size"] == ServeOptions().max_batch_size == 16
+    with pytest.raises(ValueError, match="max_batch_size must be a positive integer"):
+        ServeOptions(max_batch_size=0)  # the object can never hold a bad value
+
+
+def test_build_app_refuses_bad_options_before_looking_at_the_checkpoint(tmp_path):
+    from serving.app import build_app
+
+    with pytest.raises(ValueError, match=r"^num_gpus must be a number >= 0, got 'half'$"):
+        build_app({"checkpoint": str(tmp_path / "nope"), "num_gpus": "half"})  # not "not found"
+
+
+# --- one predict core, one status table ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def replica(tiny_config, tmp_path_factory):
+    """A Replica (no Serve) of a random-weight 4-class checkpoint, with a bearer token."""
+    from placesnet.checkpoint import save_checkpoint
+    from placesnet.model import build_model
+    from placesnet.serve.replica import Replica
+
+    tmp = tmp_path_factory.mktemp("replica")
+    torch.manual_seed(0)
+    save_checkpoint(
+        tmp / "ckpt",
+        model=build_model(tiny_config, 4),
+        config=tiny_config,
+        classes=["/b/beach", "/d/desert/sand", "/f/field/wild", "/f/forest/broadleaf"],
+        epoch=0,
+        metrics={"epoch": 1, "val_top1": 0.0},
+        history=[],
+    )
+    (tmp / "key").write_text("s3cret\n")
+    options = ServeOptions(
+        num_cpus=1, max_body_bytes=50_000, max_images_per_request=4, api_key_file=str(tmp / "key")
+    )
+    return Replica(str(tmp / "ckpt"), options)
+
+
+class _Context:
+    """What Serve's gRPC proxy hands the method: the metadata in, the status out."""
+
+    def __init__(self, authorization: str | None) -> None:
+        self.metadata = [("authorization", authorization)] if authorization else []
+        self.code, self.details = None, None
+
+    def invocation_metadata(self):
+        return self.metadata
+
+    def set_code(self, code):
+        self.code = code
+
+    def set_details(self, details):
+        self.details = details
+
+
+def _deployment(replica):
+    """The Serve deployment's own class (under Serve's wrappers), and a stand-in for one of its
+    replicas: its route and RPC methods run as in Serve, from ``replica``."""
+    from types import SimpleNamespace
+
+    from placesnet.serve.http_api import SceneClassifier
+
+    return SceneClassifier.func_or_class.__mro__[1], SimpleNamespace(replica=replica)
+
+
+def _http(replica, images: list[bytes], top_k=None, authorization="Bearer s3cret"):
+    """POST /predict through the deployment's route method and the app's error handlers:
+    (status, JSON body, headers). Several images go as multipart `file` fields."""
+    from fastapi import Response
+    from starlette.requests import Request
+
+    from placesnet.serve.http_api import app
+
+    files = [("file", (f"image{i}", data, "image/jpeg")) for i, data in enumerate(images, 1)]
+    built = (
+        httpx.Request("POST", "http://x/predict", files=files)
+        if len(images) != 1
+        else httpx.Request(
+            "POST", "http://x/predict", content=images[0], headers={"Content-Type": "image/jpeg"}
+        )
+    )
+    headers = {**built.headers, **({"authorization": authorization} if authorization else {})}
+    body = [built.read()]
+
+    async def receive():
+        return {"type": "http.request", "body": body.pop() if body else b"", "more_body": False}
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/predict",
+        "query_string": b"",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }
+    request, response = Request(scope, receive), Response()
+    deployment, instance = _deployment(replica)
+
+    async def call():
+        try:
+            return 200, await deployment.predict(instance, request, response, top_k), dict(response.headers)
+        except ClientError as e:
+            answer = await app.exception_handlers[ClientError](request, e)
+            return answer.status_code, json.loads(answer.body), dict(answer.headers)
+
+    return asyncio.run(call())
+
+
+def _grpc(replica, images: list[bytes], top_k=0, authorization="Bearer s3cret"):
+    """placesnet.SceneClassifier/Predict through the deployment's gRPC method: (reply, context)."""
+    from serving.scene_pb2 import PredictRequest
+
+    (deployment, instance), context = _deployment(replica), _Context(authorization)
+    reply = asyncio.run(deployment.Predict(instance, PredictRequest(images=images, top_k=top_k), context))
+    return reply, context
+
+
+def _jpeg(color="green", size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_a_refused_request_gets_the_same_verdict_over_http_and_grpc(replica):
+    """The same bad requests sent both ways: the HTTP status and the gRPC code are the pair in
+    GRPC_CODES (401/UNAUTHENTICATED, 413/RESOURCE_EXHAUSTED, 422/INVALID_ARGUMENT), with the
+    same message; the gRPC reply is then empty."""
+    jpeg = _jpeg()
+    cases = [
+        ("no token", dict(images=[jpeg], authorization=None), 401, grpc.StatusCode.UNAUTHENTICATED),
+        (
+            "wrong token",
+            dict(images=[jpeg], authorization="Bearer nope"),
+            401,
+            grpc.StatusCode.UNAUTHENTICATED,
+        ),
+        (
+            "not bearer",
+            dict(images=[jpeg], authorization="Basic s3cret"),
+            401,
+            grpc.StatusCode.UNAUTHENTICATED,
+        ),
+        ("top_k too big", dict(images=[jpeg], top_k=9), 422, grpc.StatusCode.INVALID_ARGUMENT),
+        ("too many images", dict(images=[jpeg] * 5), 413, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ("too many bytes", dict(images=[b"\xff" * 60_000]), 413, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ]
+    for name, kwargs, status, code in cases:
+        http_status, body, headers = _http(replica, **kwargs)
+        reply, context = _grpc(replica, **kwargs)
+        assert http_status == status and GRPC_CODES[status] == code == context.code, (
+            name,
+            http_status,
+            context.code,
+        )
+        assert body == {"error": context.details}, (name, body, context.details)
+        assert not reply.results and not reply.model, name
+        if status == 401:
+            assert headers["www-authenticate"] == "Bearer"
+    assert body["error"] == "request body is 60000 bytes, over the limit of 50000"
+
+
+def test_each_image_gets_the_same_answer_over_http_and_grpc(replica):
+    """One predict core: an image alone and images together give the same predictions and the
+    same per-image errors both ways; an image alone that is refused is the HTTP request's status
+    (415 for no image format, 400 for a broken one) and that image's error over gRPC."""
+    good, other = _jpeg("green"), _jpeg("navy", (64, 48))
+    broken, text = good[: len(good) // 2], b"not an image at all"
+    for data, status in ((text, 415), (broken, 400)):
+        http_status, body, _ = _http(replica, [data])
+        reply, context = _grpc(replica, [data])
+        assert http_status == status and context.code is None, (http_status, context.code)
+        assert body["error"] == reply.results[0].error and not reply.results[0].predictions
+    assert "not a recognised image format" in _http(replica, [text])[1]["error"]
+    alone_status, alone, alone_headers = _http(replica, [good], top_k=3)
+    assert (
+        alone_status == 200
+        and alone_headers["x-batch-size"] == "1"
+        and alone_headers["x-batch-queued"] == "no"
+    )
+    reply, _ = _grpc(replica, [good], top_k=3)
+    assert [p.label for p in reply.results[0].predictions] == [p["label"] for p in alone["predictions"]]
+    images = [good, text, other, b""]
+    http_status, body, headers = _http(replica, images, top_k=2)
+    reply, context = _grpc(replica, images, top_k=2)
+    assert http_status == 200 and context.code is None and headers["x-batch-size"] == "2"
+    assert [r["file"] for r in body["results"]] == ["image1", "image2", "image3", "image4"]
+    assert [r.get("status") for r in body["results"]] == [None, 415, None, 400]
+    assert [r.get("error", "") for r in body["results"]] == [r.error for r in reply.results]
+    for http_result, grpc_result in zip(body["results"], reply.results):
+        assert [p["label"] for p in http_result.get("predictions", [])] == [
+            p.label for p in grpc_result.predictions
+        ]
+        assert [p["probability"] for p in http_result.get("predictions", [])] == pytest.approx(
+            [p.probability for p in grpc_result.predictions], abs=1e-6
+        )
+    assert body["results"][0]["predictions"][0]["label"] == alone["predictions"][0]["label"]
+
+
+def test_a_client_error_needs_a_grpc_code_and_bad_images_are_sorted_by_cause_not_message():
+    from placesnet.images import BadImage, decode_image
+
+    with pytest.raises(ValueError, match="ClientError status 404 has no gRPC code"):
+        ClientError(404, "not here")
+    verdicts = {}
+    for name, data in {"text": b"not a recognised image format", "empty": b"", "cut": _jpeg()[:300]}.items():
+        with pytest.raises(BadImage) as refused:
+            decode_image(data)
+        verdicts[name] = ClientError.bad_image(refused.value).status
+    assert verdicts == {"text": 415, "empty": 400, "cut": 400}
+    assert ClientError.bad_image(BadImage("not a recognised image format")).status == 400  # no PIL cause
+
+
+def test_no_status_is_chosen_by_matching_an_error_message():
+    from conftest import REPO
+
+    sources = [*(REPO / "placesnet" / "serve").glob("*.py"), REPO / "serving" / "app.py"]
+    offenders = [
+        f"{p.name}: {line.strip()}"
+        for p in sources
+        for line in p.read_text().splitlines()
+        if " in str(" in line
+    ]
+    assert not offenders, offenders
+
+
+def test_multipart_file_fields_in_order_and_malformed_bodies_refused():
+    from placesnet.serve.body import file_fields
+
+    def part(disposition: str, data: bytes) -> bytes:
+        return f"--b\r\nContent-Disposition: form-data; {disposition}\r\n\r\n".encode() + data + b"\r\n"
+
+    body = b"".join(
+        [
+            part('name="file"', b"a text field, not a file"),
+            part('name="file"; filename="b.jpg"', b"\xff\xd8 one"),
+            part('name="nope"; filename="c.jpg"', b"skipped"),
+            part('name="file"; filename=""', b"two"),
+            part('name="file"; filename="\u00fc.png"', b""),
+            b"--b--\r\n",
+        ]
+    )
+    uploads = file_fields("multipart/form-data; boundary=b", body)
+    assert [(u.name, u.data) for u in uploads] == [
+        ("b.jpg", b"\xff\xd8 one"),
+        ("file2", b"two"),
+        ("\u00fc.png", b""),
+    ]
+    for content_type, body in (
+        ("multipart/form-data; boundary=x", b"--x\r\nnot a part header\r\n--x"),
+        ("multipart/form-data", b"--x\r\n\r\n--x--"),
+        ("multipart/form-data; boundary=x", b"--x\r\nContent-Type: image/png\r\n\r\nab\r\n--x--\r\n"),
+    ):
+        with pytest.raises(ClientError) as refused:
+            file_fields(content_type, body)
+        assert refused.value.status == 400 and refused.value.message.startswith("malformed multipart body")
