@@ -32,7 +32,7 @@ from placesnet.data.places import BadImages, class_names, open_split, resolve_da
 from placesnet.evaluation import evaluate_checkpoint
 from placesnet.launch.logs import echo
 from placesnet.model import build_model
-from placesnet.train import engine, optim
+from placesnet.train import engine
 from placesnet.train.step import StepSettings
 
 
@@ -113,9 +113,7 @@ def train_worker(loop_config: dict) -> dict | None:
     model = ray.train.torch.prepare_model(settings.prepare_model(build_model(cfg, len(classes))))
     if cfg.compile:  # in place, so state_dict keys (and checkpoints) stay those of the plain model
         model.compile()
-    optimizer = optim.build_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, device)
-    scheduler = optim.scheduler_for(optimizer, cfg, len(train_loader))  # per step
-    scaler = settings.make_scaler(device)
+    optimizer, scheduler, scaler = engine.training_state(model, cfg, settings, len(train_loader), device)
 
     # --- resume: after a worker failure, or when the same run is started again ---
     start_epoch, history = 0, []

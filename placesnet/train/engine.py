@@ -320,6 +320,17 @@ def evaluate(
     return out
 
 
+def training_state(
+    model: nn.Module, config: TrainConfig, settings: StepSettings, steps_per_epoch: int, device: torch.device
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, torch.amp.GradScaler | None]:
+    """``config``'s recipe for ``model``: the optimizer, the per-step schedule over
+    ``steps_per_epoch`` x epochs, and the GradScaler ``settings`` needs (None unless fp16). The one
+    setup of a Ray Train worker and :func:`fit`."""
+    optimizer = build_optimizer(model, config.lr, config.momentum, config.weight_decay, device)
+    scheduler = scheduler_for(optimizer, config, steps_per_epoch)
+    return optimizer, scheduler, settings.make_scaler(device)
+
+
 def fit(
     model: nn.Module,
     train_loader,
@@ -337,9 +348,7 @@ def fit(
     val, as it ends."""
     settings = StepSettings.from_config(config, device)
     model = settings.prepare_model(model.to(device))
-    optimizer = build_optimizer(model, config.lr, config.momentum, config.weight_decay, device)
-    scheduler = scheduler_for(optimizer, config, len(train_loader))
-    scaler = settings.make_scaler(device)
+    optimizer, scheduler, scaler = training_state(model, config, settings, len(train_loader), device)
     for epoch in range(1, config.epochs + 1):
         row = train_one_epoch(
             model,
