@@ -597,7 +597,7 @@ MUTATIONS = [
         "    checkpoint, options = parse_args(args)\n    try:\n"
         "        path = resolve_checkpoint(os.path.expanduser(checkpoint))\n",
         "    try:\n        path = resolve_checkpoint(os.path.expanduser(str(args.get('checkpoint'))))\n",
-        ("tests/test_serve_core.py", "-k", "before_the_checkpoint"),
+        ("tests/test_serve_core.py", "-k", "before_looking_at_the_checkpoint"),
     ),
     M(
         "serve status: too large is INVALID_ARGUMENT over gRPC",
