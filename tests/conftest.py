@@ -291,3 +291,24 @@ def trained_run(ray_head, tmp_path_factory):
     proc = train_cli(ray_head, storage, "ddp", epochs=4)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return storage / "ddp", proc
+
+
+def untrained_checkpoint(directory: Path, cfg) -> Path:
+    """A checkpoint of ``cfg``'s model freshly initialised (seed 0) for the tiny data's 4 classes:
+    for tests of loading, evaluating and serving that need no training."""
+    import torch
+
+    from placesnet.checkpoint import save_checkpoint
+    from placesnet.model import build_model
+
+    torch.manual_seed(0)
+    save_checkpoint(
+        directory,
+        model=build_model(cfg, 4),
+        config=cfg,
+        classes=["/b/beach", "/d/desert/sand", "/f/field/wild", "/f/forest/broadleaf"],
+        epoch=0,
+        metrics={"epoch": 1, "val_top1": 0.0},
+        history=[],
+    )
+    return Path(directory)

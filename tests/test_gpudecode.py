@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import untrained_checkpoint
 from torch.utils.data import DataLoader
 from torchvision.io import encode_png, read_file
 
@@ -207,22 +208,11 @@ def test_a_gpu_replica_sends_a_requests_uploads_through_one_device_decode(tiny_c
     path's status."""
     import asyncio
 
-    from placesnet.checkpoint import save_checkpoint
-    from placesnet.model import build_model
     from placesnet.serve.errors import ClientError
     from placesnet.serve.options import ServeOptions
     from placesnet.serve.replica import Replica, Upload
 
-    torch.manual_seed(0)
-    save_checkpoint(
-        tmp_path / "ckpt",
-        model=build_model(tiny_config, 4),
-        config=tiny_config,
-        classes=["/b/beach", "/d/desert/sand", "/f/field/wild", "/f/forest/broadleaf"],
-        epoch=0,
-        metrics={"epoch": 1, "val_top1": 0.0},
-        history=[],
-    )
+    untrained_checkpoint(tmp_path / "ckpt", tiny_config)
     options = ServeOptions(num_cpus=1, max_pixels=100_000, max_batch_size=4)
     cpu, dev = Replica(str(tmp_path / "ckpt"), options), Replica(str(tmp_path / "ckpt"), options)
     assert not cpu.gpu_decode  # no GPU here

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import untrained_checkpoint
 
 from placesnet.checkpoint import load_checkpoint, save_checkpoint
 from placesnet.config import UserError
@@ -145,17 +146,7 @@ def test_two_ranks_count_every_sample_once_and_match_one_rank(tiny_config, tiny_
     lines = (root / "places365_val.txt").read_text().splitlines(keepends=True)
     (root / "places365_val.txt").write_text("".join(lines[:-1]))  # 47 images: shards of 24 and 23
     cfg = tiny_config.replace(dataset="places365", skip_verify=True, data_root=str(root))
-    torch.manual_seed(0)
-    ckpt = tmp_path / "ckpt"
-    save_checkpoint(
-        ckpt,
-        model=build_model(cfg, 4),
-        config=cfg,
-        classes=["/b/beach", "/d/desert/sand", "/f/field/wild", "/f/forest/broadleaf"],
-        epoch=0,
-        metrics={"epoch": 1, "val_top1": 0.0},
-        history=[],
-    )
+    ckpt = untrained_checkpoint(tmp_path / "ckpt", cfg)
     one, two = _run(1, tmp_path, root, ckpt), _run(2, tmp_path, root, ckpt)
     assert one["val_images"] == two["val_images"] == 47  # no padding, nothing dropped
     assert two["val_top1"] == one["val_top1"] and two["val_top5"] == one["val_top5"]

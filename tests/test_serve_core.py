@@ -13,7 +13,7 @@ from dataclasses import fields
 import grpc
 import httpx
 import pytest
-import torch
+from conftest import untrained_checkpoint
 from PIL import Image
 
 from placesnet.serve.errors import GRPC_CODES, ClientError
@@ -132,21 +132,10 @@ def test_build_app_refuses_bad_options_before_looking_at_the_checkpoint(tmp_path
 @pytest.fixture(scope="module")
 def replica(tiny_config, tmp_path_factory):
     """A Replica (no Serve) of a random-weight 4-class checkpoint, with a bearer token."""
-    from placesnet.checkpoint import save_checkpoint
-    from placesnet.model import build_model
     from placesnet.serve.replica import Replica
 
     tmp = tmp_path_factory.mktemp("replica")
-    torch.manual_seed(0)
-    save_checkpoint(
-        tmp / "ckpt",
-        model=build_model(tiny_config, 4),
-        config=tiny_config,
-        classes=["/b/beach", "/d/desert/sand", "/f/field/wild", "/f/forest/broadleaf"],
-        epoch=0,
-        metrics={"epoch": 1, "val_top1": 0.0},
-        history=[],
-    )
+    untrained_checkpoint(tmp / "ckpt", tiny_config)
     (tmp / "key").write_text("s3cret\n")
     options = ServeOptions(
         num_cpus=1, max_body_bytes=50_000, max_images_per_request=4, api_key_file=str(tmp / "key")
