@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export VENV
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test test-fast lint bench bench-tools mutate notebook help
+.PHONY: setup demo test test-fast lint bench bench-tools mutate notebook promote help
 
 help:
 	@echo "make demo   - set up and train on the embedded sample data (ARGS='...' adds flags)"
@@ -16,6 +16,7 @@ help:
 	@echo "make bench  - run every benchmark in benchmarks/ (tables for docs/benchmarks.md)"
 	@echo "make mutate - deliberate bugs in a fresh clone each, against their tests (MUTATE_ARGS='--fast')"
 	@echo "make notebook - JupyterLab (own venv) with the project's kernel, on notebooks/workshop.ipynb"
+	@echo "make promote CHECKPOINT=latest - swap a checkpoint into the running endpoint, in place"
 
 setup:
 	@scripts/setup.sh
@@ -51,6 +52,12 @@ bench: setup bench-tools
 
 notebook: setup
 	@scripts/notebook.sh
+
+# The running endpoint (`serve deploy serving/config.yaml`) swaps to CHECKPOINT in place: a run dir,
+# a sweep's best.json, a checkpoint dir or latest[:STORAGE_PATH] (docs/serving.md).
+promote: setup
+	@test -n "$(CHECKPOINT)" || { echo "make promote: give CHECKPOINT=PATH (or latest)" >&2; exit 2; }
+	$(PY) serving/promote.py "$(CHECKPOINT)" $(ARGS)
 
 # Not part of `make test`: each mutation clones the repo (HEAD) and runs the tests that guard it.
 mutate: setup

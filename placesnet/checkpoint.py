@@ -216,11 +216,16 @@ def load_train_state(directory: str | Path, device="cpu") -> dict:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
-    """Load a checkpoint (or a run dir / sweep best.json, see :func:`resolve_checkpoint`)."""
+    """Load a checkpoint (or a run dir / sweep best.json, see :func:`resolve_checkpoint`), after
+    :func:`verify_checkpoint`: a file changed since it was written (flipped bytes of the same size,
+    a truncated copy) is a UserError that names it, before any of it is loaded."""
     directory = resolve_checkpoint(path)
     meta = read_meta(directory)
     if meta.get("format") != FORMAT:
         raise UserError(f"not a placesnet checkpoint: {directory} (format {meta.get('format')!r})")
+    problem = verify_checkpoint(directory)
+    if problem:
+        raise UserError(f"corrupt checkpoint: {directory}: {problem}")
     try:
         config = TrainConfig.from_dict(_read_json(directory / CONFIG_FILE)).validate()
     except (TypeError, ValueError) as e:

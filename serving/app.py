@@ -20,8 +20,10 @@ from dataclasses import replace
 
 from ray.serve import Application
 
+from placesnet.serve.auth import Secret
 from placesnet.serve.http_api import SceneClassifier
 from placesnet.serve.options import parse_args, replicas_with_room
+from placesnet.serve.rollout import Refused, checkpoint_to_serve, refuse_serve_run_over_a_live_endpoint
 
 
 def build_app(args: dict) -> Application:
@@ -32,21 +34,26 @@ def build_app(args: dict) -> Application:
     target_ongoing_requests, upscale_delay_s, downscale_delay_s), num_cpus, num_gpus (fractions
     allowed), max_batch_size, batch_wait_timeout_s, adaptive_batching, max_images_per_request,
     top_k, max_body_bytes, max_pixels, gpu_decode; and for a bearer token api_key_env=NAME (the
-    replicas read the key from $NAME or the file in $NAME_FILE) or api_key_file=/abs/path (never
-    the key itself). Raises ValueError with a clear message for a missing/corrupt checkpoint or
-    bad values, before Ray does anything.
+    key is $NAME where the app is built, e.g. the shell of `serve run`, else the replicas read
+    $NAME or the file in $NAME_FILE) or api_key_file=/abs/path (never the key itself).
+
+    The checkpoint is resolved (``latest`` included) and verified here, once, and reaches the
+    replicas as the deployment's user_config ``{"checkpoint": DIR}``, which serving/promote.py
+    changes to swap another in place. Raises Refused (a ValueError) with one line for bad
+    options, a missing or corrupt checkpoint, or a `serve run` over a live endpoint, before Ray
+    does anything.
     """
-    from placesnet.checkpoint import load_checkpoint, resolve_checkpoint
     from placesnet.config import UserError
 
-    checkpoint, options = parse_args(args)
     try:
-        path = resolve_checkpoint(os.path.expanduser(checkpoint))
-        load_checkpoint(path)  # fail here, clearly, not in every replica
-    except UserError as e:
-        raise ValueError(str(e)) from None
+        checkpoint, options = parse_args(args)
+        path = checkpoint_to_serve(checkpoint)  # fail here, clearly, not in every replica
+    except (ValueError, UserError) as e:
+        raise Refused(str(e)) from None
+    refuse_serve_run_over_a_live_endpoint()
     if "min_replicas" not in args:
         options = replace(options, min_replicas=replicas_with_room(options))
+    key = os.environ.get(options.api_key_env, "").strip() if options.api_key_env else ""
     deployment = SceneClassifier.options(
         autoscaling_config={
             "min_replicas": options.min_replicas,
@@ -58,5 +65,6 @@ def build_app(args: dict) -> Application:
         ray_actor_options={"num_cpus": options.num_cpus, "num_gpus": options.num_gpus},
         # batches can only fill if a replica accepts at least a batch's worth of requests
         max_ongoing_requests=max(32, 2 * options.max_batch_size),
+        user_config={"checkpoint": str(path)},
     )
-    return deployment.bind(str(path), options)
+    return deployment.bind(options, Secret(key) if key else None)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13serving/scene.proto\x12\tplacesnet\"/\n\x0ePredictRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\x05\"E\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0b\x63lass_index\x18\x02 \x01(\x05\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"H\n\x0bImageResult\x12*\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x15.placesnet.Prediction\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"T\n\x0cPredictReply\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.placesnet.ImageResult\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t2P\n\x0fSceneClassifier\x12=\n\x07Predict\x12\x19.placesnet.PredictRequest\x1a\x17.placesnet.PredictReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13serving/scene.proto\x12\tplacesnet\"/\n\x0ePredictRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\x05\"E\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0b\x63lass_index\x18\x02 \x01(\x05\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"H\n\x0bImageResult\x12*\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x15.placesnet.Prediction\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"h\n\x0cPredictReply\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.placesnet.ImageResult\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\x12\x12\n\ncheckpoint\x18\x04 \x01(\t2P\n\x0fSceneClassifier\x12=\n\x07Predict\x12\x19.placesnet.PredictRequest\x1a\x17.placesnet.PredictReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,7 +38,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGERESULT']._serialized_start=154
   _globals['_IMAGERESULT']._serialized_end=226
   _globals['_PREDICTREPLY']._serialized_start=228
-  _globals['_PREDICTREPLY']._serialized_end=312
-  _globals['_SCENECLASSIFIER']._serialized_start=314
-  _globals['_SCENECLASSIFIER']._serialized_end=394
+  _globals['_PREDICTREPLY']._serialized_end=332
+  _globals['_SCENECLASSIFIER']._serialized_start=334
+  _globals['_SCENECLASSIFIER']._serialized_end=414
 # @@protoc_insertion_point(module_scope)

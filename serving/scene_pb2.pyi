@@ -33,11 +33,13 @@ class ImageResult(_message.Message):
     def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class PredictReply(_message.Message):
-    __slots__ = ("results", "model", "note")
+    __slots__ = ("results", "model", "note", "checkpoint")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[ImageResult]
     model: str
     note: str
-    def __init__(self, results: _Optional[_Iterable[_Union[ImageResult, _Mapping]]] = ..., model: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
+    checkpoint: str
+    def __init__(self, results: _Optional[_Iterable[_Union[ImageResult, _Mapping]]] = ..., model: _Optional[str] = ..., note: _Optional[str] = ..., checkpoint: _Optional[str] = ...) -> None: ...

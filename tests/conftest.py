@@ -149,7 +149,17 @@ def _free_port() -> int:
 
 
 class RayHead:
-    def __init__(self, temp_dir: Path, num_cpus: int = 4):
+    """``ray start --head`` in its own process group. ``metrics_export_port``: the node's Prometheus
+    endpoint (http://127.0.0.1:PORT/metrics); ``env``: variables for the head and the processes it
+    starts, e.g. Ray's system config as ``RAY_<name>``, which a worker reads only from there."""
+
+    def __init__(
+        self,
+        temp_dir: Path,
+        num_cpus: int = 4,
+        metrics_export_port: int | None = None,
+        env: dict[str, str] | None = None,
+    ):
         # Ray's unix sockets live under --temp-dir and must fit in 107 bytes: keep it short.
         self.ray_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
         self.port, self.dashboard_port = _free_port(), _free_port()
@@ -157,7 +167,13 @@ class RayHead:
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.token = os.environ["RAY_AUTH_TOKEN"]
         self.temp_dir = temp_dir
-        self.env = {**os.environ, "RAY_ADDRESS": self.address, "PATH": f"{BIN}:{os.environ['PATH']}"}
+        self.metrics_export_port = metrics_export_port
+        self.env = {
+            **os.environ,
+            **(env or {}),
+            "RAY_ADDRESS": self.address,
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+        }
         self.log = open(temp_dir / "head.log", "w")
         self.proc = subprocess.Popen(
             [
@@ -184,6 +200,7 @@ class RayHead:
                 "--temp-dir",
                 str(self.ray_dir),
                 "--disable-usage-stats",
+                *(["--metrics-export-port", str(metrics_export_port)] if metrics_export_port else []),
             ],
             env=self.env,
             stdout=self.log,
@@ -221,21 +238,27 @@ class RayHead:
         shutil.rmtree(self.ray_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def ray_head(tmp_path_factory):
-    """A real local Ray cluster (4 logical CPUs, dashboard + jobs API, token auth) for the session.
-
-    Its ports come from the OS and are free when picked, but another process may take one before
-    Ray binds it: a head that fails to start is retried on new ports (3 tries)."""
+def start_head(tmp_path_factory, **kwargs) -> RayHead:
+    """A RayHead(**kwargs), ready. Its ports come from the OS and are free when picked, but another
+    process may take one before Ray binds it: a head that fails to start is retried on new ports
+    (3 tries; a ``metrics_export_port`` given too is picked again)."""
     for attempt in range(3):
-        head = RayHead(tmp_path_factory.mktemp("rayhead"))
+        head = RayHead(tmp_path_factory.mktemp("rayhead"), **kwargs)
         try:
             head.wait_ready()
-            break
+            return head
         except RuntimeError:
             head.stop()
             if attempt == 2:
                 raise
+            if kwargs.get("metrics_export_port"):
+                kwargs["metrics_export_port"] = _free_port()
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A real local Ray cluster (4 logical CPUs, dashboard + jobs API, token auth) for the session."""
+    head = start_head(tmp_path_factory)
     try:
         yield head
     finally:
@@ -293,15 +316,15 @@ def trained_run(ray_head, tmp_path_factory):
     return storage / "ddp", proc
 
 
-def untrained_checkpoint(directory: Path, cfg) -> Path:
-    """A checkpoint of ``cfg``'s model freshly initialised (seed 0) for the tiny data's 4 classes:
-    for tests of loading, evaluating and serving that need no training."""
+def untrained_checkpoint(directory: Path, cfg, seed: int = 0) -> Path:
+    """A checkpoint of ``cfg``'s model freshly initialised (``seed``) for the tiny data's 4
+    classes: for tests of loading, evaluating and serving that need no training."""
     import torch
 
     from placesnet.checkpoint import save_checkpoint
     from placesnet.model import build_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     save_checkpoint(
         directory,
         model=build_model(cfg, 4),
@@ -312,3 +335,25 @@ def untrained_checkpoint(directory: Path, cfg) -> Path:
         history=[],
     )
     return Path(directory)
+
+
+def flip_bytes(path: Path) -> None:
+    """4,096 bytes in the middle of the file at ``path`` inverted: same size, other contents (what
+    a bad disk or a botched copy does)."""
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2
+    data[start : start + 4096] = bytes(255 - b for b in data[start : start + 4096])
+    path.write_bytes(bytes(data))
+
+
+def transplant_weights(directory: Path, donor: Path) -> None:
+    """``donor``'s model.pt (another architecture) in ``directory``, with meta.json's size and
+    sha256 updated to match: intact files whose weights do not fit the checkpoint's config."""
+    import hashlib
+    import json
+
+    shutil.copy(donor / "model.pt", directory / "model.pt")
+    meta = json.loads((directory / "meta.json").read_text())
+    data = (directory / "model.pt").read_bytes()
+    meta["files"]["model.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (directory / "meta.json").write_text(json.dumps(meta))

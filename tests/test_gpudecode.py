@@ -218,7 +218,9 @@ def test_a_gpu_replica_sends_a_requests_uploads_through_one_device_decode(tiny_c
     assert not cpu.gpu_decode  # no GPU here
     dev.gpu_decode, batches = True, []
     device_decode = dev._decode_on_device
-    dev._decode_on_device = lambda uploads: batches.append(len(uploads)) or device_decode(uploads)
+    dev._decode_on_device = lambda uploads, model: (
+        batches.append(len(uploads)) or device_decode(uploads, model)
+    )
     files = [Upload(*item) for item in [*_serving_uploads(tiny_root).items(), ("empty", b"")]]
     a, b = (asyncio.run(r.predict(files, 3)) for r in (cpu, dev))
     assert batches == [len(files) - 1]  # every non-empty upload in one device batch

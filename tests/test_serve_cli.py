@@ -127,3 +127,63 @@ def test_serve_run_documented_command(ray_head, trained_run, tiny_root):
         tiny_root / "val_256/Places365_val_00000002.jpg",
         ray_head.dashboard,
     )
+
+
+def test_serve_run_key_from_the_deploying_shell(ray_head, trained_run, tiny_root):
+    """docs/serving.md#a-key: `export PLACESNET_API_KEY=...; serve run ... api_key_env=...` on a
+    running cluster whose nodes never saw the variable: the replicas get the key from the shell
+    that built the app (before: they could not start). The key shows in no Serve status or config
+    and in no log of the cluster."""
+    from ray import serve
+
+    run_dir, _ = trained_run
+    port = _free_port()
+    with ray_driver(ray_head.address):
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    key = "k3y-" + os.urandom(12).hex()
+    env = {**ray_head.env, "PLACESNET_TEST_KEY": key}
+    url = f"http://127.0.0.1:{port}"
+    image = (tiny_root / "val_256/Places365_val_00000003.jpg").read_bytes()
+    proc = subprocess.Popen(
+        [str(BIN / "serve"), "run", "--name", "placesnet", "serving.app:build_app"]
+        + [f"checkpoint={run_dir}", "num_cpus=0.5", "api_key_env=PLACESNET_TEST_KEY"],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        headers = {"Content-Type": "image/jpeg"}
+        assert httpx.post(f"{url}/predict", content=image, headers=headers, timeout=60).status_code == 401
+        ok = httpx.post(
+            f"{url}/predict", content=image, headers={**headers, "Authorization": f"Bearer {key}"}, timeout=60
+        )
+        assert ok.status_code == 200 and ok.json()["predictions"], ok.text
+        shown = subprocess.run(
+            f"{BIN}/serve status -a {ray_head.dashboard}; {BIN}/serve config -a {ray_head.dashboard}",
+            shell=True,
+            env=ray_head.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert "placesnet" in shown.stdout and key not in shown.stdout + shown.stderr
+        logs = [
+            p for p in ray_head.ray_dir.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err")
+        ]
+        assert logs and not [p for p in logs if key in p.read_text(errors="replace")]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    assert key not in out

@@ -9,6 +9,7 @@ import json
 import math
 import re
 from dataclasses import fields
+from pathlib import Path
 
 import grpc
 import httpx
@@ -359,3 +360,91 @@ def test_multipart_file_fields_in_order_and_malformed_bodies_refused():
         with pytest.raises(ClientError) as refused:
             file_fields(content_type, body)
         assert refused.value.status == 400 and refused.value.message.startswith("malformed multipart body")
+
+
+# --- the checkpoint a replica serves: verified, probed, swapped in place --------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_config, tmp_path_factory):
+    """a and b (other weights), and what cannot be served: b with flipped bytes (same size),
+    truncated, with another architecture's weights, and a model that cannot run at its image size."""
+    import shutil
+    from dataclasses import replace
+
+    from conftest import flip_bytes, transplant_weights
+
+    tmp = tmp_path_factory.mktemp("swap")
+    made = {
+        "a": untrained_checkpoint(tmp / "a", tiny_config, seed=0),
+        "b": untrained_checkpoint(tmp / "b", tiny_config, seed=1),
+        "cannot run": untrained_checkpoint(
+            tmp / "tiny", replace(tiny_config, image_size=8, widths=(8, 16, 32, 64))
+        ),
+    }
+    wide = untrained_checkpoint(tmp / "wide", replace(tiny_config, widths=(16, 32, 64)))
+    for name in ("flipped", "truncated", "other architecture"):
+        made[name] = Path(shutil.copytree(made["b"], tmp / name))
+    flip_bytes(made["flipped"] / "model.pt")
+    (made["truncated"] / "model.pt").write_bytes((made["truncated"] / "model.pt").read_bytes()[:-1000])
+    transplant_weights(made["other architecture"], wide)
+    return made
+
+
+REFUSALS = {
+    "flipped": "model.pt does not match its sha256",
+    "truncated": "model.pt has",
+    "other architecture": "do not fit a deepcnn",
+    "cannot run": "cannot run on cpu",
+}
+
+
+@pytest.mark.parametrize("broken", REFUSALS)
+def test_every_load_verifies_the_checkpoint(checkpoints, broken):
+    """load_checkpoint (evaluate, predict, serve, a training's --init) and a replica's model refuse
+    each broken checkpoint with one line that names it; flipped bytes of the same size included."""
+    from placesnet.config import UserError
+    from placesnet.serve.served import ServedModel
+
+    with pytest.raises(UserError, match=re.escape(REFUSALS[broken])) as refused:
+        ServedModel.load(checkpoints[broken], torch_cpu())
+    assert str(checkpoints[broken]) in str(refused.value) and "\n" not in str(refused.value)
+
+
+def torch_cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
+def test_a_replica_swaps_its_checkpoint_in_place_and_refuses_broken_ones(checkpoints, tiny_root):
+    """Replica.use_checkpoint: b replaces a; a request that started on a is answered by a, all of
+    it; each broken checkpoint is refused while b serves on (and /model's `rejected` says why);
+    `latest` is refused (a replica must not resolve it on its own); a good one clears `rejected`.
+    A replica with no model yet fails on a broken one (it then never starts)."""
+    from placesnet.config import UserError
+    from placesnet.serve.replica import Replica, Upload
+
+    uploads = [Upload(p.name, p.read_bytes()) for p in sorted((tiny_root / "val_256").glob("*.jpg"))[:3]]
+    replica = Replica(str(checkpoints["a"]), ServeOptions(num_cpus=1))
+    model_a = replica.current()
+    before = asyncio.run(replica.predict(uploads, 4)).results
+    asyncio.run(replica.use_checkpoint(str(checkpoints["b"])))
+    assert replica.current().checkpoint == checkpoints["b"] and replica.rejected is None
+    late = asyncio.run(replica.predict(uploads, 4, model_a))  # started before the swap
+    assert late.model is model_a and late.results == before
+    now = asyncio.run(replica.predict(uploads, 4))
+    assert now.model.checkpoint == checkpoints["b"] and now.results != before
+
+    for broken, says in [*REFUSALS.items(), ("latest", "serving/promote.py resolves latest")]:
+        asyncio.run(replica.use_checkpoint(str(checkpoints.get(broken, broken))))
+        assert replica.current().checkpoint == checkpoints["b"], broken
+        assert says in replica.info()["rejected"]["error"], (broken, replica.rejected)
+    assert asyncio.run(replica.predict(uploads, 4)).results == now.results
+    asyncio.run(replica.use_checkpoint(str(checkpoints["a"])))
+    assert replica.current() is not model_a and replica.info()["rejected"] is None
+    assert asyncio.run(replica.predict(uploads, 4)).results == before
+
+    fresh = Replica(None, ServeOptions(num_cpus=1))
+    with pytest.raises(UserError, match="does not match its sha256"):
+        asyncio.run(fresh.use_checkpoint(str(checkpoints["flipped"])))

@@ -42,4 +42,20 @@ def check_bearer(authorization: str, key: str | None) -> None:
             401,
             "missing or wrong bearer token: send Authorization: Bearer <key>",
             headers={"WWW-Authenticate": "Bearer"},
+            reason="unauthorized",
         )
+
+
+class Secret:
+    """A key on its way from the deploying shell to the replicas (an init argument of the
+    deployment, which Serve keeps serialized in its controller and never prints): its repr, in a
+    log or a traceback, does not show it."""
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(****)"

@@ -22,27 +22,32 @@ async def read_uploads(request: Request, options: ServeOptions) -> list[Upload]:
     limit = options.max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise ClientError(413, f"request body is {declared} bytes, over the limit of {limit}")
+        raise ClientError(
+            413, f"request body is {declared} bytes, over the limit of {limit}", reason="body_too_large"
+        )
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise ClientError(413, f"request body is over the limit of {limit} bytes")
+            raise ClientError(
+                413, f"request body is over the limit of {limit} bytes", reason="body_too_large"
+            )
     content_type = request.headers.get("content-type", "")
     ctype = content_type.split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         uploads = file_fields(content_type, bytes(body))
         if not uploads:
-            raise ClientError(422, "multipart form has no 'file' field with an image")
+            raise ClientError(422, "multipart form has no 'file' field with an image", reason="no_file_field")
         options.check_request_size(len(uploads), 0)  # the size was checked as it streamed in
         return uploads
     if ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
         raise ClientError(
             415,
             f"unsupported Content-Type {ctype!r}: send image/* bytes or a multipart form with a 'file' field",
+            reason="unsupported_content_type",
         )
     if not body:
-        raise ClientError(400, "empty request body: send the image bytes")
+        raise ClientError(400, "empty request body: send the image bytes", reason="empty_body")
     return [Upload("body", bytes(body))]
 
 
@@ -53,7 +58,9 @@ def file_fields(content_type: str, body: bytes) -> list[Upload]:
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:
-        raise ClientError(400, "malformed multipart body: no boundary in its Content-Type")
+        raise ClientError(
+            400, "malformed multipart body: no boundary in its Content-Type", reason="malformed_multipart"
+        )
     form = _FileParts()
     parser = MultipartParser(
         boundary,
@@ -71,7 +78,7 @@ def file_fields(content_type: str, body: bytes) -> list[Upload]:
         parser.write(body)
         parser.finalize()
     except FormParserError as e:
-        raise ClientError(400, f"malformed multipart body: {e}") from None
+        raise ClientError(400, f"malformed multipart body: {e}", reason="malformed_multipart") from None
     return [Upload(name or f"file{i}", data) for i, (name, data) in enumerate(form.files, start=1)]
 
 
@@ -101,7 +108,11 @@ class _FileParts:
     def on_headers_finished(self) -> None:
         _, params = parse_options_header(self._disposition)
         if b"name" not in params:
-            raise ClientError(400, "malformed multipart body: a part has no Content-Disposition name")
+            raise ClientError(
+                400,
+                "malformed multipart body: a part has no Content-Disposition name",
+                reason="malformed_multipart",
+            )
         if params[b"name"] == b"file" and b"filename" in params:
             self._filename, self._data = _text(params[b"filename"]), bytearray()
 

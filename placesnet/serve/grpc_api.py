@@ -24,20 +24,27 @@ class GrpcServicer:
         replica = self.replica
         try:
             replica.authorize(dict(grpc_context.invocation_metadata()).get("authorization", ""))
-            k = replica.check_top_k(request.top_k or None)
+            model = replica.current()  # the whole request is answered by this one
+            k = replica.check_top_k(request.top_k or None, model)
             images = list(request.images)
             replica.options.check_request_size(len(images), sum(map(len, images)))
             if not images:
-                raise ClientError(400, "no images in the request: fill PredictRequest.images")
+                raise ClientError(
+                    400, "no images in the request: fill PredictRequest.images", reason="no_images"
+                )
         except ClientError as e:
+            replica.metrics.refused(e.status, e.reason)
             grpc_context.set_code(e.grpc_code)
             grpc_context.set_details(e.message)
             return PredictReply()
-        answer = await replica.predict([Upload(f"image{i}", data) for i, data in enumerate(images, 1)], k)
+        uploads = [Upload(f"image{i}", data) for i, data in enumerate(images, 1)]
+        answer = await replica.predict(uploads, k, model)
         results = [
             ImageResult(error=r.error)
             if r.error is not None
             else ImageResult(predictions=[Prediction(**p) for p in r.predictions])
             for r in answer.results
         ]
-        return PredictReply(results=results, model=replica.model_id, note=replica.note)
+        return PredictReply(
+            results=results, model=model.model_id, checkpoint=str(model.checkpoint), note=model.note
+        )

@@ -1,6 +1,8 @@
 """The Serve deployment, :class:`SceneClassifier`: its FastAPI ``app`` (routes and error handlers,
 so that every error, 404 and 500 included, is ``{"error": "..."}`` JSON, a ClientError's status as
-raised) and the gRPC method (grpc_api), both answered by one Replica."""
+raised) and the gRPC method (grpc_api), both answered by one Replica, whose checkpoint comes in
+the deployment's ``user_config`` (``{"checkpoint": PATH}``): a new one is swapped in place by
+``reconfigure``, without restarting the replica."""
 
 # No `from __future__ import annotations`: FastAPI reads the routes' parameter types at runtime.
 import asyncio
@@ -11,11 +13,12 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from placesnet.serve.auth import Secret
 from placesnet.serve.body import read_uploads
 from placesnet.serve.errors import ClientError
 from placesnet.serve.grpc_api import GrpcServicer
 from placesnet.serve.options import ServeOptions
-from placesnet.serve.replica import ImageResult, Replica
+from placesnet.serve.replica import Answer, ImageResult, Replica
 
 app = FastAPI(
     title="placesnet scene classifier",
@@ -86,6 +89,17 @@ def _result_json(result: ImageResult) -> dict:
     return {"file": result.name, "predictions": result.predictions}
 
 
+CHECKPOINT_HEADER = "X-Checkpoint"  # on every /predict answer: the checkpoint that produced it
+
+
+def _checkpoint_of(config: object) -> str:
+    """The checkpoint path of the deployment's user_config, or ValueError saying what it must be."""
+    checkpoint = config.get("checkpoint") if isinstance(config, dict) else None
+    if not isinstance(checkpoint, str) or not checkpoint or set(config) != {"checkpoint"}:
+        raise ValueError(f"user_config must be {{'checkpoint': PATH}}, got {config!r}")
+    return checkpoint
+
+
 # The routes are methods of the decorated class itself, not of an importable base class: Serve
 # pickles the app with the deployment, and the routes' rewritten signatures (``self`` injected)
 # reach the replica only with functions pickled by value; a base class's methods would be pickled
@@ -97,10 +111,15 @@ class SceneClassifier(GrpcServicer):
     """One replica: the HTTP routes and the gRPC method (GrpcServicer), both answered by
     ``self.replica``. /healthz is open (for probes); with a key set, every other route needs the
     bearer token, checked before anything else of the request is read. ``build_app`` in
-    serving/app.py sets the options Serve gets."""
+    serving/app.py sets the options Serve gets, and the first user_config."""
 
-    def __init__(self, checkpoint: str, options: ServeOptions) -> None:
-        self.replica = Replica(checkpoint, options)
+    def __init__(self, options: ServeOptions, api_key: Secret | None = None) -> None:
+        self.replica = Replica(None, options, api_key.reveal() if api_key else None)
+
+    async def reconfigure(self, config: dict) -> None:
+        """Serve calls this with the user_config at start-up and whenever it changes (a promotion):
+        the replica swaps to that checkpoint in place (Replica.use_checkpoint)."""
+        await self.replica.use_checkpoint(_checkpoint_of(config))
 
     def check_health(self) -> None:
         """Serve's own health check: a replica whose model cannot run is replaced."""
@@ -124,25 +143,43 @@ class SceneClassifier(GrpcServicer):
         ``yes`` if it went through the batch queue (which may wait ``batch_wait_timeout_s`` for
         company), ``no`` if it ran at once."""
         replica = self.replica
-        replica.authorize(request.headers.get("authorization", ""))
-        k = replica.check_top_k(top_k)
-        uploads = await read_uploads(request, replica.options)
-        answer = await replica.predict(uploads, k)
+        try:
+            replica.authorize(request.headers.get("authorization", ""))
+            model = replica.current()  # the whole request is answered by this one
+            k = replica.check_top_k(top_k, model)
+            uploads = await read_uploads(request, replica.options)
+        except ClientError as e:
+            replica.metrics.refused(e.status, e.reason)
+            raise
+        answer: Answer = await replica.predict(uploads, k, model)
+        response.headers[CHECKPOINT_HEADER] = str(model.checkpoint)
         if len(uploads) == 1:  # one image: its refusal is the request's
             (result,) = answer.results
             if result.error is not None:
-                raise ClientError(result.status, result.error)
+                raise ClientError(
+                    result.status,
+                    result.error,
+                    headers={CHECKPOINT_HEADER: str(model.checkpoint)},
+                    reason=result.reason,
+                )
             body = {"predictions": result.predictions}
         else:
             body = {"results": [_result_json(r) for r in answer.results]}
         response.headers["X-Batch-Size"] = str(answer.batch_size)
         response.headers["X-Batch-Queued"] = "yes" if answer.queued else "no"
-        return {**body, "model": replica.model_id, "note": replica.note}
+        return {**body, "model": model.model_id, "checkpoint": str(model.checkpoint), "note": model.note}
 
     @app.get("/healthz", summary="200 when this replica can predict")
     async def healthz(self) -> dict:
         await asyncio.to_thread(self.replica.check_health)
-        return {"status": "ok", "model": self.replica.model_id, "device": str(self.replica.device)}
+        model = self.replica.current()
+        return {
+            "status": "ok",
+            "model": model.model_id,
+            "checkpoint_sha256": model.fingerprint,  # open to probes: no paths
+            "rejected": self.replica.rejected is not None,
+            "device": str(self.replica.device),
+        }
 
     @app.get("/classes", summary="Class index -> name")
     async def classes(self, request: Request) -> dict:

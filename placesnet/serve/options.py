@@ -87,9 +87,14 @@ class ServeOptions:
                 413,
                 f"{images} images in one request, over the limit of {self.max_images_per_request} "
                 "(max_images_per_request)",
+                reason="too_many_images",
             )
         if size > self.max_body_bytes:
-            raise ClientError(413, f"request body is {size} bytes, over the limit of {self.max_body_bytes}")
+            raise ClientError(
+                413,
+                f"request body is {size} bytes, over the limit of {self.max_body_bytes}",
+                reason="body_too_large",
+            )
 
 
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(ServeOptions)}

@@ -1,6 +1,7 @@
 """One Serve replica's work, with no HTTP or gRPC in it: the checkpoint's model on the replica's
-device, decoding uploads (CPU threads, or nvJPEG on a GPU replica), batching, and
-:meth:`Replica.predict`, the one predict for a list of uploads that HTTP and gRPC both call.
+device and its swap for another (:meth:`Replica.use_checkpoint`), decoding uploads (CPU threads,
+or nvJPEG on a GPU replica), batching, and :meth:`Replica.predict`, the one predict for a list of
+uploads that HTTP and gRPC both call.
 
 Ray-free but for Serve's batch queue (``@serve.batch``), which also runs outside a replica, so
 tests build a Replica directly."""
@@ -8,7 +9,9 @@ tests build a Replica directly."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -19,8 +22,11 @@ from ray import serve
 from placesnet.images import BadImage
 from placesnet.serve.auth import check_bearer, read_api_key
 from placesnet.serve.errors import ClientError
+from placesnet.serve.metrics import EndpointMetrics
 from placesnet.serve.options import ServeOptions
+from placesnet.serve.served import ServedModel
 
+logger = logging.getLogger("ray.serve")  # a replica's log file and the driver's console
 EMPTY_FIELD = "empty 'file' field"
 
 
@@ -41,42 +47,41 @@ class ImageResult:
     predictions: list[dict] | None = None
     status: int = 200
     error: str | None = None
+    reason: str | None = None
 
     @classmethod
     def refused(cls, name: str, e: ClientError) -> ImageResult:
-        return cls(name, status=e.status, error=e.message)
+        return cls(name, status=e.status, error=e.message, reason=e.reason)
 
 
 @dataclass(frozen=True)
 class Answer:
-    """:meth:`Replica.predict`'s answer: a result per upload, in order; how many images shared the
-    forward pass (0 if none ran); whether it went through Serve's batch queue."""
+    """:meth:`Replica.predict`'s answer: a result per upload, in order, all from ``model``; how
+    many images shared the forward pass (0 if none ran); whether it went through Serve's batch
+    queue."""
 
     results: list[ImageResult]
     batch_size: int
     queued: bool
+    model: ServedModel
 
 
 class Replica:
-    """The model of ``checkpoint`` on this process's GPU if it has one, else the CPU, answering
-    with ``options`` (its limits, batching and token)."""
+    """A model on this process's GPU if it has one, else the CPU, answering with ``options`` (its
+    limits, batching and token). Its model is ``checkpoint``'s, or, with None (a Serve replica,
+    whose checkpoint comes in its user_config), the one :meth:`use_checkpoint` loads.
+    ``api_key``: the key itself when the app builder found it (see serving/app.py), else the
+    replica reads it where ``options`` say."""
 
-    def __init__(self, checkpoint: str, options: ServeOptions) -> None:
-        from placesnet.checkpoint import load_checkpoint
-        from placesnet.config import pretty
-        from placesnet.data.transforms import eval_transform, normalize
-
+    def __init__(self, checkpoint: str | None, options: ServeOptions, api_key: str | None = None) -> None:
         self.options = options
-        self.normalize = normalize
+        self.metrics = EndpointMetrics()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.loaded = load_checkpoint(checkpoint, self.device)
-        self.transform = eval_transform(self.loaded.config.image_size)
-        self.labels = [pretty(c) for c in self.loaded.classes]
-        self.default_top_k = min(options.top_k, len(self.labels))
-        self.model_id = f"{self.loaded.config.model}:{self.loaded.path.parent.name}/{self.loaded.path.name}"
-        self.note = self.loaded.note
+        self.model: ServedModel | None = None
+        self.rejected: dict[str, str] | None = None  # the last checkpoint refused while serving
+        self._swap = asyncio.Lock()
         # the key stays in this replica's memory
-        self.api_key = read_api_key(options.api_key_env, options.api_key_file)
+        self.api_key = api_key or read_api_key(options.api_key_env, options.api_key_file)
         self.in_flight = 0  # predict() calls between their uploads and their answer
         # Decoding runs in threads (PIL releases the GIL), as many as the CPUs this replica was
         # given: more would only compete with the model's threads for the same cores.
@@ -87,7 +92,55 @@ class Replica:
         self.gpu_decode = options.gpu_decode and self.device.type == "cuda"
         self.predict_batch.set_max_batch_size(options.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
-        self.check_health()  # fail at start-up, not on the first request
+        if checkpoint is not None:
+            self.model = ServedModel.load(checkpoint, self.device)  # probed: fails here, not later
+
+    # --- the model: loaded, verified and probed before it answers -----------------------------
+
+    async def use_checkpoint(self, checkpoint: str) -> None:
+        """Make ``checkpoint`` (a directory, run directory or summary/best JSON; not ``latest``,
+        which the app builder and serving/promote.py resolve once for every replica) the model
+        that answers. One swap at a time (a lock); the new model is verified, loaded and probed
+        off the event loop while the current one keeps answering, then replaces it in one
+        assignment: a request in flight finishes on the model it started with, and every answer
+        names its checkpoint. A checkpoint that cannot be served raises UserError while this
+        replica has no model (it then fails to start, with that line); later, the current model
+        keeps serving, the refusal is logged in one line and shown by /model (``rejected``)."""
+        from placesnet.checkpoint import LATEST
+        from placesnet.config import UserError
+
+        async with self._swap:
+            current = self.model
+            try:
+                if checkpoint == LATEST or checkpoint.startswith(LATEST + ":"):
+                    raise UserError(
+                        f"checkpoint {checkpoint!r} in a replica's user_config: give a path "
+                        "(serving/promote.py resolves latest once, for every replica)"
+                    )
+                model = await asyncio.to_thread(ServedModel.load, checkpoint, self.device)
+            except Exception as e:  # UserError: what is wrong with it; others: e.g. out of memory
+                self.metrics.checkpoint("rejected")
+                if current is None:
+                    raise
+                self.rejected = {"checkpoint": checkpoint, "error": str(e)}
+                logger.error(
+                    f"placesnet: refused checkpoint {checkpoint}: {e}; still serving {current.checkpoint}"
+                )
+                return
+            if current is not None and model.checkpoint == current.checkpoint:
+                self.rejected = None
+                return
+            self.model, self.rejected = model, None
+            self.metrics.checkpoint("loaded")
+            logger.info(
+                f"placesnet: serving {model.checkpoint}" + (f" (was {current.checkpoint})" if current else "")
+            )
+
+    def current(self) -> ServedModel:
+        """The model a new request is answered by, from its first check to its answer."""
+        if self.model is None:  # Serve routes no request to a replica before its reconfigure
+            raise RuntimeError("this replica has no model yet")
+        return self.model
 
     # --- what a request is checked against, before its images are decoded --------------------
 
@@ -95,51 +148,67 @@ class Replica:
         """With a key set: ``authorization`` must be ``Bearer <key>``, else ClientError 401."""
         check_bearer(authorization, self.api_key)
 
-    def check_top_k(self, requested: int | None) -> int:
-        """The classes to answer with: ``requested``, or the default when None; ClientError 422
-        outside 1..number of classes."""
-        k = self.default_top_k if requested is None else requested
-        if not 1 <= k <= len(self.labels):
-            raise ClientError(422, f"top_k must be between 1 and {len(self.labels)}, got {k}")
+    def check_top_k(self, requested: int | None, model: ServedModel) -> int:
+        """The classes to answer with: ``requested``, or the ``top_k`` option (at most the model's
+        classes) when None; ClientError 422 outside 1..``model``'s number of classes."""
+        classes = len(model.labels)
+        k = min(self.options.top_k, classes) if requested is None else requested
+        if not 1 <= k <= classes:
+            raise ClientError(422, f"top_k must be between 1 and {classes}, got {k}", reason="bad_top_k")
         return k
 
     # --- predict: the one path for HTTP and gRPC ------------------------------------------------
 
-    async def predict(self, uploads: list[Upload], k: int) -> Answer:
-        """The top ``k`` classes of each upload, in order; an upload that is no usable image gets
-        its status and error instead. One upload goes through the batch queue, where it shares
-        forward passes with other requests' (or runs at once when alone, see ``_infer``); several
-        are decoded together (one nvJPEG batch on a GPU replica, else in parallel in the decode
-        threads) and run ``max_batch_size`` per forward pass, without the batch queue's wait."""
+    async def predict(self, uploads: list[Upload], k: int, model: ServedModel | None = None) -> Answer:
+        """The top ``k`` classes of each upload by ``model`` (default: the current one), in order;
+        an upload that is no usable image gets its status and error instead. One upload goes
+        through the batch queue, where it shares forward passes with other requests' (or runs at
+        once when alone, see ``_infer``); several are decoded together (one nvJPEG batch on a GPU
+        replica, else in parallel in the decode threads) and run ``max_batch_size`` per forward
+        pass, without the batch queue's wait."""
+        model = model or self.current()
         self.in_flight += 1
         try:
             if len(uploads) == 1:
-                return await self._predict_alone(uploads[0], k)
-            return await self._predict_together(uploads, k)
+                answer = await self._predict_alone(uploads[0], k, model)
+            else:
+                answer = await self._predict_together(uploads, k, model)
+            for result in answer.results:
+                if result.error is None:
+                    self.metrics.classified(result.predictions[0]["label"])
+                else:
+                    self.metrics.refused(result.status, result.reason)
+            return answer
         finally:
             self.in_flight -= 1
 
-    async def _predict_alone(self, upload: Upload, k: int) -> Answer:
-        item = await self._in_decode_threads(self._prepare, upload)
+    async def _predict_alone(self, upload: Upload, k: int, model: ServedModel) -> Answer:
+        item = await self._in_decode_threads(self._prepare, upload, model)
         if isinstance(item, ImageResult):
-            return Answer([item], batch_size=0, queued=False)
-        probs, size, queued = await self._infer(item)
-        return Answer([ImageResult(upload.name, self._top_k(probs, k))], batch_size=size, queued=queued)
+            return Answer([item], batch_size=0, queued=False, model=model)
+        probs, size, queued = await self._infer(item, model)
+        results = [ImageResult(upload.name, model.top_k(probs, k))]
+        return Answer(results, batch_size=size, queued=queued, model=model)
 
-    async def _predict_together(self, uploads: list[Upload], k: int) -> Answer:
+    async def _predict_together(self, uploads: list[Upload], k: int, model: ServedModel) -> Answer:
         if self.gpu_decode:  # one nvJPEG batch for the request's images (empty ones refused below)
             images = [u.data for u in uploads if u.data]
-            decoded = iter(await asyncio.to_thread(self._decode_on_device, images))
-            prepared = [_attempt(u, _usable, next(decoded)) if u.data else self._prepare(u) for u in uploads]
+            decoded = iter(await asyncio.to_thread(self._decode_on_device, images, model))
+            prepared = [
+                _attempt(u, _usable, next(decoded)) if u.data else self._prepare(u, model) for u in uploads
+            ]
         else:  # in parallel in the replica's decode threads
-            prepared = await asyncio.gather(*(self._in_decode_threads(self._prepare, u) for u in uploads))
+            prepared = await asyncio.gather(
+                *(self._in_decode_threads(self._prepare, u, model) for u in uploads)
+            )
         good = [item for item in prepared if not isinstance(item, ImageResult)]
-        probs = iter(await asyncio.to_thread(self._run_chunks, good) if good else [])
+        probs = iter(await asyncio.to_thread(self._run_chunks, good, model) if good else [])
         results = [
-            item if isinstance(item, ImageResult) else ImageResult(upload.name, self._top_k(next(probs), k))
+            item if isinstance(item, ImageResult) else ImageResult(upload.name, model.top_k(next(probs), k))
             for upload, item in zip(uploads, prepared)
         ]
-        return Answer(results, batch_size=min(len(good), self.options.max_batch_size), queued=False)
+        size = min(len(good), self.options.max_batch_size)
+        return Answer(results, batch_size=size, queued=False, model=model)
 
     # --- decoding ---------------------------------------------------------------------------------
 
@@ -147,97 +216,102 @@ class Replica:
         """``fn(*args)`` in this replica's decode threads."""
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
 
-    def _prepare(self, upload: Upload) -> torch.Tensor | ImageResult:
-        """The upload as the model's input, or its refusal as its result."""
-        return _attempt(upload, self._preprocess, upload.data)
+    def _prepare(self, upload: Upload, model: ServedModel) -> torch.Tensor | ImageResult:
+        """The upload as ``model``'s input, or its refusal as its result."""
+        return _attempt(upload, self._preprocess, upload.data, model)
 
-    def _preprocess(self, data: bytes) -> torch.Tensor:
-        """One image's bytes as the model's uint8 (3, S, S) input; ClientError if they are none."""
+    def _preprocess(self, data: bytes, model: ServedModel | None = None) -> torch.Tensor:
+        """One image's bytes as ``model``'s (default: the current one's) uint8 (3, S, S) input;
+        ClientError if they are none."""
         from placesnet.images import decode_image
 
+        model = model or self.current()
         if not data:
-            raise ClientError(400, EMPTY_FIELD)
+            raise ClientError(400, EMPTY_FIELD, reason="empty_field")
         if self.gpu_decode:
-            return _usable(self._decode_on_device([data])[0])
+            return _usable(self._decode_on_device([data], model)[0])
+        start = time.perf_counter()
         try:
             image = decode_image(data, self.options.max_pixels)
         except BadImage as e:
             raise ClientError.bad_image(e) from None
-        return self.transform(image)
+        tensor = model.transform(image)
+        self.metrics.decoded(time.perf_counter() - start)
+        return tensor
 
-    def _decode_on_device(self, uploads: list[bytes]) -> list[torch.Tensor | BadImage]:
+    def _decode_on_device(self, uploads: list[bytes], model: ServedModel) -> list[torch.Tensor | BadImage]:
         """nvJPEG on this replica's GPU, all of ``uploads`` at once: a (3, S, S) uint8 tensor on
-        the GPU or the BadImage that says why not, per upload (see gpudecode.decode_uploads)."""
+        the GPU or the BadImage that says why not, per upload (see gpudecode.decode_uploads).
+        Each decoded image counts the batch's seconds divided by its uploads."""
         from placesnet.data.gpudecode import decode_uploads
 
-        return decode_uploads(uploads, self.device, self.transform, self.options.max_pixels)
+        start = time.perf_counter()
+        out = decode_uploads(uploads, self.device, model.transform, self.options.max_pixels)
+        share = (time.perf_counter() - start) / max(1, len(uploads))
+        for item in out:
+            if not isinstance(item, BadImage):
+                self.metrics.decoded(share)
+        return out
 
     # --- inference ----------------------------------------------------------------------------
 
-    def _probe(self) -> torch.Tensor:
-        size = self.loaded.config.image_size
-        return torch.zeros(1, 3, size, size, dtype=torch.uint8)
-
-    def _run_model(self, batch: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            # uint8 until here: normalised on the replica's device, as in training
-            logits = self.loaded.model(self.normalize(batch.to(self.device, non_blocking=True)))
-            return torch.softmax(logits.float(), dim=1).cpu()
-
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def predict_batch(self, images: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
-        """Dynamic batching: requests arriving together share one forward pass. Each answer is
-        (probabilities, the size of the batch it was in)."""
-        probs = await asyncio.to_thread(self._run_model, torch.stack(images))
-        return [(p, len(images)) for p in probs]
+    async def predict_batch(
+        self, items: list[tuple[ServedModel, torch.Tensor]]
+    ) -> list[tuple[torch.Tensor, int]]:
+        """Dynamic batching: requests arriving together share one forward pass of the model each
+        was started on (during a swap, a batch may hold images for the old and the new one: one
+        pass each). Each answer is (probabilities, the size of the pass it was in)."""
+        passes: dict[int, tuple[ServedModel, list[int]]] = {}
+        for i, (model, _) in enumerate(items):
+            passes.setdefault(id(model), (model, []))[1].append(i)
+        answers: list[tuple[torch.Tensor, int]] = [None] * len(items)  # type: ignore[list-item]
+        for model, indices in passes.values():
+            probs = await asyncio.to_thread(self._forward, model, torch.stack([items[i][1] for i in indices]))
+            for i, p in zip(indices, probs):
+                answers[i] = (p, len(indices))
+        return answers
 
-    async def _infer(self, tensor: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+    async def _infer(self, tensor: torch.Tensor, model: ServedModel) -> tuple[torch.Tensor, int, bool]:
         """Probabilities for one preprocessed image, the forward pass's batch size, and whether it
         went through the batch queue. Serve's batching holds the first request of a batch for
         ``batch_wait_timeout_s`` even when nothing else is coming; with ``adaptive_batching``
         a request that is the only one in flight on this replica runs at once, and requests that
         arrive together still share forward passes."""
         if self.options.adaptive_batching and self.in_flight == 1:
-            probs = await asyncio.to_thread(self._run_model, tensor[None])
+            probs = await asyncio.to_thread(self._forward, model, tensor[None])
             return probs[0], 1, False
-        probs, size = await self.predict_batch(tensor)
+        probs, size = await self.predict_batch((model, tensor))
         return probs, size, True
 
-    def _run_chunks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _run_chunks(self, tensors: list[torch.Tensor], model: ServedModel) -> list[torch.Tensor]:
         size, out = self.options.max_batch_size, []
         for start in range(0, len(tensors), size):
-            out += list(self._run_model(torch.stack(tensors[start : start + size])))
+            out += list(self._forward(model, torch.stack(tensors[start : start + size])))
         return out
 
-    def _top_k(self, probs: torch.Tensor, k: int) -> list[dict]:
-        values, indices = probs.topk(min(k, len(self.labels)))
-        return [
-            {"label": self.labels[i], "class_index": i, "probability": p}
-            for p, i in zip(values.tolist(), indices.tolist())
-        ]
+    def _forward(self, model: ServedModel, batch: torch.Tensor) -> torch.Tensor:
+        """``model.run(batch)`` for requests (never a probe), counted and timed."""
+        start = time.perf_counter()
+        probs = model.run(batch)
+        self.metrics.forward_pass(len(batch), time.perf_counter() - start)
+        return probs
 
     # --- what the info routes show ------------------------------------------------------------
 
     def check_health(self) -> None:
         """Raises if the model cannot run (Serve then replaces the replica)."""
-        self._run_model(self._probe())
+        self.current().probe()
 
     def classes(self) -> dict[str, str]:
-        return {str(i): name for i, name in enumerate(self.labels)}
+        return {str(i): name for i, name in enumerate(self.current().labels)}
 
     def info(self) -> dict[str, Any]:
-        """The checkpoint, its training config and validation accuracy, and how this replica runs."""
-        meta = self.loaded.meta
+        """The checkpoint, its training config and validation accuracy, how this replica runs,
+        and ``rejected``: the last checkpoint it refused to swap in, and why (null if none)."""
         return {
-            "model": self.model_id,
-            "checkpoint": str(self.loaded.path),
-            "note": self.note,
-            "epoch": meta["epoch"] + 1,
-            "val_top1": meta["metrics"].get("val_top1"),
-            "val_top5": meta["metrics"].get("val_top5"),
-            "num_classes": len(self.labels),
-            "image_size": self.loaded.config.image_size,
-            "config": self.loaded.config.to_dict(),
+            **self.current().info(),
+            "rejected": self.rejected,
             "device": str(self.device),
             "max_batch_size": self.options.max_batch_size,
             "decode_threads": self.decode_pool._max_workers,
@@ -252,9 +326,9 @@ def _usable(item: torch.Tensor | BadImage) -> torch.Tensor:
     return item
 
 
-def _attempt(upload: Upload, step, arg) -> torch.Tensor | ImageResult:
-    """``step(arg)``, or, if it raises ClientError, the upload's result that says so."""
+def _attempt(upload: Upload, step, *args) -> torch.Tensor | ImageResult:
+    """``step(*args)``, or, if it raises ClientError, the upload's result that says so."""
     try:
-        return step(arg)
+        return step(*args)
     except ClientError as e:
         return ImageResult.refused(upload.name, e)
