@@ -162,9 +162,11 @@ class Evil:
         (lambda d: (d / "model.pt").write_bytes((d / "model.pt").read_bytes()[:100]), "corrupt"),
         (lambda d: (d / "model.pt").write_bytes(b"garbage"), "corrupt"),
         (lambda d: (d / "model.pt").write_bytes(pickle.dumps(Evil())), "corrupt"),  # weights_only
-        (lambda d: torch.save({"fc9.weight": torch.zeros(1)}, d / "model.pt"), "do not fit"),
+        # checked against meta.json's sizes and sha256 first (weights that do not fit intact files:
+        # test_serve_core.py::test_every_load_verifies_the_checkpoint)
+        (lambda d: torch.save({"fc9.weight": torch.zeros(1)}, d / "model.pt"), "model.pt has"),
         (lambda d: (d / "meta.json").write_text("{not json"), "not valid JSON"),
-        (lambda d: (d / "model.pt").unlink(), "no model.pt"),
+        (lambda d: (d / "model.pt").unlink(), "model.pt is missing"),
     ],
 )
 def test_corrupt_checkpoints_are_refused(trained, tiny_config, tmp_path, damage, message):
