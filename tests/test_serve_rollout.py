@@ -267,9 +267,21 @@ def test_promotion_under_load_drops_nothing(endpoint):
     print(f"cut-over: last answer from a {last_a - sent:.2f} s after the promotion was requested")
     print(proc.stdout)
 
-    proc = _promote(endpoint, endpoint.checkpoints["a"].parent)  # a run dir: its best checkpoint
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert _serving(endpoint) == "a"
+    # back to a, in-process: when promote() returns, every replica already answers from a
+    from placesnet.checkpoint import read_meta
+    from placesnet.serve.rollout import promote
+
+    done = promote(
+        str(endpoint.checkpoints["a"].parent),  # a run dir: its best checkpoint
+        address=endpoint.dashboard,
+        url=endpoint.base,
+        say=lambda line: None,
+    )
+    fingerprint = read_meta(endpoint.checkpoints["a"])["files"]["model.pt"]["sha256"][:12]
+    answers = [_healthz(endpoint.base) for _ in range(8)]
+    assert [a["checkpoint_sha256"] for a in answers] == [fingerprint] * 8
+    assert (done.checkpoint, done.replicas) == (endpoint.checkpoints["a"], 2)
+    assert done.previous == str(endpoint.checkpoints["b"])
 
 
 @pytest.mark.parametrize(
