@@ -6,6 +6,7 @@ app serving the same model.
     python benchmarks/serve.py --checkpoint ~/ray_results/deepcnn-sample-... --requests 500
     python benchmarks/serve.py --address auto --concurrency 1,8,32,64
     python benchmarks/serve.py --gpus 0.25 --cpus 2 --image-size 256   # GPU replicas (and plain app)
+    python benchmarks/serve.py --no-rollout                  # without the rollout table (about 30 s less)
 
 Two more rows send the batched endpoint the same image over gRPC (serving/scene.proto through
 Serve's gRPC proxy), one and --per-request images per call, next to HTTP. A fifth row is the
@@ -17,8 +18,18 @@ prints that ceiling. Every server gets the same CPU budget (--cpus: one Serve re
 many CPUs, or that many torch threads in the plain app) and the same JPEG, and runs the project's
 preprocessing (``decode_image`` + ``eval_transform`` + ``normalize``). All servers are started
 first and then loaded one at a time (the others sit idle); the load comes from an asyncio httpx
-client in this process, and needs 4x --cpus free CPUs on the cluster. Ratios are against batching
-off, measured in the same invocation."""
+client in this process, and needs 4x --cpus free CPUs on the cluster (6x with the rollout's).
+Ratios are against batching off, measured in the same invocation.
+
+The rollout table updates a running endpoint from checkpoint a to b (two random-weight models at
+--image-size) under a load of --rollout-concurrency clients, both ways docs/serving.md describes, on
+one app deployed as `serve deploy` does (serving/config.yaml's, 2 replicas of --cpus): in place
+(placesnet.serve.rollout.promote, called in this process) and by deploying the config again with
+the new ``args.checkpoint``, which rolls the replicas (the baseline). Per method: requests, failed
+requests, the longest gap between two answers, and the cut-over (the last answer from a), against
+the roll's. Where this script starts Serve, it starts it through the REST API too, as on a `ray
+start` cluster (see deploy_declaratively). Its checkpoints are written on this machine: on a
+multi-node cluster, --no-rollout."""
 
 # No `from __future__ import annotations`: FastAPI must see the real Request type.
 import argparse
@@ -29,6 +40,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,8 +51,9 @@ APP_NAME, ROUTE = "placesnet-bench", "/placesnet-bench"
 GRPC_SERVICER = "serving.scene_pb2_grpc.add_SceneClassifierServicer_to_server"
 
 
-def random_checkpoint(directory: Path, image_size: int) -> Path:
-    """An untrained DeepCNN checkpoint (throughput does not depend on the weights)."""
+def random_checkpoint(directory: Path, image_size: int, seed: int = 0) -> Path:
+    """An untrained DeepCNN checkpoint (throughput does not depend on the weights); another
+    ``seed``, other weights."""
     import torch
 
     from placesnet.checkpoint import save_checkpoint
@@ -50,7 +63,7 @@ def random_checkpoint(directory: Path, image_size: int) -> Path:
 
     cfg = TrainConfig(image_size=image_size)
     classes = official_categories()[: cfg.sample_classes]
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     metrics = {"epoch": 1, "val_top1": 0.0, "val_top5": 0.0}
     return save_checkpoint(
         directory,
@@ -335,6 +348,201 @@ def load(base: str, body: bytes, concurrency: int, requests: int, per_request: i
     return result
 
 
+# --- rollout: a new checkpoint under load, swapped in place vs the replicas rolled --------------
+
+ROLLOUT_APP = f"{APP_NAME}-rollout"
+ROLLOUT_TIMEOUT = 300  # seconds for the app to start, and for each update to finish
+IN_PLACE, ROLL = "in place (promote)", "roll (serve deploy, new args.checkpoint)"
+
+
+def rollout_app(checkpoint: Path, cpus: float, gpus: float, max_batch_size: int) -> dict:
+    """serving/config.yaml's app as `serve deploy` sends it, under the benchmark's name and route,
+    on ``checkpoint``, with 2 replicas of ``cpus`` CPUs (and ``gpus`` GPUs) each."""
+    import yaml
+
+    app = yaml.safe_load((REPO / "serving/config.yaml").read_text())["applications"][0]
+    app.update(name=ROLLOUT_APP, route_prefix=f"{ROUTE}-rollout")
+    app["args"].update(
+        checkpoint=str(checkpoint),
+        min_replicas=2,
+        max_replicas=2,
+        num_cpus=cpus,
+        num_gpus=gpus,
+        max_batch_size=max_batch_size,
+    )
+    return app
+
+
+def deploy_declaratively(client, app: dict | None, start: dict | None = None) -> None:
+    """Serve's running config (the apps `serve deploy` or the REST API started, as deployed, with
+    Serve's HTTP and gRPC options) with ``app`` in place of the benchmark's own (None: without it),
+    sent to the REST API as `serve deploy` sends it; ``start``: the http_options and grpc_options
+    to start Serve with, where it is not running yet. The imperative apps (serve.run) are left as
+    they are; promotion works only on apps deployed this way.
+
+    Serve should not have been started by a driver with a runtime_env (this script's ray.init has
+    one): its controller inherits it, so do the replicas of an app deployed this way, and the first
+    config that overrides the deployment (promote's user_config) changes their runtime_env (Ray
+    adds ``env_vars: {}``), which rolls them instead of reconfiguring them in place."""
+    details = client.get_serve_details()
+    apps = [
+        info["deployed_app_config"]
+        for name, info in (details.get("applications") or {}).items()
+        if info.get("deployed_app_config") and name != ROLLOUT_APP
+    ]
+    config = {"applications": apps + ([app] if app else []), **(start or {})}
+    for key in ("proxy_location", "http_options", "grpc_options"):
+        if not start and details.get(key) is not None:
+            config[key] = details[key]
+    client.deploy_applications(config)
+
+
+def wait_serving(client, checkpoint: Path, deadline: float) -> None:
+    """Until Serve reports the benchmark's app RUNNING on ``checkpoint`` (its deployment's
+    user_config) with every replica RUNNING and no other left: what `serve status` shows once a
+    rolling update is over."""
+    from placesnet.serve.rollout import DEPLOYMENT
+
+    while time.monotonic() < deadline:
+        app = (client.get_serve_details().get("applications") or {}).get(ROLLOUT_APP) or {}
+        deployment = (app.get("deployments") or {}).get(DEPLOYMENT) or {}
+        states = [r["state"] for r in deployment.get("replicas") or []]
+        if (
+            app.get("status") == "RUNNING"
+            and deployment.get("status") == "HEALTHY"
+            and (deployment["deployment_config"].get("user_config") or {}).get("checkpoint")
+            == str(checkpoint)
+            and states == ["RUNNING", "RUNNING"]
+        ):
+            return
+        if app.get("status") == "DEPLOY_FAILED":
+            raise RuntimeError(f"the rollout app failed to deploy: {app.get('message')}")
+        time.sleep(0.2)
+    raise RuntimeError(f"{ROLLOUT_APP} was not serving {checkpoint} after {ROLLOUT_TIMEOUT} s")
+
+
+def progress(line: str) -> None:
+    print(f"  {time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
+
+
+class RolloutLoad:
+    """``concurrency`` clients POSTing ``body`` to ``url`` one request after another, in a thread of
+    their own (the caller blocks on the update meanwhile), until the ``with`` block ends. Each
+    answer is kept as (start, end, checkpoint): the checkpoint its JSON and its X-Checkpoint header
+    both name, or None for a failed request (not 200, a connection error, the two disagreeing)."""
+
+    def __init__(self, url: str, body: bytes, concurrency: int) -> None:
+        self.url, self.body, self.concurrency = url, body, concurrency
+        self.answers: list[tuple[float, float, str | None]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def __enter__(self) -> "RolloutLoad":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=90)
+
+    async def _run(self) -> None:
+        import httpx
+
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+
+            async def one_client() -> None:
+                while not self._stop.is_set():
+                    start, checkpoint = time.monotonic(), None
+                    try:
+                        r = await client.post(
+                            self.url, content=self.body, headers={"Content-Type": "image/jpeg"}
+                        )
+                        if r.status_code == 200 and r.json().get("checkpoint") == r.headers.get(
+                            "X-Checkpoint"
+                        ):
+                            checkpoint = r.headers["X-Checkpoint"]
+                    except (httpx.HTTPError, ValueError):
+                        pass
+                    self.answers.append((start, time.monotonic(), checkpoint))
+
+            await asyncio.gather(*(one_client() for _ in range(self.concurrency)))
+
+
+def time_update(url: str, body: bytes, concurrency: int, update, a: Path, b: Path, replicas) -> dict:
+    """``update()`` (it returns when its method says every replica serves ``b``) run under the
+    load, which starts 1 s before and ends 2 s after it; what the clients saw, in seconds from the
+    moment ``update`` was called, and how many of the replicas (``replicas()``: their ids) it
+    replaced."""
+    with RolloutLoad(url, body, concurrency) as load:
+        time.sleep(1)  # the load at its steady state first
+        before = replicas()
+        t0 = time.monotonic()
+        update()
+        done = time.monotonic() - t0
+        time.sleep(2)  # the answers in flight, and any straggler from a
+    replaced = len(before - replicas())
+    answers = load.answers
+    ok = sorted(end for _, end, checkpoint in answers if checkpoint in (str(a), str(b)))
+    from_a = [end - t0 for _, end, checkpoint in answers if checkpoint == str(a)]
+    from_b = [end - t0 for _, end, checkpoint in answers if checkpoint == str(b) and end > t0]
+    return {
+        "requests": len(answers),
+        "failed": len(answers) - len(ok),
+        "longest gap s": max((y - x for x, y in zip(ok, ok[1:])), default=float("nan")),
+        "first b s": min(from_b, default=float("nan")),
+        "cut-over s": max(0.0, *from_a),  # the last answer from a
+        "done s": done,
+        "replicas replaced": replaced,
+    }
+
+
+def measure_rollout(client, dashboard: str, base: str, body: bytes, args, a: Path, b: Path) -> list[dict]:
+    """a -> b under load twice on the app deployed on ``a``: in place (placesnet.serve.rollout's
+    promote(), called here, so promote.py's Python start-up is not in the times), and by `serve
+    deploy` of the same config with ``args.checkpoint`` b, which rolls the replicas (the baseline).
+    The app goes back to a in place between the two, untimed. One row per method."""
+    from placesnet.serve.rollout import DEPLOYMENT, promote
+
+    wait_serving(client, a, time.monotonic() + ROLLOUT_TIMEOUT)
+    wait_healthy(base)
+
+    def replicas() -> set[str]:
+        deployment = client.get_serve_details()["applications"][ROLLOUT_APP]["deployments"][DEPLOYMENT]
+        return {r["replica_id"] for r in deployment["replicas"]}
+
+    def in_place(checkpoint: Path):
+        return lambda: promote(
+            str(checkpoint),
+            address=dashboard,
+            app=ROLLOUT_APP,
+            url=base,
+            timeout=ROLLOUT_TIMEOUT,
+            say=progress,
+        )
+
+    def roll() -> None:
+        deploy_declaratively(client, rollout_app(b, args.cpus, args.gpus, args.max_batch_size))
+        wait_serving(client, b, time.monotonic() + ROLLOUT_TIMEOUT)
+
+    url, concurrency = f"{base}/predict", args.rollout_concurrency
+    progress(f"rollout: a -> b in place, {concurrency} clients")
+    promoted = time_update(url, body, concurrency, in_place(b), a, b, replicas)
+    progress("rollout: back to a in place (untimed)")
+    in_place(a)()
+    progress(f"rollout: a -> b by a rolling update, {concurrency} clients")
+    rolled = time_update(url, body, concurrency, roll, a, b, replicas)
+    progress("rollout: done")
+    return [
+        {"method": ROLL, **rolled, "cut-over vs roll": ratio(rolled["cut-over s"], rolled["cut-over s"])},
+        {
+            "method": IN_PLACE,
+            **promoted,
+            "cut-over vs roll": ratio(promoted["cut-over s"], rolled["cut-over s"]),
+        },
+    ]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", help="a running Ray cluster (default: start a local one)")
@@ -390,12 +598,27 @@ def main(argv=None) -> None:
         help="GPU per model replica (fractions allowed; the three model apps share the "
         "GPUs) and the plain app on a GPU; 0: CPU only (default: %(default)s)",
     )
+    p.add_argument(
+        "--rollout",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the rollout table: a new checkpoint swapped in place vs the replicas rolled, under load "
+        "(about 30 s; default: on)",
+    )
+    p.add_argument(
+        "--rollout-concurrency",
+        type=int,
+        default=8,
+        help="clients sending requests during each rollout (default: %(default)s)",
+    )
     p.add_argument("--plain-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.plain_server:
         return plain_server(args.checkpoint, args.plain_server, max(1, int(args.cpus)), args.gpus > 0)
     if args.gpus < 0:
         p.error(f"--gpus must be >= 0, got {args.gpus:g}")
+    if args.rollout_concurrency < 1:
+        p.error(f"--rollout-concurrency must be >= 1, got {args.rollout_concurrency}")
     if args.gpus > 0 and not args.address:
         import torch
 
@@ -413,20 +636,38 @@ def main(argv=None) -> None:
             if args.checkpoint
             else random_checkpoint(Path(tmp) / "ckpt", args.image_size)
         )
-        ray.init(
+        context = ray.init(
             address=args.address,
             logging_level="WARNING",
             log_to_driver=False,
-            num_cpus=None if args.address else math.ceil(4 * args.cpus) + 1,  # four Serve apps
+            # four Serve apps of one replica, and the rollout's two replicas
+            num_cpus=None if args.address else math.ceil((6 if args.rollout else 4) * args.cpus) + 1,
             runtime_env={"py_modules": [str(REPO / "placesnet"), str(REPO / "serving")]},
         )
         started = not serve_running()
-        if started:
-            serve.start(
-                http_options={"host": "127.0.0.1", "port": args.port},
-                grpc_options={"port": args.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
-            )
+        options = {
+            "http_options": {"host": "127.0.0.1", "port": args.port},
+            "grpc_options": {"port": args.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+        }
         port = args.port
+        rollout = None
+        if args.rollout:  # deployed first: its replicas start while the other apps deploy
+            from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+            dashboard = context.dashboard_url
+            dashboard = dashboard if "://" in dashboard else f"http://{dashboard}"
+            a, b = (
+                random_checkpoint(Path(tmp) / n, args.image_size, seed).resolve()
+                for n, seed in (("a", 0), ("b", 1))
+            )
+            client = ServeSubmissionClient(dashboard)
+            # Serve started by the REST API, as `serve deploy` starts it on a `ray start` cluster: a
+            # controller that serve.start() starts here inherits this driver's runtime_env, and Ray
+            # 2.60 then rolls the replicas on the first user_config change (see deploy_declaratively)
+            app = rollout_app(a, args.cpus, args.gpus, args.max_batch_size)
+            deploy_declaratively(client, app, options if started else None)
+        elif started:
+            serve.start(**options)
         plain_proc = start_plain(checkpoint, args.plain_port, max(1, int(args.cpus)), args.gpus)
         names = [
             f"serve, batching (max {args.max_batch_size})",
@@ -475,12 +716,19 @@ def main(argv=None) -> None:
                         file=sys.stderr,
                         flush=True,
                     )
+            if args.rollout:
+                rollout = measure_rollout(
+                    client, dashboard, f"http://127.0.0.1:{port}{ROUTE}-rollout", body, args, a, b
+                )
         finally:
             plain_proc.terminate()
             plain_proc.wait(timeout=30)
             if started:
                 serve.shutdown()
             else:
+                if args.rollout:
+                    with contextlib.suppress(Exception):
+                        deploy_declaratively(client, None)
                 for app in ("batched", "unbatched", "echo", "queued"):
                     with contextlib.suppress(Exception):
                         serve.delete(f"{APP_NAME}-{app}")
@@ -549,6 +797,22 @@ def main(argv=None) -> None:
         )
     elif args.wrk_seconds > 0:
         print("\nwrk rows: wrk is not installed (make bench-tools, or apt-get install wrk)")
+    if rollout:
+        print_table(
+            f"serve rollout: checkpoint a -> b under load, 2 replicas of {args.cpus:g} CPU"
+            f"{f' + {args.gpus:g} GPU' if args.gpus else ''}, concurrency {args.rollout_concurrency}",
+            rollout,
+            note="each method once, on one app deployed through Serve's REST API as `serve deploy` does "
+            "(serving/config.yaml's), under the same single-image JPEG requests. In place: "
+            "placesnet.serve.rollout.promote() called in this process with url= the endpoint, so "
+            "promote.py's Python start-up is not counted; roll: the config deployed again with "
+            "args.checkpoint = b, which Serve rolls out one replica at a time. Seconds from the update "
+            "request: first b = the first answer from b, cut-over = the last answer from a, done = when "
+            "the method said it had finished (in place: every replica's /healthz names b; roll: Serve "
+            "reports the app RUNNING on b). Failed: not 200, a connection error, or an answer whose JSON "
+            "and X-Checkpoint disagree; longest gap: between two successful answers; replicas replaced: "
+            "replicas running before the update and gone after it",
+        )
 
 
 def stage_costs(checkpoint: str, body: bytes, threads: int, batch: int, repeats: int = 30) -> dict:

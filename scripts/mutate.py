@@ -848,6 +848,22 @@ MUTATIONS = [
         ("tests/test_serve_metrics.py",),
         ray=True,
     ),
+    M(
+        "serve bench: rollout on a Serve the driver started",
+        "benchmarks/serve.py",
+        "deploy_declaratively(client, app, options if started else None)",
+        "serve.start(**options) if started else None\n            deploy_declaratively(client, app)",
+        ("tests/test_benchmarks.py", "-k", "serve_benchmark_compares"),
+        ray=True,
+    ),
+    M(
+        "serve bench: rollout cut-over ratio against itself",
+        "benchmarks/serve.py",
+        'ratio(promoted["cut-over s"], rolled["cut-over s"])',
+        'ratio(promoted["cut-over s"], promoted["cut-over s"])',
+        ("tests/test_benchmarks.py", "-k", "serve_benchmark_compares"),
+        ray=True,
+    ),
 ]
 
 

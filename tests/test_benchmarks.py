@@ -184,8 +184,13 @@ def test_train_overhead_benchmark_compares_ray_with_plain(ray_head):
         assert _number(c["vs plain"]) == pytest.approx(rate[r] / fastest_plain, rel=0.02, abs=0.011), (r, c)
 
 
+ROLL, IN_PLACE = "roll (serve deploy, new args.checkpoint)", "in place (promote)"
+
+
 @pytest.mark.slow
 def test_serve_benchmark_compares_batching_and_plain_fastapi(ray_head):
+    """Every server's row, the CPU stages, wrk (when installed), and the rollout table: a -> b
+    under load in place and by rolling the replicas, with no failed request either way."""
     out = _table(
         run_script(
             "benchmarks/serve.py",
@@ -220,6 +225,8 @@ def test_serve_benchmark_compares_batching_and_plain_fastapi(ray_head):
         "serve, batching, gRPC",
         "serve, batching, gRPC, 4 images per call",
     )
+    out, _, rollout = out.partition("### serve rollout: checkpoint a -> b under load")
+    _check_rollout(rollout)
     assert "### serve: where the CPU of a request goes" in out
     out, stages = out.split("### serve: where the CPU of a request goes")
     stages, _, wrk = stages.partition("### serve under wrk")
@@ -277,6 +284,22 @@ def test_serve_benchmark_compares_batching_and_plain_fastapi(ray_head):
     assert "p50 vs batching off" in header and all(
         re.fullmatch(r"\d+\.\d\dx", dict(zip(header, r))["p50 vs batching off"]) for r in rows
     )
+
+
+def _check_rollout(table: str) -> None:
+    """The rollout table: both methods answered from a, then from b, with no failed request; the
+    promotion replaced no replica and the roll both; cut-over ratios against the roll's."""
+    assert "2 replicas of 0.5 CPU, concurrency 8" in table, table
+    header = _cells(table, "method")
+    rows = {r: dict(zip(header, _cells(table, r))) for r in (ROLL, IN_PLACE)}
+    for name, row in rows.items():
+        assert int(row["requests"]) > 0 and row["failed"] == "0", (name, row)  # no failed request
+        for col in ("first b s", "cut-over s", "done s", "longest gap s"):
+            assert re.fullmatch(r"\d[\d,.]*", row[col]), (name, col, row)  # b answered, after a
+    assert rows[IN_PLACE]["replicas replaced"] == "0", rows  # reconfigured, not restarted
+    assert rows[ROLL]["replicas replaced"] == "2", rows
+    _check_ratios(table, "method", "cut-over s", "cut-over vs roll", ROLL, [IN_PLACE])
+    assert "promote() called in this process" in table
 
 
 def test_recipe_benchmark_compares_the_defaults_with_a_plain_reference():
