@@ -216,7 +216,7 @@ class TrainConfig:
     )
     batch_size: int = option(
         DATASET_DEFAULTS["sample"]["batch_size"],
-        "GLOBAL batch size, split evenly across the workers so results do not depend on the worker count",
+        "GLOBAL batch size, split across the workers so results do not depend on the worker count",
         group=MODEL,
         minimum=1,
         default_help=_per_dataset("batch_size"),

@@ -266,3 +266,31 @@ def test_missing_image_is_named(tiny_root, tmp_path):
     cfg = TrainConfig(dataset="places365", data_root=str(root), skip_verify=True)
     with pytest.raises(UserError, match="Places365_val_00000001.jpg"):
         open_split(cfg, "val")
+
+
+@pytest.mark.parametrize("images,batch", [(161, 32), (1200, 256), (1030, 256), (20, 32), (100, 7)])
+def test_global_batches_are_the_same_for_every_worker_count(images, batch):
+    """The epoch plan does not depend on the worker count: the same global batches (as sets of
+    images), the same number of steps, nothing repeated; shares differ by at most one image and
+    their loss weights make each global batch's mean."""
+    from placesnet.data.loaders import GlobalBatches
+
+    plans = {}
+    for world in (1, 2, 3, 5):
+        ranks = [GlobalBatches(images, batch, rank, world, seed=7) for rank in range(world)]
+        for r in ranks:
+            r.set_epoch(2)
+        assert len({len(r) for r in ranks}) == 1
+        steps = [list(zip(*(iter(r) for r in ranks)))][0]
+        plans[world] = [sorted(i for share in step for i in share) for step in steps]
+        for s, shares in enumerate(steps):
+            sizes = [len(share) for share in shares]
+            assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+            # DDP's mean of the ranks' weighted mean losses gives every image 1 / (global batch)
+            for n in sizes:
+                assert ranks[0].loss_weight(s, n) / (world * n) == pytest.approx(1 / sum(sizes))
+    assert plans[1] == plans[2] == plans[3] == plans[5]
+    seen = [i for step in plans[1] for i in step]
+    assert len(seen) == len(set(seen)) >= images - batch / 2
+    first = GlobalBatches(images, batch, 0, 1, seed=7)
+    assert list(first) != list(GlobalBatches(images, batch, 0, 1, seed=8))  # the seed orders them

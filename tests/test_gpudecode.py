@@ -97,7 +97,7 @@ def test_the_device_loader_yields_what_the_cpu_loader_does(mixed_copy, tiny_root
         eval_transform(32),
         32,
     )
-    cpu.sampler.set_epoch(1), gpu.sampler.set_epoch(1)
+    cpu.batch_sampler.set_epoch(1), gpu.batch_sampler.set_epoch(1)
     for (a, ta), (b, tb) in zip(cpu, gpu, strict=True):
         assert torch.equal(a, b) and torch.equal(ta, tb)
 

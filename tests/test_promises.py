@@ -193,7 +193,7 @@ def _train_rank(rank: int, world: int, init: str, root: str, config: dict, out: 
         opt = optim.build_optimizer(model, 0.05, 0.9, 5e-4, torch.device("cpu"))
         losses = []
         for epoch in range(2):
-            loader.sampler.set_epoch(epoch)
+            loader.batch_sampler.set_epoch(epoch)
             row = engine.train_one_epoch(model, loader, opt, torch.device("cpu"))
             losses.append([row["train_loss"], row["train_images"], len(loader)])
         if rank == 0:
@@ -205,21 +205,24 @@ def _train_rank(rank: int, world: int, init: str, root: str, config: dict, out: 
 
 
 def test_one_and_two_workers_train_the_same_weights(tiny_config, tiny_root, tmp_path):
-    """docs/training.md: --batch-size is the global batch split evenly over the workers, so results do not
-    depend on the worker count. Each global batch holds the same images on 1 and 2 ranks, and
-    DDP's gradient mean over the halves is the whole batch's: the same losses and weights."""
+    """docs/training.md: --batch-size is the global batch split over the workers, so results do not
+    depend on the worker count. Each global batch holds the same images on 1, 2 and 3 ranks (32
+    images: 11 + 11 + 10 on 3), and DDP's gradient mean over the shares, each weighted by its
+    size, is the whole batch's: the same losses and weights."""
     runs = {}
-    for world in (1, 2):
+    for world in (1, 2, 3):
         out, init = tmp_path / f"t{world}.json", f"file://{tmp_path / f'tstore{world}'}"
         _ranks(_train_rank, world, init, str(tiny_root), tiny_config.to_dict(), str(out))
         runs[world] = json.loads(out.read_text())
-    one, two = runs[1], runs[2]
-    assert [e[1:] for e in one["epochs"]] == [e[1:] for e in two["epochs"]] == [[160, 5], [160, 5]]
-    assert [e[0] for e in two["epochs"]] == pytest.approx([e[0] for e in one["epochs"]], rel=1e-4)
+    one = runs[1]
     assert one["epochs"][0][0] != one["epochs"][1][0]  # it did train
-    torch.testing.assert_close(
-        torch.tensor(two["weights"]), torch.tensor(one["weights"]), rtol=1e-4, atol=1e-5
-    )
+    for world in (2, 3):
+        other = runs[world]
+        assert [e[1:] for e in other["epochs"]] == [e[1:] for e in one["epochs"]] == [[160, 5], [160, 5]]
+        assert [e[0] for e in other["epochs"]] == pytest.approx([e[0] for e in one["epochs"]], rel=1e-4)
+        torch.testing.assert_close(
+            torch.tensor(other["weights"]), torch.tensor(one["weights"]), rtol=1e-4, atol=1e-5
+        )
 
 
 # --- Serve: every error is JSON, 2 replicas only where they fit -------------------------------------

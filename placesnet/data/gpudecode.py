@@ -200,7 +200,7 @@ class DeviceDecode:
 
     def __init__(self, loader, device: torch.device, transform, size: int, warn=None) -> None:
         self.loader, self.device, self.transform, self.size, self.warn = loader, device, transform, size, warn
-        self.sampler = loader.sampler
+        self.batch_sampler = loader.batch_sampler
         self.slow = 0  # files that left the batched nvJPEG path (CPU fallback or per-file retries)
 
     def __len__(self) -> int:

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from placesnet.config import TrainConfig
 from placesnet.data.places import MarkBadImages
@@ -39,22 +39,56 @@ def drop_last_batch(images: int, batch_size: int) -> bool:
     return images >= batch_size and images % batch_size < batch_size / 2
 
 
+class GlobalBatches(Sampler[list[int]]):
+    """Rank ``rank``'s share of every GLOBAL batch, the same epoch plan for any worker count.
+
+    Each epoch is a seeded permutation of all ``images`` (seed + epoch: call :meth:`set_epoch`
+    before each epoch) cut into global batches of ``batch_size``, the last, partial one kept unless
+    :func:`drop_last_batch` drops it (or it has fewer images than ranks); rank r of ``world``
+    takes positions r, r + world, ... of each. So global batch i holds the same images, and an
+    epoch the same number of steps, on 1 or N workers, nothing is repeated to even out the ranks,
+    and their shares differ by at most one image (see :meth:`loss_weight`)."""
+
+    def __init__(self, images: int, batch_size: int, rank: int, world: int, seed: int) -> None:
+        self.images, self.batch_size, self.rank, self.world, self.seed = images, batch_size, rank, world, seed
+        self.epoch = 0
+        last = images % batch_size
+        self.keep_last = bool(last) and not drop_last_batch(images, batch_size) and last >= world
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.images // self.batch_size + self.keep_last
+
+    def global_size(self, step: int) -> int:
+        """Images in global batch ``step`` (0-based)."""
+        return self.batch_size if step < self.images // self.batch_size else self.images % self.batch_size
+
+    def loss_weight(self, step: int, share: int) -> float:
+        """What this rank's mean loss over its ``share`` of global batch ``step`` is multiplied by
+        so that DDP's mean of the ranks' gradients is the gradient of the global batch's mean loss:
+        ``world * share / global size``; exactly 1 when the batch divides evenly."""
+        return self.world * share / self.global_size(step)
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.images, generator=g).tolist()
+        for step in range(len(self)):
+            start = step * self.batch_size
+            yield order[start : start + self.batch_size][self.rank :: self.world]
+
+
 def make_train_loader(
     dataset: Dataset, batch_size: int, rank: int, world: int, seed: int, **kw
 ) -> DataLoader:
-    """Rank ``rank``'s training batches: the GLOBAL ``batch_size`` split evenly over ``world`` ranks.
-
-    Every rank, even a lone one, draws from the same seeded permutation of the whole split
-    (DistributedSampler; call ``loader.sampler.set_epoch(epoch)`` before each epoch) and takes
-    its positions rank, rank + world, ...; so global batch i holds the same images in every
-    worker count, and a model without BatchNorm or dropout trains to the same weights on 1 or N
-    workers (tested). ``kw``: DataLoader settings (see :meth:`LoaderPlan.kwargs`).
-    """
-    sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
-    per_rank = max(batch_size // world, 1)
-    return DataLoader(
-        dataset, batch_size=per_rank, sampler=sampler, drop_last=drop_last_batch(len(sampler), per_rank), **kw
-    )
+    """Rank ``rank``'s training batches: its share of each GLOBAL ``batch_size`` batch
+    (:class:`GlobalBatches`; call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch).
+    A model without BatchNorm or dropout trains to the same weights on 1 or N workers (tested),
+    whether or not the batch divides by N. ``kw``: DataLoader settings (see
+    :meth:`LoaderPlan.kwargs`)."""
+    return DataLoader(dataset, batch_sampler=GlobalBatches(len(dataset), batch_size, rank, world, seed), **kw)
 
 
 def make_loaders(
@@ -69,7 +103,8 @@ def make_loaders(
 ) -> tuple:
     """``--input loader`` for rank ``rank`` of ``world``, without Ray: (train batches, val batches,
     the train sampler), each batch ``(uint8 images, targets)``. ``kw``: DataLoader settings
-    (:meth:`LoaderPlan.kwargs`). With ``decode_device`` the loader processes only read file bytes
+    (:meth:`LoaderPlan.kwargs`); the sampler is the :class:`GlobalBatches` to ``set_epoch``.
+    With ``decode_device`` the loader processes only read file bytes
     and each batch is decoded there (``--decode gpu``, :mod:`gpudecode`); ``warn`` then gets one
     line if files leave nvJPEG's batch path."""
     per_worker = max(cfg.batch_size // world, 1)
@@ -81,7 +116,7 @@ def make_loaders(
     else:
         train_src, val_src = MarkBadImages(train_ds, cfg.image_size), MarkBadImages(val_ds, cfg.image_size)
     train = make_train_loader(train_src, cfg.batch_size, rank, world, cfg.seed, **kw)
-    sampler = train.sampler
+    sampler = train.batch_sampler
     val = DataLoader(val_src, batch_size=per_worker * 2, sampler=ShardSampler(val_src, rank, world), **kw)
     if decode_device is not None:
         from placesnet.data.gpudecode import DeviceDecode

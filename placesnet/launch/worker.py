@@ -251,7 +251,7 @@ def _loaders(
         cfg, train_ds, val_ds, rank, world, plan.kwargs(), device if gpu else None, log
     )
     if not gpu:  # batches to the device (DeviceDecode's are there already); sampler already set
-        train_loader = ray.train.torch.prepare_data_loader(train_loader)
+        train_loader = ray.train.torch.prepare_data_loader(train_loader, add_dist_sampler=False)
         val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=False)
     return train_loader, val_loader, sampler.set_epoch
 

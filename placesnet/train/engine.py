@@ -170,6 +170,8 @@ def train_one_epoch(
     lr = optimizer.param_groups[0]["lr"]
     start = window_start = time.perf_counter()
     window_seen = 0
+    # a rank's uneven share of a global batch is weighted so DDP's mean is the batch's gradient
+    weigh = getattr(getattr(loader, "batch_sampler", None), "loss_weight", None)
     for step, (images, targets) in enumerate(loader, start=1):
         bad = bad_images.check(targets) if bad_images is not None else 0  # on the CPU: no sync
         n = targets.numel() - bad
@@ -187,6 +189,7 @@ def train_one_epoch(
             scaler=scaler,
             scheduler=scheduler,
             counted=n,
+            loss_weight=weigh(step - 1, targets.numel()) if weigh else 1.0,
         )
         sums.add(step, out.loss, n, (out.logits.argmax(1) == out.targets).sum())  # no host sync
         seen += n

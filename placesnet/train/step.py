@@ -104,6 +104,7 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     counted: int | None = None,
+    loss_weight: float = 1.0,
 ) -> StepOutput:
     """One optimizer step on a batch: forward under autocast, cross-entropy with label smoothing
     (targets of IGNORED left out), backward through ``scaler`` if any, gradient-norm clipping,
@@ -113,6 +114,8 @@ def train_step(
     ``images``/``targets`` may be on the CPU or already on ``device``. ``counted`` is how many
     targets are not IGNORED when the caller knows it (counted on the CPU, so no host sync): 0 gives
     a zero loss that still runs backward, so DDP's gradient all-reduce happens on every rank.
+    ``loss_weight`` multiplies the loss that is backpropagated (not the one returned): a rank's
+    share of a global batch that does not divide evenly (see data.loaders.GlobalBatches).
     """
     images, targets = to_device(images, targets, device, settings.channels_last)
     with autocast(device, settings.amp_dtype):
@@ -126,7 +129,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     # A disabled GradScaler passes everything through: one code path with or without scaling.
     scaler = scaler if scaler is not None else torch.amp.GradScaler(device.type, enabled=False)
-    scaler.scale(loss).backward()
+    scaler.scale(loss * loss_weight if loss_weight != 1.0 else loss).backward()
     if settings.clip_grad_norm:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad_norm)
