@@ -864,6 +864,20 @@ MUTATIONS = [
         ("tests/test_benchmarks.py", "-k", "serve_benchmark_compares"),
         ray=True,
     ),
+    M(
+        "batches: uneven shares not weighted",
+        "placesnet/train/engine.py",
+        "loss_weight=weigh(step - 1, targets.numel()) if weigh else 1.0,",
+        "loss_weight=1.0,",
+        ("tests/test_promises.py", "-k", "same_weights"),
+    ),
+    M(
+        "batches: each rank shuffles on its own",
+        "placesnet/data/loaders.py",
+        "g.manual_seed(self.seed + self.epoch)",
+        "g.manual_seed(self.seed + self.epoch + self.rank)",
+        ("tests/test_data.py", "-k", "global_batches"),
+    ),
 ]
 
 
