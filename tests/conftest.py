@@ -357,3 +357,23 @@ def transplant_weights(directory: Path, donor: Path) -> None:
     data = (directory / "model.pt").read_bytes()
     meta["files"]["model.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (directory / "meta.json").write_text(json.dumps(meta))
+
+
+def post_request(headers: dict[str, str], body: bytes, path: str = "/predict"):
+    """A Starlette POST ``path`` request with ``headers`` and ``body`` (one chunk), as Serve's
+    proxy hands it to the app: for calling routes and body readers without a server."""
+    from starlette.requests import Request
+
+    chunks = [body]
+
+    async def receive():
+        return {"type": "http.request", "body": chunks.pop() if chunks else b"", "more_body": False}
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "query_string": b"",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }
+    return Request(scope, receive)

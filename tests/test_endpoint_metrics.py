@@ -23,24 +23,12 @@ def _jpeg() -> bytes:
 
 def _read_uploads(headers: dict[str, str], body: bytes, **limits):
     """placesnet.serve.body.read_uploads of a POST with ``headers`` and ``body`` (one chunk)."""
-    from starlette.requests import Request
+    from conftest import post_request
 
     from placesnet.serve.body import read_uploads
     from placesnet.serve.options import ServeOptions
 
-    chunks = [body]
-
-    async def receive():
-        return {"type": "http.request", "body": chunks.pop() if chunks else b"", "more_body": False}
-
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/predict",
-        "query_string": b"",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-    }
-    return asyncio.run(read_uploads(Request(scope, receive), ServeOptions(**limits)))
+    return asyncio.run(read_uploads(post_request(headers, body), ServeOptions(**limits)))
 
 
 def _multipart(n: int) -> tuple[dict[str, str], bytes]:

@@ -18,10 +18,11 @@ from conftest import BIN, REPO, _free_port, ray_driver
 pytestmark = pytest.mark.slow
 
 
-def _serve_run(args, env, url, image, dashboard, grpc_target=None):
-    # A suite started in the background (`make test &`) inherits SIGINT as ignored, and Python
-    # then never raises KeyboardInterrupt; give `serve run` the default, as in a terminal.
-    proc = subprocess.Popen(
+def _start_serve_run(args, env) -> subprocess.Popen:
+    """`serve run ARGS` in its own process group, its output captured. A suite started in the
+    background (`make test &`) inherits SIGINT as ignored, and Python then never raises
+    KeyboardInterrupt; `serve run` gets the default, as in a terminal."""
+    return subprocess.Popen(
         [str(BIN / "serve"), "run", *args],
         cwd=REPO,
         env=env,
@@ -31,6 +32,10 @@ def _serve_run(args, env, url, image, dashboard, grpc_target=None):
         start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+
+
+def _serve_run(args, env, url, image, dashboard, grpc_target=None):
+    proc = _start_serve_run(args, env)
     try:
         deadline, status = time.time() + 240, None
         while time.time() < deadline and proc.poll() is None:
@@ -144,16 +149,10 @@ def test_serve_run_key_from_the_deploying_shell(ray_head, trained_run, tiny_root
     env = {**ray_head.env, "PLACESNET_TEST_KEY": key}
     url = f"http://127.0.0.1:{port}"
     image = (tiny_root / "val_256/Places365_val_00000003.jpg").read_bytes()
-    proc = subprocess.Popen(
-        [str(BIN / "serve"), "run", "--name", "placesnet", "serving.app:build_app"]
-        + [f"checkpoint={run_dir}", "num_cpus=0.5", "api_key_env=PLACESNET_TEST_KEY"],
-        cwd=REPO,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    proc = _start_serve_run(
+        ["--name", "placesnet", "serving.app:build_app", f"checkpoint={run_dir}", "num_cpus=0.5"]
+        + ["api_key_env=PLACESNET_TEST_KEY"],
+        env,
     )
     try:
         deadline = time.time() + 240

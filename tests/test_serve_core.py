@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from conftest import untrained_checkpoint
+from conftest import post_request, untrained_checkpoint
 from PIL import Image
 
 from placesnet.serve.errors import GRPC_CODES, ClientError
@@ -175,7 +175,6 @@ def _http(replica, images: list[bytes], top_k=None, authorization="Bearer s3cret
     """POST /predict through the deployment's route method and the app's error handlers:
     (status, JSON body, headers). Several images go as multipart `file` fields."""
     from fastapi import Response
-    from starlette.requests import Request
 
     from placesnet.serve.http_api import app
 
@@ -188,19 +187,7 @@ def _http(replica, images: list[bytes], top_k=None, authorization="Bearer s3cret
         )
     )
     headers = {**built.headers, **({"authorization": authorization} if authorization else {})}
-    body = [built.read()]
-
-    async def receive():
-        return {"type": "http.request", "body": body.pop() if body else b"", "more_body": False}
-
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/predict",
-        "query_string": b"",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-    }
-    request, response = Request(scope, receive), Response()
+    request, response = post_request(headers, built.read()), Response()
     deployment, instance = _deployment(replica)
 
     async def call():
