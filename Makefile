@@ -3,7 +3,9 @@
 #   make test   set up the environment, then run the test suite
 VENV ?= $(HOME)/.cache/places365-ray/venv
 PY := $(VENV)/bin/python
-export VENV
+# moto's S3 server for tests/test_object_storage.py, in a venv of its own (scripts/setup.sh)
+MOTO_VENV ?= $(dir $(VENV))moto-venv
+export VENV MOTO_VENV
 export RAY_USAGE_STATS_ENABLED ?= 0
 
 .PHONY: setup demo test test-fast lint bench bench-tools mutate notebook promote help

@@ -15,13 +15,25 @@ there is complete; :func:`verify_checkpoint` checks the files against their chec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
+from placesnet.checkpoint_files import (  # noqa: F401 (the format's names, importable from here too)
+    CONFIG_FILE,
+    FORMAT,
+    LATEST,
+    META_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    SUMMARY_FILE,
+    _fingerprint,
+    _torch_load,
+    verify_checkpoint,
+)
 from placesnet.config import TrainConfig, UserError, checkpoint_score
 
 if TYPE_CHECKING:
@@ -31,10 +43,6 @@ if TYPE_CHECKING:
 # torch is imported where weights are read or written, not here: resolving a path (a wrong
 # --checkpoint, `latest`, a run dir) answers in a fraction of a second instead of after torch's
 # seconds of import.
-
-FORMAT = "placesnet-checkpoint/1"
-MODEL_FILE, STATE_FILE, CONFIG_FILE, META_FILE = "model.pt", "train_state.pt", "config.json", "meta.json"
-SUMMARY_FILE = "summary.json"
 
 
 def save_checkpoint(
@@ -92,53 +100,6 @@ def _atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _fingerprint(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
-def verify_checkpoint(directory: str | Path) -> str | None:
-    """What is wrong with a checkpoint directory, or None when it is complete and intact.
-
-    meta.json must parse and name this format; each file it lists must have its size and sha256
-    (checkpoints from before 2026-11-28 list none: their files must load instead).
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return "the directory is missing"
-    try:
-        meta = json.loads((directory / META_FILE).read_text())
-    except FileNotFoundError:
-        return f"no {META_FILE} (an unfinished write?)"
-    except (OSError, ValueError, UnicodeDecodeError):
-        return f"{META_FILE} is not valid JSON"
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        return f"{META_FILE} does not describe a {FORMAT} checkpoint"
-    files = meta.get("files")
-    if files is None:  # an older checkpoint: no checksums, so load what it holds
-        try:
-            json.loads((directory / CONFIG_FILE).read_text())
-            for name in (MODEL_FILE, STATE_FILE):
-                _torch_load(directory / name)
-        except (OSError, ValueError, UnicodeDecodeError, UserError) as e:
-            return str(e)
-        return None
-    for name, expected in files.items():
-        path = directory / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != expected.get("bytes"):
-            return (
-                f"{name} has {path.stat().st_size} bytes, {expected.get('bytes')} were written (truncated?)"
-            )
-        if _fingerprint(path)["sha256"] != expected.get("sha256"):
-            return f"{name} does not match its sha256 (changed or corrupted since it was written)"
-    return None
-
-
 @dataclass
 class Loaded:
     """What a checkpoint holds; ``model`` is built, loaded and in eval mode on ``device``."""
@@ -186,20 +147,6 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"not a checkpoint: {path.parent} has no {path.name}") from None
     except (ValueError, UnicodeDecodeError):
         raise UserError(f"corrupt checkpoint: {path} is not valid JSON") from None
-
-
-def _torch_load(path: Path, device="cpu"):
-    import torch
-
-    if not path.is_file():
-        raise UserError(f"not a checkpoint: {path.parent} has no {path.name}")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated zip, pickle with code in it, ...
-        raise UserError(
-            f"corrupt checkpoint: cannot load {path} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else 'no details'})"
-        ) from None
 
 
 def read_meta(directory: str | Path) -> dict:
@@ -264,9 +211,6 @@ def _best_in_run(run_dir: Path) -> Path:
     return max(candidates, key=lambda d: (checkpoint_score(read_meta(d)["metrics"]), d.name))
 
 
-LATEST = "latest"
-
-
 def latest_run(storage: str | Path) -> Path:
     """The newest finished run or sweep directly under ``storage``: the newest
     ``<storage>/<name>/summary.json`` (train.py) or ``best.json`` (sweep.py)."""
@@ -288,13 +232,31 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint dir, a run dir (its best checkpoint), a JSON file naming one
     (``best_checkpoint`` in a run's summary.json or a sweep's best.json), or ``latest``
     (``latest:STORAGE_PATH``): the best checkpoint of the newest finished run or sweep under
-    ~/ray_results (or STORAGE_PATH)."""
-    if str(path) == LATEST or str(path).startswith(LATEST + ":"):
+    ~/ray_results (or STORAGE_PATH). Any of these on object storage (``s3://bucket/run``,
+    ``latest:s3://bucket/runs``) is found there and fetched into this machine's cache, verified
+    after the download (placesnet/remote.py): the local copy is returned."""
+    from placesnet import remote
+
+    source = locate_checkpoint(path)
+    return remote.fetch(remote.open_uri(source)) if remote.is_remote(source) else Path(source)
+
+
+def locate_checkpoint(path: str | Path) -> str:
+    """The checkpoint directory ``path`` names (see :func:`resolve_checkpoint`), without fetching
+    it: an absolute local path, or the URI of a checkpoint on object storage."""
+    from placesnet import remote
+
+    spec = str(path)
+    if spec == LATEST or spec.startswith(LATEST + ":"):
         from placesnet.config import DEFAULT_STORAGE
 
-        storage = str(path)[len(LATEST) + 1 :] or DEFAULT_STORAGE
-        return resolve_checkpoint(latest_run(storage))
-    p = Path(path).expanduser()
+        storage = spec[len(LATEST) + 1 :] or DEFAULT_STORAGE
+        if remote.is_remote(storage):
+            return remote.locate(f"{LATEST}:{storage}").uri
+        return locate_checkpoint(latest_run(_local(storage)))
+    if remote.is_remote(spec):
+        return remote.locate(spec).uri
+    p = Path(_local(spec)).expanduser()
     if not p.exists():
         raise UserError(f"checkpoint not found: {p}")
     p = p.resolve()
@@ -307,7 +269,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
         best = _read_json(p).get("best_checkpoint")
         if not best:
             raise UserError(f"{p} names no best_checkpoint")
-        return resolve_checkpoint(best)
+        return locate_checkpoint(best)
     if (p / MODEL_FILE).exists() or (p / META_FILE).exists():
-        return p
-    return _best_in_run(p)
+        return str(p)
+    return str(_best_in_run(p))
+
+
+def _local(spec: str) -> str:
+    """A ``file://`` URI as the plain path it names."""
+    return urlsplit(spec).path if spec.startswith("file://") else spec

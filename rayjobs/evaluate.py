@@ -7,7 +7,9 @@ picture of the most confused class pairs.
         --checkpoint /shared/ray_results/places-deepcnn --num-workers 4
 
 --checkpoint takes a checkpoint directory, a training run directory (its best checkpoint) or a
-summary.json/best.json. The dataset comes from the checkpoint's config (--data-root overrides).
+summary.json/best.json, on this machine or on object storage (s3://bucket/runs/NAME: fetched and
+verified first, with the AWS_* variables of the shell). The dataset comes from the checkpoint's
+config (--data-root overrides).
 With --num-workers 1 (default) it runs in this process without Ray; more workers shard the split
 over Ray Train workers, with identical results.
 
@@ -55,7 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--gpu", dest="gpu", action="store_true", default=None, help="use GPUs (default: when available)"
     )
     dev.add_argument("--cpu", dest="gpu", action="store_false", help="CPU only")
-    p.add_argument("--out", help="output directory (default: RUN_DIR/eval_<checkpoint name>)")
+    p.add_argument(
+        "--out",
+        help="output directory (default: RUN_DIR/eval_<checkpoint name>; for a checkpoint on "
+        "object storage, eval_<checkpoint name> here)",
+    )
     p.add_argument(
         "--top-pairs",
         type=positive_int,
@@ -80,10 +86,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from placesnet.checkpoint import load_checkpoint, resolve_checkpoint
+    from placesnet.checkpoint import load_checkpoint, locate_checkpoint
     from placesnet.config import UserError
+    from placesnet.remote import is_remote
 
-    args.checkpoint = resolve_checkpoint(args.checkpoint)  # a wrong path is an error at once
+    # a wrong path is an error at once; on object storage (s3://...), its URI: fetched below,
+    # and by each Ray worker onto its own node
+    source = locate_checkpoint(args.checkpoint)
     import torch
 
     from placesnet.config import pretty
@@ -99,7 +108,7 @@ def main(argv=None) -> int:
 
     if args.split not in SPLITS:
         raise UserError(f"unknown split {args.split!r}; choose one of {', '.join(SPLITS)}")
-    loaded = load_checkpoint(args.checkpoint)  # validates before any work
+    loaded = load_checkpoint(source)  # validates before any work
     cfg = loaded.config.replace(download=False, skip_verify=args.skip_verify or loaded.config.skip_verify)
     if args.data_root:
         cfg = cfg.replace(data_root=args.data_root)
@@ -121,7 +130,7 @@ def main(argv=None) -> int:
 
         res = plan_resources(args.num_workers, args.gpu, None)
         result = distributed_evaluate(
-            loaded.path,
+            source,
             root,
             res,
             split=args.split,
@@ -132,7 +141,12 @@ def main(argv=None) -> int:
         )
 
     confusion = result.pop("confusion")
-    out = Path(args.out).expanduser() if args.out else loaded.path.parent / f"eval_{loaded.path.name}"
+    if args.out:
+        out = Path(args.out).expanduser()
+    elif is_remote(source):  # not beside a copy in the cache: here
+        out = Path(f"eval_{loaded.path.name}").resolve()
+    else:
+        out = loaded.path.parent / f"eval_{loaded.path.name}"
     out.mkdir(parents=True, exist_ok=True)
     table = per_class_table(confusion, loaded.classes)
     table.to_csv(out / "per_class.csv", index=False)
@@ -142,7 +156,7 @@ def main(argv=None) -> int:
     if args.gallery:
         save_png(misclassified_figure(mistakes, loaded.classes), out / "misclassified.png")
     report = {
-        "checkpoint": str(loaded.path),
+        "checkpoint": source,
         "note": loaded.note,
         "split": args.split,
         "data_root": str(root),

@@ -41,10 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from placesnet.checkpoint import load_checkpoint, resolve_checkpoint
+    from placesnet.checkpoint import load_checkpoint, locate_checkpoint
     from placesnet.config import UserError
 
-    args.checkpoint = resolve_checkpoint(args.checkpoint)  # a wrong path is an error at once
+    # a wrong path is an error at once; on object storage, its URI (fetched and verified below)
+    args.checkpoint = locate_checkpoint(args.checkpoint)
     import torch
 
     from placesnet.evaluation import predict_images
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
 
     if args.json:
         doc = {
-            "checkpoint": str(loaded.path),
+            "checkpoint": args.checkpoint,
             "note": loaded.note,
             "results": [
                 {"image": p, "predictions": predictions[p]}

@@ -43,7 +43,7 @@ MUTATIONS = [
     # --- checkpoints -------------------------------------------------------------------------
     M(
         "checkpoint: weights_only off",
-        "placesnet/checkpoint.py",
+        "placesnet/checkpoint_files.py",
         "torch.load(path, map_location=device, weights_only=True)",
         "torch.load(path, map_location=device, weights_only=False)",
         ("tests/test_promises.py", "-k", "pickle"),
@@ -57,37 +57,37 @@ MUTATIONS = [
     ),
     M(
         "checkpoint: sha256 not compared",
-        "placesnet/checkpoint.py",
-        'if _fingerprint(path)["sha256"] != expected.get("sha256"):',
+        "placesnet/checkpoint_files.py",
+        'if checksums and _sha256(fs, info.path) != expected.get("sha256"):',
         "if False:",
         ("tests/test_reliability.py", "-k", "checksums"),
     ),
     M(
         "checkpoint: size not compared",
-        "placesnet/checkpoint.py",
-        'if path.stat().st_size != expected.get("bytes"):',
+        "placesnet/checkpoint_files.py",
+        'if info.size != expected.get("bytes"):',
         "if False:",
         ("tests/test_reliability.py", "-k", "checksums"),
     ),
     M(
         "resume: broken checkpoints not set aside",
         "placesnet/launch/resume.py",
-        "        d.rename(target)\n",
-        "",
+        "            self.fs.move(path, target)\n",
+        "            pass\n",
         ("tests/test_reliability.py", "-k", "broken_newest"),
     ),
     M(
         "resume: Ray's snapshot not rewritten",
         "placesnet/launch/resume.py",
-        "        _write_snapshot(run_dir, intact)\n",
+        "        _write_snapshot(run, keep)\n",
         "        pass\n",
         ("tests/test_reliability.py", "-k", "broken_newest or garbage_snapshot"),
     ),
     M(
         "resume: newest intact is the oldest",
         "placesnet/launch/resume.py",
-        "    epoch, newest, _ = intact[-1]",
-        "    epoch, newest, _ = intact[0]",
+        "    newest = keep[-1]\n",
+        "    newest = keep[0]\n",
         ("tests/test_reliability.py", "-k", "broken_newest or intact_run"),
     ),
     # --- the epoch loop ----------------------------------------------------------------------
@@ -258,8 +258,8 @@ MUTATIONS = [
     M(
         "train: one worker shuffles differently from N",
         "placesnet/data/loaders.py",
-        "DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)",
-        "DistributedSampler(dataset, world, rank, shuffle=True, seed=seed + world)",
+        "GlobalBatches(len(dataset), batch_size, rank, world, seed)",
+        "GlobalBatches(len(dataset), batch_size, rank, world, seed + world)",
         ("tests/test_promises.py", "-k", "same_weights"),
     ),
     M(
@@ -660,8 +660,8 @@ MUTATIONS = [
     M(
         "ddp: every worker takes the whole global batch",
         "placesnet/data/loaders.py",
-        "    per_rank = max(batch_size // world, 1)",
-        "    per_rank = batch_size",
+        "            yield order[start : start + self.batch_size][self.rank :: self.world]",
+        "            yield order[start : start + self.batch_size]",
         ("tests/test_data.py", "-k", "drops_only"),
     ),
     M(
@@ -789,8 +789,9 @@ MUTATIONS = [
     M(
         "serve: promote sends without verifying",
         "placesnet/serve/rollout.py",
-        "    path = resolve_checkpoint(os.path.expanduser(spec))\n    load_checkpoint(path)\n",
-        "    path = resolve_checkpoint(os.path.expanduser(spec))\n",
+        "    load_checkpoint(path)  # on object storage: fetched here first, and verified after the"
+        " download\n",
+        "",
         ("tests/test_serve_rollout.py", "-k", "promote_refuses"),
         ray=True,
     ),
@@ -877,6 +878,44 @@ MUTATIONS = [
         "g.manual_seed(self.seed + self.epoch)",
         "g.manual_seed(self.seed + self.epoch + self.rank)",
         ("tests/test_data.py", "-k", "global_batches"),
+    ),
+    # --- object storage (issue #25) ------------------------------------------------------------
+    M(
+        "storage: resume repair skipped on remote storage",
+        "placesnet/launch/driver.py",
+        "            plan = prepare_resume(self.storage.fs_path(self.name), self.storage.filesystem)\n",
+        "            from placesnet.launch.resume import ResumePlan\n\n            return ResumePlan()\n",
+        ("tests/test_object_storage.py", "-k", "repair_runs"),
+    ),
+    M(
+        "storage: a fetched checkpoint not verified",
+        "placesnet/remote.py",
+        "        problem = verify_checkpoint(tmp)\n",
+        "        problem = None\n",
+        ("tests/test_object_storage.py", "-k", "fetched"),
+    ),
+    M(
+        "resume: a lost attempt's unlisted checkpoint adopted",
+        "placesnet/launch/resume.py",
+        "        if c.name not in listed and c.epoch <= newest_recorded:\n",
+        "        if False:\n",
+        ("tests/test_object_storage.py", "-k", "lost_attempts"),
+    ),
+    M(
+        "resume on S3: the resumed checkpoint's sha256 not checked",
+        "placesnet/launch/resume.py",
+        "    while keep and not run.local:",
+        "    while False:",
+        ("tests/test_object_storage.py", "-k", "repair_runs"),
+    ),
+    M(
+        "serve: replicas get the driver's cache path, not the URI",
+        "placesnet/serve/rollout.py",
+        "    return path\n\n\ndef refuse_serve_run",
+        "    from placesnet.checkpoint import resolve_checkpoint\n\n"
+        "    return str(resolve_checkpoint(path))\n\n\ndef refuse_serve_run",
+        ("tests/test_object_storage.py", "-k", "serve_gives"),
+        ray=True,
     ),
 ]
 

@@ -3,12 +3,18 @@
 # with its pinned dependencies and the dev tools (`pip install -e .[dev]`, pins in pyproject.toml).
 #   VENV: where it lives (default ~/.cache/places365-ray/venv, outside the clone, so every clone
 #         and CI run shares one 5.5 GB environment instead of building its own).
-# Re-running is cheap: dependencies are reinstalled only when pyproject.toml changed, and the
-# editable install is pointed at this clone when it points at another one (a few seconds).
+#   MOTO_VENV: a small venv of its own (default: next to VENV) with moto's S3 server, which
+#         tests/test_object_storage.py starts on 127.0.0.1 (boto3 and Flask stay out of the Ray venv).
+# Re-running is cheap: dependencies are reinstalled only when pyproject.toml changed (or, for
+# MOTO_VENV, the pins below), and the editable install is pointed at this clone when it points at
+# another one (a few seconds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-$HOME/.cache/places365-ray/venv}"
 PYTHON="${PYTHON:-python3}"
+MOTO_VENV="${MOTO_VENV:-$(dirname "$VENV")/moto-venv}"
+# 5.2.6: moto 5.2.1's CompleteMultipartUpload fails with pyarrow 26 (every checkpoint upload)
+MOTO_PINS=("moto[s3]==5.2.6" "flask==3.1.3" "flask-cors==6.0.5")
 stamp="$VENV/.pyproject.toml"
 here="$(pwd -P)"
 
@@ -28,4 +34,15 @@ installed="$(cd / && "$VENV/bin/python" -c 'import placesnet, pathlib; print(pat
 if [ "$installed" != "$here" ]; then
   echo "setup: pointing the editable install at $here"
   "$VENV/bin/python" -m pip install --quiet --no-deps -e .
+fi
+# The S3 server for the object-storage tests. Without it (no network, say) those tests are skipped
+# with the reason; the rest of the setup does not depend on it.
+if [ "$(cat "$MOTO_VENV/.pins" 2>/dev/null)" != "${MOTO_PINS[*]}" ]; then
+  echo "setup: installing moto's S3 server into $MOTO_VENV (for tests/test_object_storage.py)"
+  if "$PYTHON" -m venv --clear "$MOTO_VENV" \
+      && "$MOTO_VENV/bin/python" -m pip install --quiet "${MOTO_PINS[@]}"; then
+    echo "${MOTO_PINS[*]}" > "$MOTO_VENV/.pins"
+  else
+    echo "setup: could not install ${MOTO_PINS[*]} into $MOTO_VENV: the object-storage tests will be skipped" >&2
+  fi
 fi

@@ -38,7 +38,8 @@ def build_app(args: dict) -> Application:
     $NAME or the file in $NAME_FILE) or api_key_file=/abs/path (never the key itself).
 
     The checkpoint is resolved (``latest`` included) and verified here, once, and reaches the
-    replicas as the deployment's user_config ``{"checkpoint": DIR}``, which serving/promote.py
+    replicas as the deployment's user_config ``{"checkpoint": DIR or URI}`` (a checkpoint on
+    object storage: each replica fetches it onto its own node), which serving/promote.py
     changes to swap another in place. Raises Refused (a ValueError) with one line for bad
     options, a missing or corrupt checkpoint, or a `serve run` over a live endpoint, before Ray
     does anything.

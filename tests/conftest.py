@@ -75,6 +75,7 @@ def pytest_sessionfinish(session, exitstatus):
 _LONGEST_FIRST = [
     "trained_run",
     "test_faults.py",
+    "test_object_storage.py",
     "test_sweep.py",
     "test_recipe.py",
     "test_multinode.py",

@@ -280,7 +280,7 @@ def test_promotion_under_load_drops_nothing(endpoint):
     fingerprint = read_meta(endpoint.checkpoints["a"])["files"]["model.pt"]["sha256"][:12]
     answers = [_healthz(endpoint.base) for _ in range(8)]
     assert [a["checkpoint_sha256"] for a in answers] == [fingerprint] * 8
-    assert (done.checkpoint, done.replicas) == (endpoint.checkpoints["a"], 2)
+    assert (done.checkpoint, done.replicas) == (str(endpoint.checkpoints["a"]), 2)
     assert done.previous == str(endpoint.checkpoints["b"])
 
 

@@ -141,15 +141,23 @@ def check_writable(storage: Storage) -> None:
 
 
 def serve_command(storage: Storage, target: str, checkpoint: str) -> str:
-    """The command that serves a result: ``target`` (a run dir or a best.json, as a fs path) on
-    local storage; on remote storage, where ``serve run`` reads nothing, how to copy the best
-    ``checkpoint`` (its URI) to this machine first."""
+    """The command that serves a result: ``target`` (a run dir or a best.json, as a fs path), a
+    local path on local storage, else its URI: the app builder and every replica fetch the
+    checkpoint from there (placesnet/remote.py), with the AWS_* variables of the shell and the
+    nodes. (``checkpoint``: the best checkpoint, kept for callers.)"""
+    return f"{SERVE} checkpoint={storage.readable(target)}"
+
+
+def tensorboard_command(storage: Storage, name: str) -> str:
+    """TensorBoard on the run's ``tensorboard/``: on remote storage, which TensorBoard cannot read
+    without an S3 plugin, after copying it to this machine."""
+    logdir = storage.fs_path(name, "tensorboard")
     if storage.is_local:
-        return f"{SERVE} checkpoint={storage.readable(target)}"
+        return f"tensorboard --logdir {logdir}"
+    local = f"{name}-tensorboard"
     return (
-        f"serve run reads local paths only: copy the checkpoint here first, e.g. "
-        f"python -c \"import pyarrow.fs as f; f.copy_files('{checkpoint}', 'best-checkpoint')\" "
-        f"&& {SERVE} checkpoint=best-checkpoint"
+        f"python -c \"import pyarrow.fs as f; f.copy_files('{storage.readable(logdir)}', '{local}')\" "
+        f"&& tensorboard --logdir {local}"
     )
 
 
@@ -170,16 +178,16 @@ class Driver:
         """The run's (or sweep's) directory, for messages."""
         return self.storage.label(self.name)
 
-    def resume(self) -> ResumePlan | None:
-        """A rerun of a run on this machine's filesystem (local path or file://): its checkpoints
-        checked and Ray's snapshot repaired (see placesnet/launch/resume.py), its notes printed.
-        None on remote storage (s3://, gs://), where resuming is left to Ray."""
+    def resume(self) -> ResumePlan:
+        """A rerun: the run's checkpoints checked and Ray's snapshot repaired, on any storage
+        (see placesnet/launch/resume.py), its notes printed."""
         from placesnet.launch.resume import prepare_resume
 
         run_dir = self.storage.local_path(self.name)
-        if run_dir is None:
-            return None
-        plan = prepare_resume(run_dir)
+        if run_dir is None:  # object storage: through the filesystem Ray opens it with
+            plan = prepare_resume(self.storage.fs_path(self.name), self.storage.filesystem)
+        else:
+            plan = prepare_resume(run_dir)
         for note in plan.notes:
             print(note)
         return plan

@@ -31,14 +31,17 @@ class Refused(RayServeException, ValueError):
     ValueError, as callers of build_app catch."""
 
 
-def checkpoint_to_serve(spec: str) -> Path:
+def checkpoint_to_serve(spec: str) -> str:
     """The checkpoint directory ``spec`` names (a checkpoint, a run directory, a summary/best JSON,
     ``latest[:STORAGE_PATH]``, resolved now), after the checks every replica repeats: sizes and
-    sha256, ``weights_only`` loading, weights that fit the architecture. UserError if it fails."""
-    from placesnet.checkpoint import load_checkpoint, resolve_checkpoint
+    sha256, ``weights_only`` loading, weights that fit the architecture. UserError if it fails.
 
-    path = resolve_checkpoint(os.path.expanduser(spec))
-    load_checkpoint(path)
+    What the replicas get: its absolute path, or on object storage its URI (``s3://...``): each
+    replica fetches it onto its own node (a copy in this machine's cache would not be on theirs)."""
+    from placesnet.checkpoint import load_checkpoint, locate_checkpoint
+
+    path = locate_checkpoint(os.path.expanduser(spec))
+    load_checkpoint(path)  # on object storage: fetched here first, and verified after the download
     return path
 
 
@@ -79,7 +82,7 @@ class Promotion:
     """What :func:`promote` did: the checkpoint it swapped in and the one before it, the replicas
     that now answer from it, and the seconds from the request to the last of them."""
 
-    checkpoint: Path
+    checkpoint: str  # a path, or a URI on object storage
     previous: str | None
     replicas: int
     seconds: float
@@ -106,7 +109,7 @@ def promote(
     from the old one. Waits (at most ``timeout`` s) until every replica's /healthz, at ``url``
     (default: the app's route on the Serve HTTP port of the dashboard's host), names the new
     checkpoint. UserError for what cannot be promoted, with what to do."""
-    from placesnet.checkpoint import read_meta
+    from placesnet.checkpoint import read_meta, resolve_checkpoint
 
     client = _client(address)
     details = client.get_serve_details()
@@ -124,7 +127,8 @@ def promote(
     deployment = apps[app]["deployments"][DEPLOYMENT]
     previous = (deployment["deployment_config"].get("user_config") or {}).get("checkpoint")
     path = checkpoint_to_serve(spec)  # after the cluster's state: latest means now
-    fingerprint = (read_meta(path).get("files", {}).get("model.pt", {}).get("sha256") or "")[:12] or None
+    files = read_meta(resolve_checkpoint(path)).get("files", {})  # (a URI: the copy fetched just now)
+    fingerprint = (files.get("model.pt", {}).get("sha256") or "")[:12] or None
     started = time.monotonic()
     client.deploy_applications(_with_checkpoint(details, app, path))
     say(f"promote: {app} -> {path} (was {previous}); waiting for its replicas to swap")
@@ -142,7 +146,7 @@ def _client(address: str):
         raise UserError(f"cannot reach the Ray dashboard at {address}: {str(e).splitlines()[0]}") from None
 
 
-def _with_checkpoint(details: dict, app: str, path: Path) -> dict:
+def _with_checkpoint(details: dict, app: str, path: str) -> dict:
     """The cluster's Serve config as ``serve deploy`` sends it, every app as deployed, with
     ``app``'s SceneClassifier user_config set to ``path`` (its other overrides kept)."""
     apps = []
