@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = config_from_args(args)
     if args.num_workers:
-        check_batch(cfg.batch_size, args.num_workers, note=False)  # early: before data or Ray work
+        check_batch(cfg.batch_size, args.num_workers)  # early: before data or Ray work
     if cfg.decode == "gpu" and args.gpu is False:
         raise UserError("--decode gpu decodes on the workers' GPUs, but --cpu trains on CPUs")
 
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     from placesnet.data.places import class_names
     from placesnet.launch.driver import setup_driver
     from placesnet.launch.outputs import summarize
-    from placesnet.launch.resources import plan_resources
+    from placesnet.launch.resources import node_addresses, plan_resources
     from placesnet.launch.trainer import RESUME_HINT, diverged, failure_message, make_trainer
 
     # Storage, --name and the data are checked before Ray starts (placesnet/launch/driver.py).
@@ -156,6 +156,7 @@ def main(argv=None) -> int:
         args.autoscale,
         ray_data=cfg.input == "ray-data",
     )
+    started = node_addresses()  # to name the nodes lost, if the run cannot go on
     check_batch(cfg.batch_size, res.num_workers)
     if cfg.decode == "gpu" and not res.use_gpu:
         raise UserError(
@@ -190,6 +191,9 @@ def main(argv=None) -> int:
         message, users = failure_message(e)
         if users:  # the same data or checkpoint would fail again: no restarts were spent on it
             raise UserError(f"{message} (run dir: {run_label}; fix it and {RESUME_HINT})") from None
+        lost = cluster_loss(e, res, started, name, args)
+        if lost:
+            raise UserError(f"{lost} (run dir: {run_label})") from None
         raise UserError(
             f"training failed after {args.max_failures} restart(s): {message} "
             f"(run dir: {run_label}; {RESUME_HINT})"
@@ -209,6 +213,51 @@ def main(argv=None) -> int:
     summary, history = summarize(result, storage.uri, name)
     _print_results(summary, history, storage, name)
     return 0
+
+
+def cluster_loss(error, res, started: dict[str, str], name: str, args) -> str | None:
+    """One line for a run that ended because the cluster lost nodes or cannot place its workers
+    (a placement time-out): what was lost, what it waited for, what is left, and the command
+    that resumes. None for other failures."""
+    from placesnet.launch.resources import describe_cluster, lost_nodes, workers_that_fit
+    from placesnet.launch.trainer import placement_timeout
+
+    lost, timeout = lost_nodes(started), placement_timeout(error)
+    if not lost and timeout is None:
+        return None
+    what = f"{res.cpus_per_worker:g} CPU{' + 1 GPU' if res.use_gpu else ''} each"
+    if timeout is not None:
+        head = f"cannot place {timeout.num_workers} workers ({res.placement_strategy}, {what})"
+    else:
+        head = f"training failed after {args.max_failures} restart(s) of {res.num_workers} workers ({what})"
+    nodes = f"lost node{'s' if len(lost) > 1 else ''} {', '.join(lost)}" if lost else "no node was lost"
+    fits = workers_that_fit(res)
+    again = resume_command(name)
+    resume = f"resume with `{again}` when the cluster has room again"
+    if 0 < fits < res.num_workers:
+        resume += f", or now on {fits}: `{resume_command(name, num_workers=fits)}`"
+    return f"{head}: {nodes}; the cluster now has {describe_cluster(res)}; {resume}"
+
+
+def resume_command(name: str, num_workers: int | None = None, argv: list[str] | None = None) -> str:
+    """This command line again, with ``--name`` (a default name is new each time) and optionally
+    another ``--num-workers``."""
+    import shlex
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    out, i = [], 0
+    while i < len(args):
+        flag = args[i].split("=", 1)[0]
+        if flag in ("--name", "--num-workers") and (flag == "--name" or num_workers is not None):
+            i += 1 if "=" in args[i] else 2  # dropped here, added below
+            continue
+        out.append(args[i])
+        i += 1
+    out += ["--name", name]
+    if num_workers is not None:
+        out += ["--num-workers", str(num_workers)]
+    return shlex.join(["python", sys.argv[0], *out])
 
 
 def find_lr_on_cluster(cfg, root: Path, res, storage, name: str):
@@ -237,17 +286,14 @@ def find_lr_on_cluster(cfg, root: Path, res, storage, name: str):
     return cfg.replace(lr=result.suggestion)
 
 
-def check_batch(batch_size: int, num_workers: int, note: bool = True) -> None:
+def check_batch(batch_size: int, num_workers: int) -> None:
     if batch_size < num_workers:
         raise UserError(
             f"--batch-size {batch_size} is smaller than --num-workers {num_workers}: "
             "every worker needs at least one sample per step"
         )
-    if note and batch_size % num_workers:
-        print(
-            f"note: global batch {batch_size} is not divisible by {num_workers} workers; "
-            f"using {batch_size // num_workers} per worker"
-        )
+    # (a batch that does not divide by the workers is split into shares one image apart, each
+    # share's loss weighted by its size: data.loaders.GlobalBatches; nothing to say about it)
 
 
 def _print_results(summary: dict, history: list[dict], storage, name: str) -> None:

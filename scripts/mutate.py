@@ -917,6 +917,37 @@ MUTATIONS = [
         ("tests/test_object_storage.py", "-k", "serve_gives"),
         ray=True,
     ),
+    # --- a lost node (issue #25) ---------------------------------------------------------------
+    M(
+        "node loss: placement retries unbounded",
+        "placesnet/launch/trainer.py",
+        "        if fits < wanted or self.placement_timeouts > PLACEMENT_RETRIES:\n",
+        "        if False:\n",
+        ("tests/test_node_loss.py", "-k", "placement_time_outs"),
+        ray=True,
+    ),
+    M(
+        "node loss: a rerun epoch recorded twice (set-aside skipped)",
+        "placesnet/launch/outputs.py",
+        "        if isinstance(epoch, int) and epoch + 1 <= epochs_done:\n            continue",
+        "        if True:\n            continue",
+        ("tests/test_node_loss.py", "-k", "set_aside"),
+    ),
+    M(
+        "node loss: driver keeps unrecorded checkpoints",
+        "placesnet/launch/outputs.py",
+        "    for line in set_aside_unrecorded(result):",
+        "    for line in []:",
+        ("tests/test_node_loss.py", "-k", "never_recorded"),
+    ),
+    M(
+        "node loss: raw error instead of the one line",
+        "rayjobs/train.py",
+        "        lost = cluster_loss(e, res, started, name, args)\n",
+        "        lost = None\n",
+        ("tests/test_node_loss.py", "-k", "strict_spread"),
+        ray=True,
+    ),
 ]
 
 

@@ -79,6 +79,7 @@ _LONGEST_FIRST = [
     "test_sweep.py",
     "test_recipe.py",
     "test_multinode.py",
+    "test_node_loss.py",
     "test_benchmarks.py",
     "test_reliability.py",
     "test_cli_errors.py",

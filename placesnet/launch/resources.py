@@ -21,6 +21,7 @@ class Resources:
     use_gpu: bool
     cpus_per_worker: float
     placement_strategy: str = "PACK"  # SPREAD / STRICT_SPREAD put workers on different nodes
+    autoscale: bool = False  # the cluster adds nodes on demand: wait for them instead of ending
 
     def scaling_config(self) -> ray.train.ScalingConfig:
         return ray.train.ScalingConfig(
@@ -34,6 +35,39 @@ class Resources:
 def alive_nodes() -> list[dict]:
     """Resources of every live node of the connected cluster."""
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def node_addresses() -> dict[str, str]:
+    """{node id: address} of every live node, to name the ones lost later (:func:`lost_nodes`)."""
+    return {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+
+
+def lost_nodes(started: dict[str, str]) -> list[str]:
+    """The nodes of ``started`` (see :func:`node_addresses`) that are dead now, as
+    ``address (id prefix)``."""
+    dead = {n["NodeID"] for n in ray.nodes() if not n.get("Alive")}
+    return [f"{address} ({node_id[:8]})" for node_id, address in started.items() if node_id in dead]
+
+
+def placeable(per_node: list[int], placement_strategy: str) -> int:
+    """Workers that fit given each node's slots (:func:`worker_slots`): one per node with
+    STRICT_SPREAD."""
+    return sum(1 for k in per_node if k) if placement_strategy == "STRICT_SPREAD" else sum(per_node)
+
+
+def workers_that_fit(res: Resources) -> int:
+    """How many of ``res``'s workers the live nodes can hold (their totals, not what is free)."""
+    return placeable(worker_slots(alive_nodes(), res.cpus_per_worker, res.use_gpu), res.placement_strategy)
+
+
+def describe_cluster(res: Resources) -> str:
+    """``1 node, 2 CPUs, 0 GPUs, which fit 1 worker``: the live cluster, for error lines."""
+    nodes = alive_nodes()
+    fits = workers_that_fit(res)
+    return (
+        f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}, {sum(n.get('CPU', 0) for n in nodes):g} CPUs, "
+        f"{sum(n.get('GPU', 0) for n in nodes):g} GPUs, which fit {fits} worker{'s' if fits != 1 else ''}"
+    )
 
 
 def worker_slots(nodes: list[dict], cpus_per_worker: float, use_gpu: bool) -> list[int]:
@@ -89,12 +123,12 @@ def plan_resources(
     if cpus_per_worker <= 0:
         raise UserError(f"--cpus-per-worker must be > 0, got {cpus_per_worker}")
     per_node = worker_slots(nodes, cpus_per_worker, use_gpu)
-    placeable = sum(1 for k in per_node if k) if placement_strategy == "STRICT_SPREAD" else sum(per_node)
-    if placeable < num_workers and not autoscale:
+    fits = placeable(per_node, placement_strategy)
+    if fits < num_workers and not autoscale:
         what = f"{cpus_per_worker:g} CPU" + (" + 1 GPU" if use_gpu else "")
         raise UserError(
             f"cannot place {num_workers} workers of {what} each: the cluster ({len(nodes)} node(s), "
-            f"{total_cpus:g} CPUs, {total_gpus:g} GPUs) fits only {placeable}; lower --num-workers"
+            f"{total_cpus:g} CPUs, {total_gpus:g} GPUs) fits only {fits}; lower --num-workers"
             + " (or pass --autoscale if the cluster adds nodes on demand)"
             + ("" if use_gpu else " or --cpus-per-worker")
             + (" (STRICT_SPREAD: one worker per node)" if placement_strategy == "STRICT_SPREAD" else "")
@@ -107,4 +141,4 @@ def plan_resources(
             f"{total_cpus:g} CPUs; lower --cpus-per-worker or --num-workers, add a (CPU-only) node, "
             "or use --input loader"
         )
-    return Resources(num_workers, use_gpu, cpus_per_worker, placement_strategy)
+    return Resources(num_workers, use_gpu, cpus_per_worker, placement_strategy, autoscale)

@@ -19,14 +19,29 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 
 from placesnet.config import SCORE, Interrupted, TrainConfig, UserError
-from placesnet.launch.logs import quiet_ray_train, user_error
+from placesnet.launch.logs import echo, quiet_controller, quiet_ray_train, user_error
 from placesnet.launch.outputs import RunOutputs
-from placesnet.launch.resources import Resources
+from placesnet.launch.resources import Resources, workers_that_fit
 
 RESUME_HINT = "resume with the same command"
+# Ray Train waits this long for a worker group's placement group (Ray's default: 60 s), read by the
+# controller from the driver's environment. Without --autoscale no node is on its way, so a
+# shorter wait ends a run that lost a node sooner; set the variable to wait longer.
+PLACEMENT_WAIT_ENV, PLACEMENT_WAIT_S = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30"
+PLACEMENT_RETRIES = 2  # placement time-outs retried while the workers still fit on paper
+ABORT_WAIT_S = 3  # then the controller is killed: it cannot abort while it waits for a placement
+
+
+def placement_timeout(error: BaseException) -> WorkerGroupStartupTimeoutError | None:
+    """The time-out of a worker group that could not be placed, if that is what ended ``error``
+    (Ray's ControllerError wraps it), else None."""
+    cause = getattr(error, "controller_failure", None)
+    return cause if isinstance(cause, WorkerGroupStartupTimeoutError) else None
 
 
 class StopOnUserErrors(DefaultFailurePolicy):
@@ -34,14 +49,52 @@ class StopOnUserErrors(DefaultFailurePolicy):
     (a :class:`UserError`: bad data, a corrupt checkpoint, a bad setting) ends the run at once: a
     restart would only meet it again. Lost workers and nodes still restart, up to --max-failures.
 
-    (Ray 2.60 hands each worker's own exception to the policy in ``worker_failures``.)
+    A worker group that cannot be placed (a node was lost) is not retried forever, as Ray's
+    policy does: without ``resources.autoscale`` the run ends at the first placement time-out when
+    the alive nodes no longer fit the workers, else after ``PLACEMENT_RETRIES`` more (resources
+    held by other jobs); the driver then says what was lost (rayjobs/train.py). One line per retry.
+
+    (Ray 2.60 hands each worker's own exception to the policy in ``worker_failures``, and a
+    placement time-out as a ControllerError; it runs on the Train controller.)
     """
 
+    def __init__(self, failure_config, resources: Resources | None = None):
+        super().__init__(failure_config)
+        self.resources = resources
+        self.placement_timeouts = 0
+
     def make_decision(self, training_failed_error) -> FailureDecision:
+        timeout = placement_timeout(training_failed_error)
+        if timeout is not None and self.resources is not None:
+            return self._placement_decision(timeout.num_workers)
         failures = getattr(training_failed_error, "worker_failures", None) or {}
         if any(isinstance(e, UserError) for e in failures.values()):
             return FailureDecision.RAISE
         return super().make_decision(training_failed_error=training_failed_error)
+
+    def _placement_decision(self, wanted: int) -> FailureDecision:
+        self.placement_timeouts += 1
+        res, waited = self.resources, os.environ.get(PLACEMENT_WAIT_ENV, "60")
+        fits = workers_that_fit(res)
+        if res.autoscale:  # nodes may be on their way
+            echo(f"placesnet: {wanted} workers not placed within {waited} s; waiting for new nodes")
+            return FailureDecision.RETRY
+        if fits < wanted or self.placement_timeouts > PLACEMENT_RETRIES:
+            return FailureDecision.RAISE  # the driver says why, in one line
+        echo(
+            f"placesnet: {wanted} workers not placed within {waited} s, though the alive nodes fit {fits} "
+            f"(a node not yet marked dead, or CPUs held by other jobs); retry {self.placement_timeouts} "
+            f"of {PLACEMENT_RETRIES}"
+        )
+        return FailureDecision.RETRY
+
+
+class PlacementGuard(ControllerCallback):
+    """On the Train controller: Ray logs each placement time-out with a ~30-line traceback; the
+    failure policy's one line says it instead (see :func:`logs.quiet_controller`)."""
+
+    def after_controller_start(self, train_run_context) -> None:
+        quiet_controller()
 
 
 class Trainer(ray.train.torch.TorchTrainer):
@@ -49,8 +102,11 @@ class Trainer(ray.train.torch.TorchTrainer):
     :class:`Interrupted` (exit 130, "resume with the same command") instead of Ray's own handler,
     which aborts the run but exits 1 with nothing said."""
 
+    resources: Resources | None = None  # for StopOnUserErrors' placement rule (make_trainer sets it)
+
     def _initialize_and_run_controller(self, **kwargs):
-        kwargs["failure_policy"] = StopOnUserErrors(self.run_config.failure_config)
+        kwargs["failure_policy"] = StopOnUserErrors(self.run_config.failure_config, self.resources)
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), PlacementGuard()]
         return super()._initialize_and_run_controller(**kwargs)
 
     _signal: str = "Ctrl-C"
@@ -67,7 +123,12 @@ class Trainer(ray.train.torch.TorchTrainer):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             self._signal = signal.Signals(signum).name
             try:  # stop the workers; the checkpoints already committed stay
-                ray.get(controller.abort.remote(), timeout=60)
+                ray.get(controller.abort.remote(), timeout=ABORT_WAIT_S)
+            except ray.exceptions.GetTimeoutError:
+                # Blocked in a placement wait (or a restart loop): abort() cannot run until it
+                # ends. Killing the controller ends its workers with it, and Ray Train's cleaner
+                # removes its placement group; a half-written checkpoint is repaired on resume.
+                ray.kill(controller, no_restart=True)
             except Exception:  # noqa: BLE001 - the controller exits as it aborts
                 pass
             raise KeyboardInterrupt
@@ -203,16 +264,20 @@ def make_trainer(
     diverge_at_epoch: int | None = None,
     callbacks: list | None = None,
 ) -> "ray.train.torch.TorchTrainer":
-    """A TorchTrainer for ``cfg``; the same storage_path/name resumes an earlier run."""
+    """A TorchTrainer for ``cfg``; the same storage_path/name resumes an earlier run.
+
+    Without ``resources.autoscale`` it shortens Ray's wait for the workers' placement to
+    ``PLACEMENT_WAIT_S`` (unless RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S is set): a run that lost a
+    node ends sooner (see :class:`StopOnUserErrors`)."""
+    if not resources.autoscale:
+        os.environ.setdefault(PLACEMENT_WAIT_ENV, PLACEMENT_WAIT_S)  # read by Ray when fit() starts
     loop_config = {
         "config": cfg.to_dict(),
         "data_root": str(data_root),
         "cpus_per_worker": resources.cpus_per_worker,
     }
-    if fail_after_epoch:
-        loop_config.update(
-            fail_after_epoch=fail_after_epoch, fail_marker=str(Path(storage_path) / name / ".fault_injected")
-        )
+    if fail_after_epoch:  # the marker goes in the run dir, on any storage (worker._maybe_crash)
+        loop_config.update(fail_after_epoch=fail_after_epoch, fail_marker=".fault_injected")
     if diverge_at_epoch:
         loop_config["diverge_at_epoch"] = diverge_at_epoch
     data = {}
@@ -220,7 +285,7 @@ def make_trainer(
         from placesnet.data.raydata import ExactValDataConfig, build_datasets
 
         data = dict(datasets=build_datasets(cfg, data_root), dataset_config=ExactValDataConfig())
-    return Trainer(
+    trainer = Trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=resources.scaling_config(),
@@ -236,3 +301,5 @@ def make_trainer(
         ),
         **data,
     )
+    trainer.resources = resources
+    return trainer

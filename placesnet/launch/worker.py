@@ -9,10 +9,12 @@ and matplotlib: each run starts seconds sooner (tests/test_layout.py checks).
 from __future__ import annotations
 
 import os
+import posixpath
 import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
@@ -31,6 +33,7 @@ from placesnet.data.loaders import LoaderPlan, make_loaders
 from placesnet.data.places import BadImages, class_names, open_split, resolve_data_root
 from placesnet.evaluation import evaluate_checkpoint
 from placesnet.launch.logs import echo
+from placesnet.launch.outputs import set_aside_lost_checkpoints
 from placesnet.model import build_model
 from placesnet.train import engine
 from placesnet.train.step import StepSettings
@@ -43,10 +46,16 @@ def _maybe_crash(loop_config: dict, epoch: int, rank: int) -> None:
     report() may instead resume from the epoch before, which is Ray's contract.
     """
     marker = loop_config.get("fail_marker")
-    if rank != 0 or loop_config.get("fail_after_epoch") != epoch or not marker or os.path.exists(marker):
+    if rank != 0 or loop_config.get("fail_after_epoch") != epoch or not marker:
+        return
+    # In the run dir through Ray's own filesystem for it, so local, NFS and s3:// alike.
+    storage = ray.train.get_context().get_storage()
+    fs, path = storage.storage_filesystem, posixpath.join(storage.experiment_fs_path, marker)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
         return
     ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED)
-    Path(marker).write_text(f"crashed after epoch {epoch}\n")
+    with fs.open_output_stream(path) as f:
+        f.write(f"crashed after epoch {epoch}\n".encode())
     echo(f"[fault injection] worker exits after epoch {epoch}")
     os._exit(1)
 
@@ -139,6 +148,15 @@ def train_worker(loop_config: dict) -> dict | None:
             start_epoch, history = meta["epoch"] + 1, meta["history"]
         if log:
             log(f"resuming from {checkpoint.path} at epoch {start_epoch + 1}/{cfg.epochs}")
+    if rank == 0:  # checkpoints newer than Ray's were written by an attempt lost before Ray recorded them
+        storage = ctx.get_storage()
+        for line in set_aside_lost_checkpoints(
+            storage.storage_filesystem,
+            storage.experiment_fs_path,
+            keep=posixpath.basename(checkpoint.path) if checkpoint else None,
+            epochs_done=start_epoch,
+        ):
+            echo(line)
 
     steps = len(train_loader)
     # Progress inside long epochs (a Places365 epoch is 1.8 M images); short ones need none.
