@@ -429,11 +429,8 @@ def test_a_lost_attempts_checkpoints_are_set_aside_and_the_kept_ones_stay(tmp_pa
 
 
 def test_resume_command_names_the_run_and_the_workers_left():
-    sys.path.insert(0, str(REPO / "rayjobs"))
-    try:
-        from train import resume_command
-    finally:
-        sys.path.remove(str(REPO / "rayjobs"))
+    from rayjobs.train import resume_command
+
     argv = ["--epochs", "3", "--num-workers=2", "--placement-strategy", "STRICT_SPREAD"]
     assert resume_command("r1", argv=argv).endswith(
         "--epochs 3 --num-workers=2 --placement-strategy STRICT_SPREAD --name r1"
