@@ -379,3 +379,39 @@ def post_request(headers: dict[str, str], body: bytes, path: str = "/predict"):
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
     }
     return Request(scope, receive)
+
+
+class Running:
+    """A CLI started in the background, its output in a file we can wait on."""
+
+    def __init__(self, script: str, *args, env: dict, log: Path) -> None:
+        self.log, self.out = log, open(log, "w")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / script), *map(str, args)],
+            env=env,
+            cwd=REPO,
+            stdout=self.out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, needle: str, timeout: float = 300) -> float:
+        """Seconds since the start when ``needle`` appeared."""
+        deadline = time.monotonic() + timeout
+        while needle not in self.text():
+            assert self.proc.poll() is None, (
+                f"exited {self.proc.returncode} before {needle!r}:\n{self.text()[-3000:]}"
+            )
+            assert time.monotonic() < deadline, f"no {needle!r} in {timeout}s:\n{self.text()[-3000:]}"
+            time.sleep(0.2)
+        return time.monotonic() - self.started
+
+    def finish(self, timeout: float = 600) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.out.close()

@@ -12,53 +12,17 @@ import asyncio
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pandas as pd
 import pytest
-from conftest import REPO, TINY_ARGS, _free_port
+from conftest import REPO, TINY_ARGS, Running, _free_port
 
 pytestmark = pytest.mark.slow
 
 P365 = ["--dataset", "places365", "--skip-verify"]
-
-
-class Running:
-    """A CLI started in the background, its output in a file we can wait on."""
-
-    def __init__(self, script: str, *args, env: dict, log: Path) -> None:
-        self.log = log
-        self.out = open(log, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / script), *map(str, args)],
-            env=env,
-            cwd=REPO,
-            stdout=self.out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-    def wait_for(self, needle: str, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while needle not in self.text():
-            assert self.proc.poll() is None, (
-                f"exited {self.proc.returncode} before {needle!r}:\n{self.text()[-3000:]}"
-            )
-            assert time.monotonic() < deadline, f"no {needle!r} in {timeout}s:\n{self.text()[-3000:]}"
-            time.sleep(0.2)
-
-    def finish(self, timeout: float = 600) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        finally:
-            self.out.close()
 
 
 def _train(ray_head, storage, name, log, *extra, epochs=6):

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_ARGS, _free_port, flip_bytes, run_script, start_head
+from conftest import REPO, TINY_ARGS, Running, _free_port, flip_bytes, run_script, start_head
 
 MOTO_VENV = Path(os.environ.get("MOTO_VENV") or Path(sys.executable).parents[2] / "moto-venv")
 MOTO_SERVER = MOTO_VENV / "bin" / "moto_server"
@@ -321,42 +321,6 @@ def test_a_checkpoint_on_s3_is_found_fetched_and_verified(s3, tmp_path):
 
 
 # --- training, a sweep, evaluation, prediction and Serve on a Ray head with the AWS_* variables ---
-
-
-class Running:
-    """A CLI started in the background, its output in a file we can wait on."""
-
-    def __init__(self, script: str, *args, env: dict, log: Path) -> None:
-        self.log, self.out = log, open(log, "w")
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / script), *map(str, args)],
-            env=env,
-            cwd=REPO,
-            stdout=self.out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-    def wait_for(self, needle: str, timeout: float = 300) -> float:
-        """Seconds since the start when ``needle`` appeared."""
-        deadline = time.monotonic() + timeout
-        while needle not in self.text():
-            assert self.proc.poll() is None, (
-                f"exited {self.proc.returncode} before {needle!r}:\n{self.text()[-3000:]}"
-            )
-            assert time.monotonic() < deadline, f"no {needle!r} in {timeout}s:\n{self.text()[-3000:]}"
-            time.sleep(0.2)
-        return time.monotonic() - self.started
-
-    def finish(self, timeout: float = 600) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        finally:
-            self.out.close()
 
 
 def _train(head, log: Path, *extra) -> Running:
