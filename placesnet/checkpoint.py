@@ -32,6 +32,7 @@ from placesnet.checkpoint_files import (  # noqa: F401 (the format's names, impo
     SUMMARY_FILE,
     _fingerprint,
     _torch_load,
+    is_latest,
     verify_checkpoint,
 )
 from placesnet.config import TrainConfig, UserError, checkpoint_score
@@ -247,7 +248,7 @@ def locate_checkpoint(path: str | Path) -> str:
     from placesnet import remote
 
     spec = str(path)
-    if spec == LATEST or spec.startswith(LATEST + ":"):
+    if is_latest(spec):
         from placesnet.config import DEFAULT_STORAGE
 
         storage = spec[len(LATEST) + 1 :] or DEFAULT_STORAGE

@@ -22,6 +22,18 @@ SUMMARY_FILE = "summary.json"
 LATEST = "latest"  # a checkpoint spec: the newest finished run (checkpoint.resolve_checkpoint)
 
 
+def is_latest(spec: str) -> bool:
+    """``latest`` or ``latest:STORAGE_PATH``: a checkpoint to resolve, not a path."""
+    return spec == LATEST or spec.startswith(LATEST + ":")
+
+
+def model_fingerprint(meta: dict) -> str | None:
+    """The first 12 hex digits of model.pt's sha256 in a checkpoint's meta.json (None for a
+    checkpoint older than checksums): tells checkpoints apart without naming their paths."""
+    sha = meta.get("files", {}).get(MODEL_FILE, {}).get("sha256")
+    return sha[:12] if sha else None
+
+
 def _fingerprint(path: Path) -> dict:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -415,3 +415,23 @@ class Running:
             return self.proc.wait(timeout=timeout)
         finally:
             self.out.close()
+
+
+def write_ray_snapshot(run: Path, results: list[dict]) -> None:
+    """Ray Train 2.60's checkpoint_manager_snapshot.json in ``run``, recording ``results`` (one
+    ``{"version", "checkpoint_dir_name", "metrics"}`` per epoch, in order), as Ray writes it."""
+    import json
+
+    state = {
+        "ray_version": "2.60.0",
+        "checkpoint_results": results,
+        "checkpoint_report_indices": list(range(len(results))),
+        "latest_checkpoint_result": results[-1],
+        "pending_training_results": [],
+        "pending_validation_specs": [],
+        "current_report_index": len(results),
+        "validated_checkpoint_dir_names": [],
+        "timed_out_validation_checkpoint_dir_names": [],
+        "failed_validation_checkpoint_dir_names": [],
+    }
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(state))

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, REPO, TINY_ARGS, ray_driver, run_script, start_head
+from conftest import BIN, REPO, TINY_ARGS, ray_driver, run_script, start_head, write_ray_snapshot
 
 
 @pytest.fixture(scope="module")
@@ -341,19 +341,7 @@ def _checkpoints(run: Path, epochs: int, snapshot: bool = False) -> list[str]:
             }
         )
     if snapshot:
-        state = {
-            "ray_version": "2.60.0",
-            "checkpoint_results": results,
-            "checkpoint_report_indices": list(range(epochs)),
-            "latest_checkpoint_result": results[-1],
-            "pending_training_results": [],
-            "pending_validation_specs": [],
-            "current_report_index": epochs,
-            "validated_checkpoint_dir_names": [],
-            "timed_out_validation_checkpoint_dir_names": [],
-            "failed_validation_checkpoint_dir_names": [],
-        }
-        (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(state))
+        write_ray_snapshot(run, results)
     return names
 
 

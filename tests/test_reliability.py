@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_ARGS, assert_user_error, run_script
+from conftest import TINY_ARGS, assert_user_error, run_script, write_ray_snapshot
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -271,22 +271,7 @@ def _run_dir(tmp_path, epochs=3, snapshot=True, top1=(0.5, 0.9, 0.7, 0.6), loss=
             {"version": 0, "checkpoint_dir_name": n, "metrics": {**m, SCORE: checkpoint_score(m)}}
             for n, m in zip(names, reported)
         ]
-        (run / SNAPSHOT).write_text(
-            json.dumps(
-                {
-                    "ray_version": "2.60.0",
-                    "checkpoint_results": results,
-                    "checkpoint_report_indices": list(range(epochs)),
-                    "latest_checkpoint_result": results[-1],
-                    "pending_training_results": [],
-                    "pending_validation_specs": [],
-                    "current_report_index": epochs,
-                    "validated_checkpoint_dir_names": [],
-                    "timed_out_validation_checkpoint_dir_names": [],
-                    "failed_validation_checkpoint_dir_names": [],
-                }
-            )
-        )
+        write_ray_snapshot(run, results)
     return run, [run / n for n in names]
 
 

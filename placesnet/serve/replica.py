@@ -106,13 +106,13 @@ class Replica:
         names its checkpoint. A checkpoint that cannot be served raises UserError while this
         replica has no model (it then fails to start, with that line); later, the current model
         keeps serving, the refusal is logged in one line and shown by /model (``rejected``)."""
-        from placesnet.checkpoint import LATEST
+        from placesnet.checkpoint_files import is_latest
         from placesnet.config import UserError
 
         async with self._swap:
             current = self.model
             try:
-                if checkpoint == LATEST or checkpoint.startswith(LATEST + ":"):
+                if is_latest(checkpoint):
                     raise UserError(
                         f"checkpoint {checkpoint!r} in a replica's user_config: give a path "
                         "(serving/promote.py resolves latest once, for every replica)"

@@ -110,6 +110,7 @@ def promote(
     (default: the app's route on the Serve HTTP port of the dashboard's host), names the new
     checkpoint. UserError for what cannot be promoted, with what to do."""
     from placesnet.checkpoint import read_meta, resolve_checkpoint
+    from placesnet.checkpoint_files import model_fingerprint
 
     client = _client(address)
     details = client.get_serve_details()
@@ -127,8 +128,7 @@ def promote(
     deployment = apps[app]["deployments"][DEPLOYMENT]
     previous = (deployment["deployment_config"].get("user_config") or {}).get("checkpoint")
     path = checkpoint_to_serve(spec)  # after the cluster's state: latest means now
-    files = read_meta(resolve_checkpoint(path)).get("files", {})  # (a URI: the copy fetched just now)
-    fingerprint = (files.get("model.pt", {}).get("sha256") or "")[:12] or None
+    fingerprint = model_fingerprint(read_meta(resolve_checkpoint(path)))  # (a URI: the copy fetched now)
     started = time.monotonic()
     client.deploy_applications(_with_checkpoint(details, app, path))
     say(f"promote: {app} -> {path} (was {previous}); waiting for its replicas to swap")

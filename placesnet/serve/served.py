@@ -61,10 +61,10 @@ class ServedModel:
 
     @property
     def fingerprint(self) -> str | None:
-        """The first 12 hex digits of model.pt's sha256 (None for a checkpoint older than
-        checksums): what /healthz shows, to tell checkpoints apart without naming their paths."""
-        sha = self.loaded.meta.get("files", {}).get("model.pt", {}).get("sha256")
-        return sha[:12] if sha else None
+        """What /healthz shows: :func:`placesnet.checkpoint_files.model_fingerprint`."""
+        from placesnet.checkpoint_files import model_fingerprint
+
+        return model_fingerprint(self.loaded.meta)
 
     @property
     def note(self) -> str | None:
