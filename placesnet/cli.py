@@ -38,6 +38,36 @@ def positive_int(text: str) -> int:
     return value
 
 
+def worker_count(text: str) -> int | tuple[int, int]:
+    """``--num-workers``/``--workers-per-trial``: ``N`` (a fixed number) or ``MIN-MAX`` (an elastic
+    run: as many as the cluster holds, at least MIN); ``N-N`` is ``N``."""
+    low, dash, high = text.partition("-")
+    try:
+        first = positive_int(low)
+        if not dash:
+            return first
+        last = positive_int(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX (e.g. 2 or 1-4), got {text!r}") from None
+    if last < first:
+        raise argparse.ArgumentTypeError(f"MIN-MAX needs MIN <= MAX, got {text!r}")
+    return first if first == last else (first, last)
+
+
+def worker_range(workers, ray_data: bool = False):
+    """``(min, max)`` of ``--num-workers``/``--workers-per-trial`` (``N``, ``(MIN, MAX)`` or None):
+    ``min`` is None for a fixed number. An elastic range is refused with ``ray_data``."""
+    if not isinstance(workers, tuple):
+        return None, workers
+    if ray_data:
+        raise UserError(
+            f"{workers[0]}-{workers[1]} workers (elastic) needs --input loader: with --input ray-data "
+            "each worker's batch is the global batch split by the worker count, so a resize would "
+            "change the batches; give one number of workers, or use --input loader"
+        )
+    return workers
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:

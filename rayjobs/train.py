@@ -24,9 +24,12 @@ from placesnet.cli import (
     add_train_args,
     config_from_args,
     lr_source,
+    positive_float,
     positive_int,
     ray_init,
     run_cli,
+    worker_count,
+    worker_range,
 )
 from placesnet.config import DEFAULT_STORAGE, UserError
 
@@ -40,9 +43,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("cluster and outputs")
     g.add_argument(
         "--num-workers",
-        type=positive_int,
+        type=worker_count,
+        metavar="N|MIN-MAX",
         help="Ray Train workers (DDP ranks), one GPU each on GPUs (default: every GPU of "
-        "the cluster; 2 on CPU)",
+        "the cluster; 2 on CPU). MIN-MAX: an elastic run on as many as fit, at least MIN; it goes "
+        "on with fewer when a node is lost and grows when one joins (docs/reliability.md)",
+    )
+    g.add_argument(
+        "--grow-check-s",
+        type=positive_float,
+        default=60.0,
+        help="an elastic run looks for room to grow this often; it grows after the next epoch "
+        "(default: %(default)s)",
     )
     dev = g.add_mutually_exclusive_group()
     dev.add_argument(
@@ -112,8 +124,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = config_from_args(args)
-    if args.num_workers:
-        check_batch(cfg.batch_size, args.num_workers)  # early: before data or Ray work
+    if args.num_workers:  # early: before data or Ray work
+        check_batch(cfg.batch_size, worker_range(args.num_workers, cfg.input == "ray-data")[1])
     if cfg.decode == "gpu" and args.gpu is False:
         raise UserError("--decode gpu decodes on the workers' GPUs, but --cpu trains on CPUs")
 
@@ -155,6 +167,7 @@ def main(argv=None) -> int:
         args.placement_strategy,
         args.autoscale,
         ray_data=cfg.input == "ray-data",
+        grow_check_s=args.grow_check_s,
     )
     started = node_addresses()  # to name the nodes lost, if the run cannot go on
     check_batch(cfg.batch_size, res.num_workers)
@@ -166,7 +179,8 @@ def main(argv=None) -> int:
     if args.lr == "auto" and not previous:
         cfg, source = find_lr_on_cluster(cfg, root, res, storage, name), "--lr auto: LR range test"
     print(
-        f"training {cfg.model} on {len(classes)} classes: {res.num_workers} worker(s) x "
+        f"training {cfg.model} on {len(classes)} classes: {res.workers_label()} worker(s)"
+        f"{' (elastic)' if res.elastic else ''} x "
         f"({res.cpus_per_worker:g} CPU{' + 1 GPU' if res.use_gpu else ''}), global batch "
         f"{cfg.batch_size}, {cfg.epochs} epochs, {cfg.image_size}px"
     )
@@ -226,20 +240,24 @@ def cluster_loss(error, res, started: dict[str, str], name: str, args) -> str | 
     if not lost and timeout is None:
         return None
     what = f"{res.cpus_per_worker:g} CPU{' + 1 GPU' if res.use_gpu else ''} each"
+    least = f", the least of {res.workers_label()}" if res.elastic else ""
     if timeout is not None:
-        head = f"cannot place {timeout.num_workers} workers ({res.placement_strategy}, {what})"
+        head = f"cannot place {timeout.num_workers} workers ({res.placement_strategy}, {what}{least})"
     else:
-        head = f"training failed after {args.max_failures} restart(s) of {res.num_workers} workers ({what})"
+        head = (
+            f"training failed after {args.max_failures} restart(s) of {res.workers_label()} workers ({what})"
+        )
     nodes = f"lost node{'s' if len(lost) > 1 else ''} {', '.join(lost)}" if lost else "no node was lost"
     fits = workers_that_fit(res)
     again = resume_command(name)
     resume = f"resume with `{again}` when the cluster has room again"
-    if 0 < fits < res.num_workers:
-        resume += f", or now on {fits}: `{resume_command(name, num_workers=fits)}`"
+    if 0 < fits < res.fewest:  # the same run on what is left: a fixed size, or a range from there
+        now = str(fits) if not res.elastic else f"{fits}-{res.num_workers}"
+        resume += f", or now on {fits}: `{resume_command(name, num_workers=now)}`"
     return f"{head}: {nodes}; the cluster now has {describe_cluster(res)}; {resume}"
 
 
-def resume_command(name: str, num_workers: int | None = None, argv: list[str] | None = None) -> str:
+def resume_command(name: str, num_workers: int | str | None = None, argv: list[str] | None = None) -> str:
     """This command line again, with ``--name`` (a default name is new each time) and optionally
     another ``--num-workers``."""
     import shlex

@@ -948,6 +948,30 @@ MUTATIONS = [
         ("tests/test_node_loss.py", "-k", "strict_spread"),
         ray=True,
     ),
+    M(
+        "elastic: the range ignored (a fixed run of MAX)",
+        "placesnet/launch/resources.py",
+        "num_workers=(self.min_workers, self.num_workers) if self.elastic else self.num_workers,",
+        "num_workers=self.num_workers,",
+        ("tests/test_node_loss.py", "-k", "elastic_range"),
+        ray=True,
+    ),
+    M(
+        "elastic: a lost node's placement time-out ends the run",
+        "placesnet/launch/trainer.py",
+        "        if res.elastic and res.fewest <= fits < wanted:",
+        "        if False:",
+        ("tests/test_node_loss.py", "-k", "placement_time_outs"),
+        ray=True,
+    ),
+    M(
+        "elastic: Ray's own policy (no resize lines, grows mid-epoch)",
+        "placesnet/launch/trainer.py",
+        '            kwargs["scaling_policy"] = ElasticOnLiveNodes(self.scaling_config, self.resources)\n',
+        "",
+        ("tests/test_node_loss.py", "-k", "grows_when_one_joins"),
+        ray=True,
+    ),
 ]
 
 

@@ -180,13 +180,13 @@ def _wait_for_checkpoints(run_dir: Path, count: int, run: Run, timeout: float = 
     raise AssertionError(f"no {count} checkpoint(s) in {timeout} s:\n{run.tail()}")
 
 
-def _train(head, storage: Path, name: str, *extra, epochs: int, env: dict | None = None) -> Run:
+def _train(head, storage: Path, name: str, *extra, epochs: int, workers="2", env: dict | None = None) -> Run:
     return Run(
         *TINY_ARGS,
         "--epochs",
         epochs,
         "--num-workers",
-        2,
+        workers,
         "--cpus-per-worker",
         1,
         "--storage-path",
@@ -309,6 +309,77 @@ def test_pack_run_that_lost_a_node_finishes_and_records_each_epoch_once(head, tm
     print(f"PACK: set aside {sorted(lost.values()) or 'none'} (resumed after epoch {from_epoch})")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs_completed"] == epochs and "lost-" not in summary["best_checkpoint"]
+
+
+@pytest.mark.slow
+def test_elastic_run_goes_on_with_fewer_after_a_node_loss_and_grows_when_one_joins(head, tmp_path):
+    """--num-workers 2-3 (PACK, 1 CPU each) on the head (2 CPUs) and a node (1 CPU): it starts on
+    3; the node is killed after epoch 1 and the run goes on with the 2 the head holds; a new
+    node joins and the run grows back to 3 after the next epoch. Each resize is one line;
+    metrics.csv records each epoch once, with the workers that trained it."""
+    import pandas as pd
+
+    epochs, run_dir = 30, tmp_path / "elastic"
+    with ray_driver(head.address):
+        node = Node(head)
+        run = _train(
+            head,
+            tmp_path,
+            "elastic",
+            "--grow-check-s",
+            2,
+            "--keep-checkpoints",
+            epochs,
+            epochs=epochs,
+            workers="2-3",
+        )
+        _wait_for_checkpoints(run_dir, 1, run)
+        deadline = time.time() + 120  # Ray has recorded epoch 1 (on 3 workers) once metrics.csv is there
+        while time.time() < deadline and not (run_dir / "metrics.csv").exists():
+            time.sleep(0.1)
+        killed_at = node.kill()
+        shrunk = _wait_for_line(
+            run, r"elastic run \(2-3 workers\) goes on with 2 of its 3 workers", killed_at
+        )
+        again = _wait_for_line(run, r"epoch \d+/\d+ train_loss", shrunk)  # an epoch on 2
+        newcomer = Node(head)
+        joined_at = time.time()
+        grown = _wait_for_line(
+            run, r"elastic run \(2-3 workers\) grows from 2 to 3 workers after epoch \d+", joined_at
+        )
+        rc = run.wait(timeout=300)
+        ended_at = time.time()
+        newcomer.kill()
+        newcomer.wait_dead()  # the module's later tests count the head alone
+    out = run.out()
+    print(
+        f"\nelastic: the kill to training on 2 workers: {again - killed_at:.1f} s; a node joining "
+        f"to the run growing: {grown - joined_at:.1f} s; the kill to the end: {ended_at - killed_at:.1f} s"
+    )
+    assert rc == 0, run.tail()
+    assert "training deepcnn on 4 classes: 2-3 worker(s) (elastic)" in out, out[:2000]
+    assert re.search(r"elastic run \(2-3 workers\) starts on 3 workers", out), out[-3000:]
+    assert len(re.findall(r"elastic run .* grows", out)) == 1, out[-3000:]
+    assert _assert_record_agrees(run_dir) == list(range(1, epochs + 1))
+    workers = list(pd.read_csv(run_dir / "metrics.csv")["num_workers"])
+    # 3 workers, then 2 after the loss, then 3 again: each epoch recorded with its own world size
+    assert workers[0] == 3 and 2 in workers and workers[-1] == 3, (workers, out[-4000:])
+    changes = [b for a, b in zip(workers, workers[1:]) if a != b]
+    assert changes == [2, 3], (workers, out[-4000:])
+
+
+def _wait_for_line(run: Run, pattern: str, after: float, timeout: float = 180) -> float:
+    """The time of the first output line matching ``pattern`` after ``after``, waited for up to
+    ``timeout`` s (the run must still be going)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = run.first(pattern, after=after)
+        if found is not None:
+            return found
+        if run.proc.poll() is not None:
+            raise AssertionError(f"train.py ended before {pattern!r}:\n{run.tail()}")
+        time.sleep(0.2)
+    raise AssertionError(f"no {pattern!r} in {timeout} s:\n{run.tail()}")
 
 
 def _checkpoints(run: Path, epochs: int, snapshot: bool = False) -> list[str]:
@@ -451,6 +522,33 @@ def test_placement_time_outs_end_the_run_when_the_workers_no_longer_fit(head):
         assert decisions(Resources(2, False, 1.0, "STRICT_SPREAD"), 1) == [RAISE]
         assert decisions(Resources(2, False, 1.0, "PACK"), 3) == [RETRY, RETRY, RAISE]
         assert decisions(Resources(2, False, 1.0, "STRICT_SPREAD", autoscale=True), 5) == [RETRY] * 5
+        # Elastic (at least 1, at most 2): a lost node leaves room for 1, so it goes on with 1 (each
+        # time: that is not a retry of the same placement); at least 2 ends as a fixed run does.
+        assert decisions(Resources(2, False, 1.0, "STRICT_SPREAD", min_workers=1), 4) == [RETRY] * 4
+        assert decisions(Resources(3, False, 1.0, "STRICT_SPREAD", min_workers=2), 1) == [RAISE]
+
+
+def test_an_elastic_range_is_planned_on_its_least_and_asks_ray_for_the_range(head):
+    """plan_resources with --num-workers MIN-MAX against the live head (1 node, 2 CPUs): CPUs are
+    shared out for MAX, only MIN must fit now, and Ray's ScalingConfig gets the range."""
+    from placesnet.config import UserError
+    from placesnet.launch.resources import plan_resources
+
+    with ray_driver(head.address):
+        res = plan_resources((1, 4), False, None)
+        assert (res.min_workers, res.num_workers, res.cpus_per_worker, res.workers_label()) == (
+            1,
+            4,
+            1.0,
+            "1-4",
+        )
+        config = res.scaling_config()
+        assert config.elasticity_enabled and (config.min_workers, config.max_workers) == (1, 4)
+        assert plan_resources(2, False, None).scaling_config().num_workers == 2  # fixed stays fixed
+        with pytest.raises(UserError, match=r"cannot place 3 workers \(the least of 3-4\) of 1 CPU each"):
+            plan_resources((3, 4), False, 1.0)
+        with pytest.raises(UserError, match=r"\(elastic\) needs --input loader"):
+            plan_resources((1, 2), False, 0.5, ray_data=True)
 
 
 def test_the_driver_sets_aside_checkpoints_ray_never_recorded(tmp_path):

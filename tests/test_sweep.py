@@ -27,6 +27,8 @@ SWEEP = [
     "64",
     "--cpus-per-worker",
     "0.5",
+    "--workers-per-trial",
+    "1-2",  # elastic trials: each starts on as many as fit (2)
     "--max-concurrent",
     "1",
     "--grace-period",
@@ -91,6 +93,9 @@ def test_results_table(sweep):
     )
     assert events[by_lr[10000]] == ["started", "errored (see results.csv)"]
     assert "Trial status" not in proc.stdout + proc.stderr and "╭" not in proc.stdout
+    # --workers-per-trial 1-2: elastic trials, each on the 2 workers the head holds, one line each
+    assert "1 at a time, each 1-2 worker(s) x (0.5 CPU)" in proc.stdout, proc.stdout[:2000]
+    assert proc.stdout.count("elastic run (1-2 workers) starts on 2 workers") == 3, proc.stdout[-4000:]
 
 
 def test_a_diverging_trial_errors_without_stopping_the_sweep(sweep):
@@ -202,6 +207,10 @@ def test_trial_that_cannot_fit(ray_head, tmp_path):
             plan_sweep(1, True, 1.0, None)
         assert plan_sweep(1, False, 0.5, None).max_concurrent == 7  # 4 CPUs: 0.5 + 0.01 each
         assert plan_sweep(2, False, 1.0, 5).max_concurrent == 1
+        elastic = plan_sweep((1, 2), False, 1.0, None)  # as many trials as can start on 2 each
+        assert elastic.max_concurrent == 1 and elastic.resources.workers_label() == "1-2"
+        with pytest.raises(UserError, match=r"\(elastic\) needs --input loader"):
+            plan_sweep((1, 2), False, 0.5, None, ray_data=True)
         assert plan_sweep(1, False, 0.5, None, ray_data=True).max_concurrent == 2  # + 1 CPU to decode
         with pytest.raises(UserError, match=r"1 worker\(s\) x \(3.5 CPU\) \+ 1 CPU for Ray Data"):
             plan_sweep(1, False, 3.5, None, ray_data=True)

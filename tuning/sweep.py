@@ -35,6 +35,8 @@ from placesnet.cli import (
     positive_int,
     ray_init,
     run_cli,
+    worker_count,
+    worker_range,
 )
 from placesnet.config import DEFAULT_STORAGE, Interrupted, UserError
 
@@ -106,9 +108,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("resources and outputs")
     g.add_argument(
         "--workers-per-trial",
-        type=positive_int,
+        type=worker_count,
+        metavar="N|MIN-MAX",
         default=1,
-        help="Ray Train workers (DDP ranks) per trial (default: %(default)s)",
+        help="Ray Train workers (DDP ranks) per trial; MIN-MAX: elastic trials that go on with "
+        "fewer when a node is lost and grow back (default: %(default)s)",
     )
     g.add_argument(
         "--gpus-per-worker",
@@ -150,10 +154,9 @@ def check_space(args) -> None:
     """Every bad search-space value is refused before any trial starts."""
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         raise UserError(f"--batch-sizes must be positive integers, got {args.batch_sizes}")
-    if min(args.batch_sizes) < args.workers_per_trial:
-        raise UserError(
-            f"batch size {min(args.batch_sizes)} is smaller than --workers-per-trial {args.workers_per_trial}"
-        )
+    most = worker_range(args.workers_per_trial)[1]
+    if min(args.batch_sizes) < most:
+        raise UserError(f"batch size {min(args.batch_sizes)} is smaller than {most} workers per trial")
     if args.cpus_per_worker <= 0:
         raise UserError(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker}")
     if args.autoscale and not args.max_concurrent:
@@ -241,7 +244,7 @@ def main(argv=None) -> int:
         num_samples = count = args.num_samples
     print(
         f"sweep {name}: {count} trial(s) of {cfg.epochs} epoch(s), {plan.max_concurrent} at a "
-        f"time, each {args.workers_per_trial} worker(s) x ({args.cpus_per_worker:g} CPU"
+        f"time, each {plan.resources.workers_label()} worker(s) x ({args.cpus_per_worker:g} CPU"
         f"{' + 1 GPU' if use_gpu else ''}), scheduler {args.scheduler}"
     )
     tuner = make_tuner(

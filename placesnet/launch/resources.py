@@ -10,6 +10,7 @@ import ray
 import ray.train
 import ray.train.torch
 
+from placesnet.cli import worker_range
 from placesnet.config import UserError
 
 
@@ -17,15 +18,33 @@ from placesnet.config import UserError
 class Resources:
     """How the job is laid out on the cluster."""
 
-    num_workers: int
+    num_workers: int  # an elastic run's most
     use_gpu: bool
     cpus_per_worker: float
     placement_strategy: str = "PACK"  # SPREAD / STRICT_SPREAD put workers on different nodes
     autoscale: bool = False  # the cluster adds nodes on demand: wait for them instead of ending
+    # An elastic run (--num-workers MIN-MAX): as many workers as fit, at least min_workers; it
+    # looks for room to grow every grow_check_s (Ray's elastic_resize_monitor_interval_s).
+    min_workers: int | None = None
+    grow_check_s: float = 60.0
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None
+
+    @property
+    def fewest(self) -> int:
+        """The fewest workers the run can go on with."""
+        return self.min_workers if self.elastic else self.num_workers
+
+    def workers_label(self) -> str:
+        """``2`` or, elastic, ``1-4``: as --num-workers takes it."""
+        return f"{self.min_workers}-{self.num_workers}" if self.elastic else str(self.num_workers)
 
     def scaling_config(self) -> ray.train.ScalingConfig:
         return ray.train.ScalingConfig(
-            num_workers=self.num_workers,
+            num_workers=(self.min_workers, self.num_workers) if self.elastic else self.num_workers,
+            elastic_resize_monitor_interval_s=self.grow_check_s,
             use_gpu=self.use_gpu,
             resources_per_worker={"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})},
             placement_strategy=self.placement_strategy,
@@ -79,22 +98,28 @@ def worker_slots(nodes: list[dict], cpus_per_worker: float, use_gpu: bool) -> li
 
 
 def plan_resources(
-    num_workers: int | None,
+    num_workers: int | tuple[int, int] | None,
     gpu: bool | None,
     cpus_per_worker: float | None,
     placement_strategy: str = "PACK",
     autoscale: bool = False,
     ray_data: bool = False,
+    grow_check_s: float = 60.0,
 ) -> Resources:
     """Pick GPU/CPU, the worker count (default: every GPU, or 2 on CPU) and CPUs per worker from
     what the connected cluster has, and refuse (with a UserError) a layout it can never place,
     instead of letting Ray wait for it forever. ``autoscale``: the cluster adds nodes on demand
     (cluster.yaml's GPU workers start at 0), so only the request itself is checked.
 
+    ``num_workers`` as ``(min, max)``: an elastic run (see :class:`Resources`); CPUs are shared out
+    as for ``max`` workers, and only ``min`` must fit now. Not with ``ray_data``, whose per-worker
+    batches depend on the worker count.
+
     ``ray_data`` (--input ray-data): Ray Data tasks of one CPU each decode the images, on CPUs
     the workers do not hold. By default a GPU worker then holds one CPU (it only drives its GPU)
     and CPU workers share three quarters of the cluster's CPUs; a layout that leaves Ray Data no
     whole CPU is refused (it would wait forever)."""
+    min_workers, num_workers = worker_range(num_workers, ray_data)
     nodes = alive_nodes()
     total_gpus = sum(n.get("GPU", 0) for n in nodes)
     total_cpus = sum(n.get("CPU", 0) for n in nodes)
@@ -124,16 +149,18 @@ def plan_resources(
         raise UserError(f"--cpus-per-worker must be > 0, got {cpus_per_worker}")
     per_node = worker_slots(nodes, cpus_per_worker, use_gpu)
     fits = placeable(per_node, placement_strategy)
-    if fits < num_workers and not autoscale:
+    fewest = num_workers if min_workers is None else min_workers
+    if fits < fewest and not autoscale:
         what = f"{cpus_per_worker:g} CPU" + (" + 1 GPU" if use_gpu else "")
+        least = "" if min_workers is None else f" (the least of {min_workers}-{num_workers})"
         raise UserError(
-            f"cannot place {num_workers} workers of {what} each: the cluster ({len(nodes)} node(s), "
+            f"cannot place {fewest} workers{least} of {what} each: the cluster ({len(nodes)} node(s), "
             f"{total_cpus:g} CPUs, {total_gpus:g} GPUs) fits only {fits}; lower --num-workers"
             + " (or pass --autoscale if the cluster adds nodes on demand)"
             + ("" if use_gpu else " or --cpus-per-worker")
             + (" (STRICT_SPREAD: one worker per node)" if placement_strategy == "STRICT_SPREAD" else "")
         )
-    spare = total_cpus - num_workers * cpus_per_worker
+    spare = total_cpus - num_workers * cpus_per_worker  # (never elastic: refused above)
     if ray_data and spare < 1 and not autoscale:
         raise UserError(
             f"--input ray-data decodes images in Ray Data tasks of 1 CPU each, but {num_workers} "
@@ -141,4 +168,6 @@ def plan_resources(
             f"{total_cpus:g} CPUs; lower --cpus-per-worker or --num-workers, add a (CPU-only) node, "
             "or use --input loader"
         )
-    return Resources(num_workers, use_gpu, cpus_per_worker, placement_strategy, autoscale)
+    return Resources(
+        num_workers, use_gpu, cpus_per_worker, placement_strategy, autoscale, min_workers, grow_check_s
+    )

@@ -10,6 +10,7 @@ does, so local paths, ``file://`` and ``s3://`` work alike.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,13 +26,16 @@ from ray import tune
 
 from placesnet.checkpoint import META_FILE
 from placesnet.config import METRIC, METRIC_MODE, TrainConfig, UserError, checkpoint_score
-from placesnet.launch.resources import Resources, alive_nodes, worker_slots
+from placesnet.launch.resources import Resources, alive_nodes, worker_range, worker_slots
 from placesnet.launch.trainer import diverged, make_trainer
 from placesnet.train.engine import TrainingDiverged
 
 if TYPE_CHECKING:
     from placesnet.launch.driver import Storage
 
+# An elastic trial restarts this often after a lost worker (on fewer); a fixed one errors at once
+# (the sweep goes on without it).
+ELASTIC_TRIAL_RESTARTS = 2
 DRIVER_CPU = 0.01  # a trial's driver only waits on its TorchTrainer; its workers hold the CPUs
 
 
@@ -42,7 +46,7 @@ class SweepPlan:
 
 
 def plan_sweep(
-    workers_per_trial: int,
+    workers_per_trial: int | tuple[int, int],
     use_gpu: bool,
     cpus_per_worker: float,
     max_concurrent: int | None,
@@ -55,9 +59,13 @@ def plan_sweep(
     otherwise start drivers whose TorchTrainers wait for workers forever. On an autoscaling
     cluster (``autoscale``) the nodes are not there yet: --max-concurrent sets it instead.
     With ``ray_data`` (--input ray-data) every running trial also needs a CPU its workers do not
-    hold, for its Ray Data decode tasks.
+    hold, for its Ray Data decode tasks. An elastic ``(min, max)`` per trial: as many trials as
+    can start with ``max`` workers each (a trial shrinks when a node is lost, and grows back).
     """
-    resources = Resources(workers_per_trial, use_gpu, cpus_per_worker)
+    min_workers, workers_per_trial = worker_range(workers_per_trial, ray_data)
+    resources = Resources(
+        workers_per_trial, use_gpu, cpus_per_worker, autoscale=autoscale, min_workers=min_workers
+    )
     if autoscale:
         if not max_concurrent:
             raise UserError("--autoscale needs --max-concurrent: the trials the cluster can grow to hold")
@@ -101,13 +109,14 @@ def trial_driver(tune_config: dict, base: dict) -> None:
 
     cfg = trial_config(tune_config, base)
     trial_id = tune.get_context().get_trial_id()
+    resources = Resources(**base["resources"])
     trainer = make_trainer(
         cfg,
         Path(base["data_root"]),
-        Resources(**base["resources"]),
+        resources,
         storage_path=base["train_storage"],
         name=trial_id,
-        max_failures=0,
+        max_failures=ELASTIC_TRIAL_RESTARTS if resources.elastic else 0,
         keep=1,
         callbacks=[TuneReportCallback()],
     )
@@ -200,11 +209,7 @@ def make_tuner(
         "data_root": str(data_root),
         "train_storage": storage.path(name, "train"),
         "scale_lr": scale_lr,
-        "resources": {
-            "num_workers": plan.resources.num_workers,
-            "use_gpu": plan.resources.use_gpu,
-            "cpus_per_worker": plan.resources.cpus_per_worker,
-        },
+        "resources": dataclasses.asdict(plan.resources),
     }
     if not verbose:
         # Tune's newer output engine prints its experiment box and a final trial table whatever

@@ -20,8 +20,9 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
-from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.train.v2._internal.execution.callback import ControllerCallback, ReportCallback
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, NoopDecision, ResizeDecision
 
 from placesnet.config import SCORE, Interrupted, TrainConfig, UserError
 from placesnet.launch.logs import echo, quiet_controller, quiet_ray_train, user_error
@@ -35,6 +36,11 @@ RESUME_HINT = "resume with the same command"
 PLACEMENT_WAIT_ENV, PLACEMENT_WAIT_S = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30"
 PLACEMENT_RETRIES = 2  # placement time-outs retried while the workers still fit on paper
 ABORT_WAIT_S = 3  # then the controller is killed: it cannot abort while it waits for a placement
+
+
+class TooFewWorkers(WorkerGroupStartupTimeoutError):
+    """An elastic run's alive nodes have held fewer than its minimum for a placement wait (no
+    --autoscale): it ends as a fixed-size run that cannot be placed does."""
 
 
 def placement_timeout(error: BaseException) -> WorkerGroupStartupTimeoutError | None:
@@ -79,6 +85,13 @@ class StopOnUserErrors(DefaultFailurePolicy):
         if res.autoscale:  # nodes may be on their way
             echo(f"placesnet: {wanted} workers not placed within {waited} s; waiting for new nodes")
             return FailureDecision.RETRY
+        if res.elastic and res.fewest <= fits < wanted:  # a node was lost: go on with fewer
+            self.placement_timeouts -= 1  # (not a retry of the same placement)
+            echo(
+                f"placesnet: {wanted} workers not placed within {waited} s; the alive nodes fit "
+                f"{fits}: going on with those"
+            )
+            return FailureDecision.RETRY
         if fits < wanted or self.placement_timeouts > PLACEMENT_RETRIES:
             return FailureDecision.RAISE  # the driver says why, in one line
         echo(
@@ -87,6 +100,92 @@ class StopOnUserErrors(DefaultFailurePolicy):
             f"of {PLACEMENT_RETRIES}"
         )
         return FailureDecision.RETRY
+
+
+_reports = {"count": 0, "epoch": 0}  # this Train controller's reports so far (EpochReports)
+
+
+class EpochReports(ReportCallback):
+    """Counts the reports (one per epoch) on the Train controller, for :class:`ElasticOnLiveNodes`,
+    which grows a run only right after one. (The policy cannot take reports itself: Ray calls
+    a report callback only from the run's callbacks, and there the policy would be called twice
+    as a controller callback.)"""
+
+    def after_report(self, training_report, metrics) -> None:
+        _reports["count"] += 1
+        _reports["epoch"] = max((m.get("epoch", 0) for m in metrics), default=0)
+
+
+class ElasticOnLiveNodes(ElasticScalingPolicy):
+    """Ray's elastic policy (``ScalingConfig(num_workers=(min, max))``: after a failure the
+    workers restart as many as fit, at least min; every ``grow_check_s`` it looks for room to grow),
+    with four changes:
+
+    - It counts the workers that fit on the nodes alive now, under the placement strategy (also
+      the fewer of that and Ray's count, which comes from the autoscaling coordinator's view of
+      the cluster, refreshed every 20 s, and ignores STRICT_SPREAD): a lost node is not counted
+      while the coordinator has yet to notice.
+    - It grows right after an epoch's report, not mid-epoch: every resize restarts the workers
+      from the latest checkpoint, so growing mid-epoch would throw away the epoch's work so far.
+    - Without --autoscale, a run whose alive nodes hold fewer than min workers for a placement
+      wait ends (:class:`TooFewWorkers`) instead of waiting for nodes forever.
+    - One line for every start and resize.
+
+    Runs on the Train controller (:class:`Trainer` puts it in Ray's place)."""
+
+    def __init__(self, scaling_config, resources: Resources):
+        super().__init__(scaling_config)
+        self.resources = resources
+        self.running = 0  # workers of the group now
+        self.short_since: float | None = None  # since when fewer than min fit
+        self.grow_after: int | None = None  # the report count after which to grow
+
+    def _count_possible_workers(self, reserved_resources) -> int:
+        fits = min(workers_that_fit(self.resources), self.scaling_config.max_workers)
+        # The coordinator reserves nothing for a request it has not seen yet (its first 20 s tick).
+        return min(fits, super()._count_possible_workers(reserved_resources)) if reserved_resources else fits
+
+    def make_decision_for_non_running_worker_group(self):
+        fits = workers_that_fit(self.resources)
+        if fits < self.resources.fewest and not self.resources.autoscale:
+            now, wait = time.monotonic(), float(os.environ.get(PLACEMENT_WAIT_ENV, PLACEMENT_WAIT_S))
+            if self.short_since is None:
+                self.short_since = now
+                echo(
+                    f"placesnet: the alive nodes fit {fits} of the {self.resources.fewest} workers this "
+                    f"run needs at least; waiting {wait:g} s for a node"
+                )
+            elif now - self.short_since > wait:
+                raise TooFewWorkers(self.resources.fewest)  # the driver says why, in one line
+            return NoopDecision()
+        self.short_since = None
+        return super().make_decision_for_non_running_worker_group()
+
+    def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status):
+        decision = super().make_decision_for_running_worker_group(worker_group_state, worker_group_status)
+        if isinstance(decision, ResizeDecision) and self.grow_after is None:  # at the next report
+            self.grow_after = _reports["count"]
+        if self.grow_after is None or _reports["count"] <= self.grow_after:
+            return NoopDecision()
+        self.grow_after = None
+        fits = self._count_possible_workers(self._get_reserved_resources())
+        if fits == worker_group_state.num_workers or fits < self.resources.fewest:
+            return NoopDecision()  # the room went again
+        return self._get_resize_decision(fits)
+
+    def before_controller_execute_resize_decision(self, resize_decision) -> None:
+        n, label = resize_decision.num_workers, self.resources.workers_label()
+        if not self.running:
+            what = f"starts on {n} worker{'s' if n != 1 else ''}"
+        elif n == self.running:
+            what = f"restarts its {n} workers from the latest checkpoint"
+        elif n > self.running:
+            what = f"grows from {self.running} to {n} workers after epoch {_reports['epoch']}"
+        else:
+            what = f"goes on with {n} of its {self.running} workers"
+        echo(f"placesnet: elastic run ({label} workers) {what}")
+        self.running = n
+        super().before_controller_execute_resize_decision(resize_decision)
 
 
 class PlacementGuard(ControllerCallback):
@@ -107,6 +206,9 @@ class Trainer(ray.train.torch.TorchTrainer):
     def _initialize_and_run_controller(self, **kwargs):
         kwargs["failure_policy"] = StopOnUserErrors(self.run_config.failure_config, self.resources)
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), PlacementGuard()]
+        if self.resources is not None and self.resources.elastic:
+            kwargs["scaling_policy"] = ElasticOnLiveNodes(self.scaling_config, self.resources)
+            kwargs["callbacks"].append(EpochReports())
         return super()._initialize_and_run_controller(**kwargs)
 
     _signal: str = "Ctrl-C"
