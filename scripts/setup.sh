@@ -5,6 +5,8 @@
 #         and CI run shares one 5.5 GB environment instead of building its own).
 #   MOTO_VENV: a small venv of its own (default: next to VENV) with moto's S3 server, which
 #         tests/test_object_storage.py starts on 127.0.0.1 (boto3 and Flask stay out of the Ray venv).
+# As root, it also installs Debian's chromium and chromium-driver when they are missing: the
+# headless browser that tests/test_web_page.py drives (with Selenium, from the dev extras).
 # Re-running is cheap: dependencies are reinstalled only when pyproject.toml changed (or, for
 # MOTO_VENV, the pins below), and the editable install is pointed at this clone when it points at
 # another one (a few seconds).
@@ -44,5 +46,22 @@ if [ "$(cat "$MOTO_VENV/.pins" 2>/dev/null)" != "${MOTO_PINS[*]}" ]; then
     echo "${MOTO_PINS[*]}" > "$MOTO_VENV/.pins"
   else
     echo "setup: could not install ${MOTO_PINS[*]} into $MOTO_VENV: the object-storage tests will be skipped" >&2
+  fi
+fi
+# The browser for tests/test_web_page.py: Debian's chromium and its driver (Selenium's own browser
+# download cannot work without internet). Without them those tests are skipped with the reason.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing chromium and chromium-driver (for tests/test_web_page.py)"
+    log="$(mktemp)"
+    if { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; } \
+        >"$log" 2>&1; then
+      rm -f "$log"
+    else
+      echo "setup: could not install chromium chromium-driver (see $log): the browser tests will be skipped" >&2
+    fi
+  else
+    echo "setup: no chromium/chromedriver, and only root can apt-get install chromium chromium-driver:" \
+      "the browser tests will be skipped" >&2
   fi
 fi

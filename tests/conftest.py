@@ -318,9 +318,10 @@ def trained_run(ray_head, tmp_path_factory):
     return storage / "ddp", proc
 
 
-def untrained_checkpoint(directory: Path, cfg, seed: int = 0) -> Path:
+def untrained_checkpoint(directory: Path, cfg, seed: int = 0, classes: list[str] | None = None) -> Path:
     """A checkpoint of ``cfg``'s model freshly initialised (``seed``) for the tiny data's 4
-    classes: for tests of loading, evaluating and serving that need no training."""
+    classes (``classes``: other names, same count): for tests of loading, evaluating and serving
+    that need no training."""
     import torch
 
     from placesnet.checkpoint import save_checkpoint
@@ -331,7 +332,7 @@ def untrained_checkpoint(directory: Path, cfg, seed: int = 0) -> Path:
         directory,
         model=build_model(cfg, 4),
         config=cfg,
-        classes=["/b/beach", "/d/desert/sand", "/f/field/wild", "/f/forest/broadleaf"],
+        classes=classes or ["/b/beach", "/d/desert/sand", "/f/field/wild", "/f/forest/broadleaf"],
         epoch=0,
         metrics={"epoch": 1, "val_top1": 0.0},
         history=[],

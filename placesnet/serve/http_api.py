@@ -1,15 +1,16 @@
 """The Serve deployment, :class:`SceneClassifier`: its FastAPI ``app`` (routes and error handlers,
 so that every error, 404 and 500 included, is ``{"error": "..."}`` JSON, a ClientError's status as
-raised) and the gRPC method (grpc_api), both answered by one Replica, whose checkpoint comes in
-the deployment's ``user_config`` (``{"checkpoint": PATH}``): a new one is swapped in place by
-``reconfigure``, without restarting the replica."""
+raised; the web page at ``/``, see page.py; the security headers on every answer) and the gRPC
+method (grpc_api), both answered by one Replica, whose checkpoint comes in the deployment's
+``user_config`` (``{"checkpoint": PATH}``): a new one is swapped in place by ``reconfigure``,
+without restarting the replica."""
 
 # No `from __future__ import annotations`: FastAPI reads the routes' parameter types at runtime.
 import asyncio
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -18,12 +19,14 @@ from placesnet.serve.body import read_uploads
 from placesnet.serve.errors import ClientError
 from placesnet.serve.grpc_api import GrpcServicer
 from placesnet.serve.options import ServeOptions
+from placesnet.serve.page import NO_CACHE, SECURITY_HEADERS, SecurityHeaders, index_html, static_file
 from placesnet.serve.replica import Answer, ImageResult, Replica
 
 app = FastAPI(
     title="placesnet scene classifier",
     description="Places365 scene classification with DeepCNN. POST an image to /predict.",
 )
+app.add_middleware(SecurityHeaders, exempt=(app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url))
 
 
 @app.exception_handler(ClientError)
@@ -46,7 +49,12 @@ async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     """A bug or a failing device on the replica: 500, still as JSON (the traceback goes to the
     replica's log). Requests a crashed replica was holding are answered by Serve's proxy instead,
     in plain text: see docs/reliability.md."""
-    return JSONResponse({"error": f"internal error: {type(exc).__name__}: {str(exc)[:200]}"}, status_code=500)
+    # Starlette answers this one outside the app's middleware: it gets the headers here.
+    return JSONResponse(
+        {"error": f"internal error: {type(exc).__name__}: {str(exc)[:200]}"},
+        status_code=500,
+        headers=SECURITY_HEADERS,
+    )
 
 
 @app.exception_handler(RequestValidationError)
@@ -109,9 +117,10 @@ def _checkpoint_of(config: object) -> str:
 @serve.ingress(app)
 class SceneClassifier(GrpcServicer):
     """One replica: the HTTP routes and the gRPC method (GrpcServicer), both answered by
-    ``self.replica``. /healthz is open (for probes); with a key set, every other route needs the
-    bearer token, checked before anything else of the request is read. ``build_app`` in
-    serving/app.py sets the options Serve gets, and the first user_config."""
+    ``self.replica``. /healthz and the web page (``/`` and its files, which ask for the key when
+    the endpoint has one) are open; with a key set, every other route needs the bearer token,
+    checked before anything else of the request is read. ``build_app`` in serving/app.py sets the
+    options Serve gets, and the first user_config."""
 
     def __init__(self, options: ServeOptions, api_key: Secret | None = None) -> None:
         self.replica = Replica(None, options, api_key.reveal() if api_key else None)
@@ -190,3 +199,17 @@ class SceneClassifier(GrpcServicer):
     async def model(self, request: Request) -> dict:
         self.replica.authorize(request.headers.get("authorization", ""))
         return self.replica.info()
+
+    @app.get("/", include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        """The web page: drop photos, see their scenes (placesnet/serve/page.py)."""
+        return HTMLResponse(index_html(needs_key=self.replica.api_key is not None), headers=NO_CACHE)
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def page_file(self, name: str) -> Response:
+        """The page's script, style and icon."""
+        found = static_file(name)
+        if found is None:
+            raise StarletteHTTPException(404, "no such file")
+        content, media_type = found
+        return Response(content, media_type=media_type, headers=NO_CACHE)
