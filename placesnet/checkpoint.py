@@ -6,7 +6,9 @@ A checkpoint is a directory::
     train_state.pt  optimizer, scheduler and GradScaler state, tensors and plain values only
     config.json     the TrainConfig that built the model
     meta.json       format version, epoch, class names, this epoch's metrics, metrics history,
-                    and the size and sha256 of each file above
+                    the size and sha256 of each file above, and for a model trained elsewhere
+                    its ``source`` (the imported file and its sha256, licence, citation: see
+                    placesnet/published.py)
 
 Everything loads with ``torch.load(weights_only=True)``: a checkpoint cannot run code. Each file
 is written to a temporary name and renamed, meta.json last, so a checkpoint whose meta.json is
@@ -58,8 +60,10 @@ def save_checkpoint(
     optimizer=None,
     scheduler=None,
     scaler=None,
+    source: dict | None = None,
 ) -> Path:
-    """Write a checkpoint for the end of ``epoch`` (0-based) into ``directory``."""
+    """Write a checkpoint for the end of ``epoch`` (0-based) into ``directory``; ``source``: where
+    the weights came from when they were not trained here (kept in meta.json)."""
     import torch
 
     directory = Path(directory)
@@ -86,6 +90,7 @@ def save_checkpoint(
         "metrics": metrics,
         "history": history,
         "files": {name: _fingerprint(directory / name) for name in (MODEL_FILE, STATE_FILE, CONFIG_FILE)},
+        **({"source": source} if source else {}),
     }
     _atomic(directory / META_FILE, lambda f: f.write(json.dumps(meta, indent=2).encode()))
     return directory

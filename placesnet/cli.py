@@ -26,6 +26,7 @@ from placesnet.config import (
     UserError,
     fill_defaults,
     flag,
+    recipe_of,
 )
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -227,7 +228,7 @@ def lr_source(args: argparse.Namespace, cfg: TrainConfig) -> str:
     if args.lr is not None and args.lr != "auto":
         return flag("lr")
     return (
-        f"{cfg.model} default {MODEL_LR[cfg.model]:g} per {REFERENCE_BATCH} images x "
+        f"{cfg.model} default {MODEL_LR[recipe_of(cfg.model)]:g} per {REFERENCE_BATCH} images x "
         f"{cfg.batch_size}/{REFERENCE_BATCH}"
     )
 

@@ -37,7 +37,10 @@ def best_epoch(history: list[dict]) -> dict | None:
 
 
 DATASETS = ("sample", "places365")
-MODELS = ("deepcnn", "workshop", "resnet18")
+# torchvision architectures: the first is also trained here (MODEL_LR), the others are those of the
+# published Places365 models (rayjobs/import_weights.py; placesnet/published.py)
+TORCHVISION_MODELS = ("resnet18", "resnet50", "wideresnet18", "alexnet", "densenet161")
+MODELS = ("deepcnn", "workshop", *TORCHVISION_MODELS)
 SCHEDULES = ("cosine", "step", "none")
 BAD_IMAGE_POLICIES = ("fail", "skip")
 INPUTS = ("loader", "ray-data")  # how training images reach the workers (docs/input.md)
@@ -63,6 +66,12 @@ REFERENCE_BATCH = 256
 MODEL_LR = {"deepcnn": 0.02, "workshop": 0.05, "resnet18": 0.05}
 SAMPLE_DIFFICULTIES = ("easy", "hard")
 SAMPLE_CLASSES = {"easy": 8, "hard": 16}
+
+
+def recipe_of(model: str) -> str:
+    """The model whose MODEL_LR ``model`` trains with by default: its own, or deepcnn's for an
+    architecture without a measured recipe (those of the published models)."""
+    return model if model in MODEL_LR else "deepcnn"
 
 
 def default_lr(model: str, batch_size: int) -> float:
@@ -119,6 +128,28 @@ def option(
         metavar=metavar,
     )
     return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the input of a model trained elsewhere (a published Places365 model):
+    resized to ``resize`` = (height, width), aspect ratio not kept, centre-cropped to the config's
+    ``image_size``, and normalised per channel with ``mean`` and ``std`` (of values in [0, 1]).
+    The project's own models have none: the shorter side resized to ``image_size``, a centre crop,
+    and Normalize(0.5, 0.5) (placesnet/data/views.py). ValueError for values that cannot work."""
+
+    resize: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "resize", tuple(int(v) for v in self.resize))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if len(self.resize) != 2 or min(self.resize) < 1:
+            raise ValueError(f"preprocess resize must be (height, width) >= 1, got {list(self.resize)}")
+        if len(self.mean) != 3 or len(self.std) != 3 or not min(self.std) > 0:
+            raise ValueError(f"preprocess needs 3 means and 3 stds > 0, got {self.mean}, {self.std}")
 
 
 @dataclass(frozen=True)
@@ -190,7 +221,9 @@ class TrainConfig:
     model: str = option(
         "deepcnn",
         "deepcnn: conv-BN-ReLU-pool stages + fc1 (--fc-hidden units, --dropout) + fc2; workshop: the "
-        "workshop's two conv layers (64, 128), corrected; resnet18: torchvision's, random init",
+        "workshop's two conv layers (64, 128), corrected; resnet18, resnet50, alexnet, densenet161: "
+        "torchvision's, random init; wideresnet18: resnet18 without its max-pool (the published "
+        "Places365 models' architectures, see docs/published-models.md)",
         group=MODEL,
         choices=MODELS,
     )
@@ -311,11 +344,16 @@ class TrainConfig:
     seed: int = option(
         0, "random seed: initial weights, order of the training data, generated sample images", group=MODEL
     )
+    # How images become this model's input when it was not trained here (see Preprocess); None:
+    # the project's own. Recorded by rayjobs/import_weights.py, read from the checkpoint.
+    preprocess: Preprocess | None = None
     extra: dict = field(default_factory=dict, compare=False)  # free-form notes kept in checkpoints
 
     def __post_init__(self) -> None:
         # JSON round trips turn tuples into lists; keep the dataclass hashable and comparable.
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if isinstance(self.preprocess, dict):
+            object.__setattr__(self, "preprocess", Preprocess(**self.preprocess))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -362,6 +400,11 @@ class TrainConfig:
                 f"{flag('widths')} must be positive integers, got {list(self.widths)}",
             ),
             (
+                self.preprocess is None or self.image_size <= min(self.preprocess.resize),
+                f"{flag('image_size')} {self.image_size} is larger than the images it is cropped from "
+                f"({'x'.join(map(str, self.preprocess.resize)) if self.preprocess else ''})",
+            ),
+            (
                 self.dataset != "sample"
                 or 2 <= self.sample_classes <= SAMPLE_CLASSES[self.sample_difficulty],
                 f"{flag('sample_classes')} must be 2 to {SAMPLE_CLASSES[self.sample_difficulty]} for the "
@@ -378,6 +421,7 @@ class TrainConfig:
 # option() with a flag (tests/test_options.py checks both ways).
 NO_FLAG = {
     "extra": "free-form notes a program stores in the checkpoint, not a training setting",
+    "preprocess": "how a model trained elsewhere takes its images (rayjobs/import_weights.py), not a setting",
 }
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -403,9 +447,7 @@ DERIVED_DEFAULTS = {
     "epochs": _dataset_default("epochs"),
     "batch_size": _dataset_default("batch_size"),
     "sample_classes": lambda values: SAMPLE_CLASSES.get(values["sample_difficulty"], SAMPLE_CLASSES["easy"]),
-    "lr": lambda values: default_lr(
-        values["model"] if values["model"] in MODEL_LR else "deepcnn", max(values["batch_size"], 1)
-    ),
+    "lr": lambda values: default_lr(recipe_of(values["model"]), max(values["batch_size"], 1)),
 }
 
 

@@ -1,7 +1,9 @@
-"""Ray-free evaluation of a checkpoint and top-k prediction for images.
+"""Ray-free evaluation of a checkpoint and top-k prediction for images, both through the eval
+transform the checkpoint records (placesnet/data/views.py).
 
 ``evaluate_checkpoint`` runs the same exact, shard-without-padding evaluation as training, on one
-process or (with torch.distributed initialised, e.g. under Ray Train) on several.
+process or (with torch.distributed initialised, e.g. under Ray Train) on several, on one view of
+each image or on the official ten crops (:class:`AverageViews`).
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader
 
 from placesnet.checkpoint import Loaded
 from placesnet.config import UserError, pretty
 from placesnet.data.loaders import ShardSampler, loader_kwargs
 from placesnet.data.places import class_names, open_split
-from placesnet.data.transforms import eval_transform, normalize
+from placesnet.data.transforms import normalize
+from placesnet.data.views import TEN_CROPS, describe, single_view, ten_crops
 from placesnet.train.engine import evaluate
 from placesnet.train.step import amp_dtype_for
 
@@ -33,15 +37,21 @@ def evaluate_checkpoint(
     rank: int = 0,
     world_size: int = 1,
     mistakes: int = 0,
+    ten_crop: bool = False,
 ) -> dict:
-    """Loss, top-1, top-5 and the confusion matrix of ``loaded.model`` on ``split``.
+    """Loss, top-1, top-5 and the confusion matrix of ``loaded.model`` on ``split``, and how
+    they were measured: ``protocol`` (SINGLE_VIEW or TEN_CROP) and ``transform`` (in words).
 
     Each rank evaluates its shard; the result is the exact total over the split on every rank.
     With ``mistakes`` = N, ``mistakes`` holds the N most confident wrong predictions over all
     ranks (``index`` in the split, ``image`` path, ``true``, ``predicted``, ``probability``).
+    ``ten_crop``: each image's class probabilities are the mean over its ten crops (the official
+    protocol; UserError for a checkpoint whose transform does not crop), ``batch_size`` crops
+    per forward pass; else one view, ``batch_size`` images.
     """
     cfg = loaded.config
-    ds = open_split(cfg, split, root, transform=eval_transform(cfg.image_size))
+    transform = ten_crops(cfg) if ten_crop else single_view(cfg)
+    ds = open_split(cfg, split, root, transform=transform)
     if class_names(ds) != loaded.classes:
         raise UserError(
             f"the dataset under {root} has other classes than the checkpoint "
@@ -49,7 +59,7 @@ def evaluate_checkpoint(
         )
     loader = DataLoader(
         ds,
-        batch_size=batch_size,
+        batch_size=max(1, batch_size // TEN_CROPS) if ten_crop else batch_size,
         sampler=ShardSampler(ds, rank, world_size),
         **loader_kwargs(loader_workers, pin_memory=device.type == "cuda"),
     )
@@ -58,15 +68,17 @@ def evaluate_checkpoint(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     result = evaluate(
-        model,
+        AverageViews(model, channels_last) if ten_crop else model,
         loader,
         device,
         num_classes=len(loaded.classes),
         amp_dtype=amp_dtype_for(device, cfg.amp),
-        channels_last=channels_last,
+        channels_last=channels_last and not ten_crop,  # (B, 10, 3, S, S): AverageViews sets it
         confusion=True,
         mistakes=mistakes,
     )
+    result["protocol"] = TEN_CROP if ten_crop else SINGLE_VIEW
+    result["transform"] = describe(cfg, ten=ten_crop) + ("; class probabilities averaged" if ten_crop else "")
     if mistakes:
         found = [{"index": loader.sampler.indices[m.pop("position")], **m} for m in result["mistakes"]]
         if world_size > 1:
@@ -78,6 +90,29 @@ def evaluate_checkpoint(
         found = sorted(found, key=lambda m: (-m["probability"], m["index"]))[:mistakes]
         result["mistakes"] = [{**m, "image": ds.imgs[m["index"]][0]} for m in found]
     return result
+
+
+SINGLE_VIEW, TEN_CROP = "single view", "ten-crop"  # evaluate_checkpoint's protocols
+
+
+class AverageViews(nn.Module):
+    """``model`` on several views of each image, (B, V, 3, S, S) -> (B, classes): the log of each
+    image's class probabilities averaged over its views. They are logits whose softmax is that
+    mean, so top-k, the cross-entropy loss and the probability of a mistake are those of the
+    averaged probabilities."""
+
+    def __init__(self, model: nn.Module, channels_last: bool = False) -> None:
+        super().__init__()
+        self.model, self.channels_last = model, channels_last
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        images, count = views.shape[0], views.shape[1]
+        views = views.flatten(0, 1)  # (B * V, 3, S, S)
+        if self.channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
+        probs = torch.softmax(self.model(views).float(), dim=1)  # (B * V, classes)
+        mean = probs.view(images, count, -1).mean(dim=1)  # (B, classes)
+        return mean.clamp_min(torch.finfo(mean.dtype).tiny).log()  # no -inf: a finite loss
 
 
 def per_class_table(confusion: torch.Tensor, classes: list[str]) -> pd.DataFrame:
@@ -103,6 +138,39 @@ def per_class_table(confusion: torch.Tensor, classes: list[str]) -> pd.DataFrame
 
 
 @torch.inference_mode()
+def image_probabilities(
+    loaded: Loaded, images: list[Image.Image], device: torch.device | str = "cpu", batch_size: int = 32
+) -> torch.Tensor:
+    """(N, classes) float32 class probabilities of RGB ``images`` on the CPU, each through the
+    checkpoint's eval transform (:func:`placesnet.data.views.single_view`)."""
+    transform = single_view(loaded.config)
+    out = [torch.empty(0, len(loaded.classes))]
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([transform(img) for img in images[start : start + batch_size]])
+        out.append(batch_probabilities(loaded, batch, device))
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def batch_probabilities(
+    loaded: Loaded, batch: torch.Tensor, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """(B, classes) float32 class probabilities on the CPU of a uint8 (B, 3, S, S) ``batch``
+    already through the checkpoint's eval transform (a Ray Data decode task's output)."""
+    model = loaded.model.to(device).eval()
+    return torch.softmax(model(normalize(batch.to(device))).float(), dim=1).cpu()
+
+
+def ranked(probs: torch.Tensor, classes: list[str], top_k: int) -> list[dict]:
+    """The ``top_k`` most probable of one image's ``probs``: ``{label, class_index, probability}``
+    each, most probable first."""
+    values, indices = probs.topk(max(1, min(top_k, len(classes))))
+    return [
+        {"label": pretty(classes[i]), "class_index": i, "probability": p}
+        for p, i in zip(values.tolist(), indices.tolist())
+    ]
+
+
 def predict_images(
     loaded: Loaded,
     images: list[Image.Image],
@@ -111,19 +179,5 @@ def predict_images(
     batch_size: int = 32,
 ) -> list[list[dict]]:
     """Top-k ``{label, class_index, probability}`` per RGB image, most probable first."""
-    transform = eval_transform(loaded.config.image_size)
-    k = max(1, min(top_k, len(loaded.classes)))
-    model = loaded.model.to(device).eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.stack([transform(img) for img in images[start : start + batch_size]])
-        probs = torch.softmax(model(normalize(batch.to(device))).float(), dim=1)
-        values, indices = probs.topk(k, dim=1)
-        for vals, idxs in zip(values.tolist(), indices.tolist()):
-            out.append(
-                [
-                    {"label": pretty(loaded.classes[i]), "class_index": i, "probability": p}
-                    for p, i in zip(vals, idxs)
-                ]
-            )
-    return out
+    probs = image_probabilities(loaded, images, device, batch_size)
+    return [ranked(p, loaded.classes, top_k) for p in probs]

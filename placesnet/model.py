@@ -5,6 +5,11 @@ into fc1, sized for 128*128*128 inputs while a 256x256 image leaves 128*64*64: `
 then merged samples and a single image crashed. Here every stage may add BatchNorm, and an
 adaptive average pool to a fixed grid sits before fc1, so fc1's size no longer depends on the
 image size. This file knows nothing of Ray, devices or DDP.
+
+The torchvision architectures (config.TORCHVISION_MODELS) are those of the published Places365
+models too: a config that records how such a model takes its images (``config.preprocess``, an
+imported model) gets it wrapped in :class:`InputStats`, which turns the project's normalised input
+into the mean and std it was trained with.
 """
 
 from __future__ import annotations
@@ -57,18 +62,54 @@ class DeepCNN(nn.Module):
         return self.fc2(x)  # (B, num_classes) logits
 
 
+class InputStats(nn.Module):
+    """``net`` fed the input it was trained on. Every loader, predict and serve path gives a model
+    the workshop's normalised images, (pixels / 255 - 0.5) / 0.5 (data.transforms.normalize); a
+    model trained elsewhere expects its own per-channel ``mean`` and ``std`` (of pixels / 255).
+    No weights of its own: its state_dict is ``net``'s, under ``net.``."""
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        from placesnet.data.transforms import MEAN, STD
+
+        super().__init__()
+        self.net = net
+        for name, values in (("mean", mean), ("std", std), ("workshop_mean", MEAN), ("workshop_std", STD)):
+            self.register_buffer(name, torch.tensor(values).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.workshop_std + self.workshop_mean  # back to pixels / 255, in [0, 1]
+        return self.net((x - self.mean) / self.std)  # as torchvision's Normalize(mean, std)
+
+
 def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
-    """The network named by ``config.model`` with ``num_classes`` outputs, randomly initialised."""
+    """The network named by ``config.model`` with ``num_classes`` outputs, randomly initialised;
+    in :class:`InputStats` when the config records a ``preprocess`` (a model trained elsewhere)."""
+    net = _network(config, num_classes)
+    if config.preprocess is None:
+        return net
+    return InputStats(net, config.preprocess.mean, config.preprocess.std)
+
+
+def _network(config: TrainConfig, num_classes: int) -> nn.Module:
     if config.model == "deepcnn":
         return DeepCNN(num_classes, config.widths, config.fc_hidden, dropout=config.dropout)
     if config.model == "workshop":
         # The workshop's two stages, no BatchNorm. Its fc1 would need 128*64*64*1024 = 537M weights
         # at 256 px; pooling to 8x8 first keeps fc1 at 8.4M and works for any size.
         return DeepCNN(num_classes, (64, 128), fc_hidden=1024, grid=8, batchnorm=False, dropout=0.0)
-    if config.model == "resnet18":
+    if config.model == "wideresnet18":
         from torchvision.models import resnet18
 
-        return resnet18(weights=None, num_classes=num_classes)
+        # Places365's wideresnet18 (CSAILVision/places365, wideresnet.py): ResNet-18 without the
+        # max-pool after conv1, so every stage is twice as wide and high (layer4: 14x14 at 224 px);
+        # its AvgPool2d(14) is the adaptive pool at 224 px. Same weights and names as resnet18.
+        net = resnet18(weights=None, num_classes=num_classes)
+        net.maxpool = nn.Identity()
+        return net
+    if config.model in ("resnet18", "resnet50", "alexnet", "densenet161"):
+        import torchvision.models
+
+        return getattr(torchvision.models, config.model)(weights=None, num_classes=num_classes)
     raise ValueError(f"unknown model {config.model!r}")
 
 

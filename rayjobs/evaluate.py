@@ -1,15 +1,19 @@
-r"""Evaluate a DeepCNN checkpoint: exact top-1/top-5 on the val split, per-class accuracy, and a
-picture of the most confused class pairs.
+r"""Evaluate a checkpoint: exact top-1/top-5 on the val split, per-class accuracy, and a picture
+of the most confused class pairs.
 
     python rayjobs/evaluate.py --checkpoint ~/ray_results/deepcnn-sample-20261127-120000
     python rayjobs/evaluate.py --checkpoint RUN_DIR/checkpoint_... --num-workers 4 --gpu
+    python rayjobs/evaluate.py --checkpoint ~/ray_results/published/resnet18_places365 \
+        --data-root /scratch/datasets/places365 --ten-crop
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python rayjobs/evaluate.py \
         --checkpoint /shared/ray_results/places-deepcnn --num-workers 4
 
 --checkpoint takes a checkpoint directory, a training run directory (its best checkpoint) or a
 summary.json/best.json, on this machine or on object storage (s3://bucket/runs/NAME: fetched and
 verified first, with the AWS_* variables of the shell). The dataset comes from the checkpoint's
-config (--data-root overrides).
+config (--data-root overrides). Each image goes through the eval transform the checkpoint records,
+as one view, or with --ten-crop as the official protocol of the published Places365 models' accuracies:
+the 4 corner and the centre crops and their mirror images, class probabilities averaged.
 With --num-workers 1 (default) it runs in this process without Ray; more workers shard the split
 over Ray Train workers, with identical results.
 
@@ -20,8 +24,9 @@ Writes to --out (default: RUN_DIR/eval_<checkpoint name>/):
   classes the confusion matrix with the count in each cell;
 - misclassified.png: the --gallery most confident mistakes, each image with its true and
   predicted class;
-- evaluation.json: every number above, the mistakes' paths, and the model's note (a model of the
-  sample data says it knows only those classes).
+- evaluation.json: every number above, the protocol (single view or ten-crop, and the transform),
+  the mistakes' paths, and the model's note (a model of the sample data says it knows only those
+  classes).
 """
 
 from __future__ import annotations
@@ -45,7 +50,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     # These two override the checkpoint's config: TrainConfig's flags, with its defaults.
     add_field_arg(p, "data_root", default_help="the one the checkpoint was trained on")
     add_field_arg(p, "skip_verify")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="per worker (default: %(default)s)")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=256,
+        help="images per forward pass per worker; with --ten-crop, crops (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ten-crop",
+        action="store_true",
+        help="the official protocol: each image's 4 corner and centre crops and their mirror images, "
+        "class probabilities averaged (for a checkpoint whose transform crops: an imported published "
+        "model); default: one view",
+    )
     p.add_argument(
         "--num-workers",
         type=positive_int,
@@ -97,6 +114,7 @@ def main(argv=None) -> int:
 
     from placesnet.config import pretty
     from placesnet.data.places import SPLITS, resolve_data_root
+    from placesnet.data.views import ten_crops
     from placesnet.evaluation import evaluate_checkpoint, per_class_table
     from placesnet.plots import (
         confused_pairs,
@@ -109,6 +127,8 @@ def main(argv=None) -> int:
     if args.split not in SPLITS:
         raise UserError(f"unknown split {args.split!r}; choose one of {', '.join(SPLITS)}")
     loaded = load_checkpoint(source)  # validates before any work
+    if args.ten_crop:
+        ten_crops(loaded.config)  # a checkpoint whose transform does not crop: refused now
     cfg = loaded.config.replace(download=False, skip_verify=args.skip_verify or loaded.config.skip_verify)
     if args.data_root:
         cfg = cfg.replace(data_root=args.data_root)
@@ -121,7 +141,13 @@ def main(argv=None) -> int:
             raise UserError("--gpu asked for a GPU but torch sees none")
         device = torch.device("cuda" if use_gpu else "cpu")
         result = evaluate_checkpoint(
-            loaded, root, device, split=args.split, batch_size=args.batch_size, mistakes=args.gallery
+            loaded,
+            root,
+            device,
+            split=args.split,
+            batch_size=args.batch_size,
+            mistakes=args.gallery,
+            ten_crop=args.ten_crop,
         )
     else:
         ray_init(args.address)
@@ -138,6 +164,7 @@ def main(argv=None) -> int:
             skip_verify=cfg.skip_verify,
             storage_path=args.storage_path,
             mistakes=args.gallery,
+            ten_crop=args.ten_crop,
         )
 
     confusion = result.pop("confusion")
@@ -184,9 +211,10 @@ def main(argv=None) -> int:
     if loaded.note:
         print(f"note: {loaded.note}")
     print(
-        f"{args.split}: {result['val_images']} images, top-1 {result['val_top1']:.4f}, "
-        f"top-5 {result['val_top5']:.4f}, loss {result['val_loss']:.4f}"
+        f"{args.split} ({result['protocol']}): {result['val_images']} images, top-1 "
+        f"{result['val_top1']:.4f}, top-5 {result['val_top5']:.4f}, loss {result['val_loss']:.4f}"
     )
+    print(f"  transform: {result['transform']}")
     worst = table.sort_values("accuracy").head(10)
     print(
         "\nlowest per-class accuracy:\n"

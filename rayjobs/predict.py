@@ -1,12 +1,16 @@
-"""Top-k scene predictions for image files from a DeepCNN checkpoint (no Ray needed).
+"""Top-k scene predictions for image files from a checkpoint (no Ray needed).
 
     python rayjobs/predict.py --checkpoint ~/ray_results/deepcnn-sample-20261127-120000 photo.jpg
     python rayjobs/predict.py --checkpoint RUN_DIR/summary.json --json --top-k 3 a.png b.jpg
     python rayjobs/predict.py --checkpoint RUN_DIR photo.jpg other.png --plot predictions.png
+    python rayjobs/predict.py --checkpoint ~/ray_results/published/resnet18_places365 photo.jpg
 
 Any JPEG/PNG/WebP/BMP/TIFF of any size and mode (grayscale, RGBA, palette, 16-bit, CMYK) is
-converted to RGB and put through the same eval transform as training. An unreadable image gets an
-error line (an "error" entry with --json); the others are still predicted, and the exit code is 1.
+converted to RGB and put through the eval transform the checkpoint records (a model trained here:
+the one it was validated with; an imported published model: the official one). A model of
+Places365's 365 classes also says whether each image is indoor or outdoor (the official rule,
+from its 10 most probable classes). An unreadable image gets an error line (an "error" entry with
+--json); the others are still predicted, and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ def main(argv=None) -> int:
     args.checkpoint = locate_checkpoint(args.checkpoint)
     import torch
 
-    from placesnet.evaluation import predict_images
+    from placesnet.environment import environment, io_labels
+    from placesnet.evaluation import image_probabilities, ranked
     from placesnet.images import BadImage, load_image_file
 
     plot = Path(args.plot).expanduser().resolve() if args.plot else None
@@ -69,7 +74,10 @@ def main(argv=None) -> int:
             images[path] = load_image_file(path)
         except BadImage as e:
             errors[path] = str(e)
-    predictions = dict(zip(images, predict_images(loaded, list(images.values()), args.top_k, device)))
+    probs = dict(zip(images, image_probabilities(loaded, list(images.values()), device)))
+    predictions = {path: ranked(p, loaded.classes, args.top_k) for path, p in probs.items()}
+    labels = io_labels(loaded.classes)  # None: not Places365's classes, no environment
+    environments = {path: environment(p, labels) for path, p in probs.items()} if labels is not None else {}
     if args.plot:
         from placesnet.plots import predictions_figure, save_png
 
@@ -86,7 +94,11 @@ def main(argv=None) -> int:
             "checkpoint": args.checkpoint,
             "note": loaded.note,
             "results": [
-                {"image": p, "predictions": predictions[p]}
+                {
+                    "image": p,
+                    "predictions": predictions[p],
+                    **({"environment": environments[p]} if p in environments else {}),
+                }
                 if p in predictions
                 else {"image": p, "error": errors[p]}
                 for p in args.images
@@ -101,6 +113,8 @@ def main(argv=None) -> int:
                 print(path)
                 for rank, pred in enumerate(predictions[path], start=1):
                     print(f"  {rank}. {pred['label']:<28} {pred['probability']:7.2%}")
+                if path in environments:
+                    print(f"  environment: {environments[path]}")
     if args.plot and predictions:
         print(f"plot: {plot}", file=sys.stderr if args.json else sys.stdout)
     for path in args.images:

@@ -146,6 +146,8 @@ SCRIPTS = [
     "rayjobs/train.py",
     "rayjobs/evaluate.py",
     "rayjobs/predict.py",
+    "rayjobs/import_weights.py",
+    "rayjobs/batch_predict.py",
     "rayjobs/lr_find.py",
     "rayjobs/inspect_data.py",
     "rayjobs/model_summary.py",

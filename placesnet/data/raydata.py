@@ -38,7 +38,7 @@ from placesnet.data.places import BadImageFile, open_split, read_image_uint8, re
 from placesnet.data.transforms import train_transform
 
 
-def _quiet_ray_data() -> None:
+def quiet_ray_data() -> None:
     """Ray Data's actors that run the datasets (DatasetManager, SplitCoordinator) unpickle
     :func:`decode_batch`, so they import this module: quiet there the lines Ray Data prints every
     epoch (execution finished, progress bars disabled) and a deprecation warning about the
@@ -48,7 +48,19 @@ def _quiet_ray_data() -> None:
     warnings.filterwarnings("ignore", message=r"`ExecutionOptions.exclude_resources` is deprecated")
 
 
-_quiet_ray_data()
+quiet_ray_data()
+
+
+def quiet_context():
+    """Ray Data's DataContext of this process, without progress bars or the execution-start
+    lines: the project's own lines say what runs (one per epoch; batch prediction's progress)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    return context
+
 
 BLOCK_ROWS = 64  # list rows per block: the unit of a decode task and of the per-epoch block shuffle
 SHUFFLE_BATCHES = 4  # a worker's local shuffle buffer, in batches
@@ -64,9 +76,7 @@ def build_datasets(cfg: TrainConfig, root: Path, images: int | None = None) -> d
     import pyarrow as pa
     import ray.data
 
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # one line per epoch is the project's log, not bars
-    context.print_on_execution_start = False
+    quiet_context()
     datasets = {}
     for split in ("train", "val"):
         rows = open_split(cfg, split, root).imgs

@@ -296,8 +296,10 @@ def distributed_evaluate(
     skip_verify: bool,
     storage_path: str | None = None,
     mistakes: int = 0,
+    ten_crop: bool = False,
 ) -> dict:
-    """Run :func:`eval_loop_per_worker` on ``resources.num_workers`` Ray Train workers.
+    """Run :func:`eval_loop_per_worker` on ``resources.num_workers`` Ray Train workers
+    (``ten_crop``: the official ten-crop protocol, see evaluation.evaluate_checkpoint).
 
     Ray Train needs a storage path even though nothing is checkpointed: by default a temporary
     directory that is removed afterwards (pass a shared one on a multi-node cluster).
@@ -313,6 +315,7 @@ def distributed_evaluate(
                 skip_verify=skip_verify,
                 storage_path=tmp,
                 mistakes=mistakes,
+                ten_crop=ten_crop,
             )
     trainer = Trainer(
         eval_loop_per_worker,
@@ -324,6 +327,7 @@ def distributed_evaluate(
             "skip_verify": skip_verify,
             "cpus_per_worker": resources.cpus_per_worker,
             "mistakes": mistakes,
+            "ten_crop": ten_crop,
         },
         scaling_config=resources.scaling_config(),
         run_config=ray.train.RunConfig(

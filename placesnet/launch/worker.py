@@ -301,6 +301,7 @@ def eval_worker(loop_config: dict) -> dict | None:
         rank=ctx.get_world_rank(),
         world_size=ctx.get_world_size(),
         mistakes=loop_config.get("mistakes", 0),
+        ten_crop=loop_config.get("ten_crop", False),
     )
     if ctx.get_world_rank() != 0:
         return None

@@ -94,7 +94,7 @@ def _result_json(result: ImageResult) -> dict:
     """One image of a multi-image answer, as JSON."""
     if result.error is not None:
         return {"file": result.name, "error": result.error, "status": result.status}
-    return {"file": result.name, "predictions": result.predictions}
+    return {"file": result.name, **result.answer()}
 
 
 CHECKPOINT_HEADER = "X-Checkpoint"  # on every /predict answer: the checkpoint that produced it
@@ -171,7 +171,7 @@ class SceneClassifier(GrpcServicer):
                     headers={CHECKPOINT_HEADER: str(model.checkpoint)},
                     reason=result.reason,
                 )
-            body = {"predictions": result.predictions}
+            body = result.answer()
         else:
             body = {"results": [_result_json(r) for r in answer.results]}
         response.headers["X-Batch-Size"] = str(answer.batch_size)

@@ -40,18 +40,32 @@ class Upload(NamedTuple):
 
 @dataclass(frozen=True)
 class ImageResult:
-    """One upload's answer: its top-k ``predictions`` (best first), or the ``status`` and
-    ``error`` message of why it has none (what a ClientError for it would carry)."""
+    """One upload's answer: its top-k ``predictions`` (best first) and, for a model of Places365's
+    classes, its ``environment`` ('indoor' or 'outdoor'); or the ``status`` and ``error`` message
+    of why it has none (what a ClientError for it would carry)."""
 
     name: str
     predictions: list[dict] | None = None
     status: int = 200
     error: str | None = None
     reason: str | None = None
+    environment: str | None = None
+
+    @classmethod
+    def answered(cls, name: str, model: ServedModel, probs: torch.Tensor, k: int) -> ImageResult:
+        """The answer of ``model``'s class ``probs`` for the upload ``name``, with ``k`` classes."""
+        return cls(name, model.top_k(probs, k), environment=model.environment(probs))
 
     @classmethod
     def refused(cls, name: str, e: ClientError) -> ImageResult:
         return cls(name, status=e.status, error=e.message, reason=e.reason)
+
+    def answer(self) -> dict:
+        """An answered upload as JSON: ``predictions``, and ``environment`` when the model has one."""
+        return {
+            "predictions": self.predictions,
+            **({"environment": self.environment} if self.environment else {}),
+        }
 
 
 @dataclass(frozen=True)
@@ -187,7 +201,7 @@ class Replica:
         if isinstance(item, ImageResult):
             return Answer([item], batch_size=0, queued=False, model=model)
         probs, size, queued = await self._infer(item, model)
-        results = [ImageResult(upload.name, model.top_k(probs, k))]
+        results = [ImageResult.answered(upload.name, model, probs, k)]
         return Answer(results, batch_size=size, queued=queued, model=model)
 
     async def _predict_together(self, uploads: list[Upload], k: int, model: ServedModel) -> Answer:
@@ -204,7 +218,9 @@ class Replica:
         good = [item for item in prepared if not isinstance(item, ImageResult)]
         probs = iter(await asyncio.to_thread(self._run_chunks, good, model) if good else [])
         results = [
-            item if isinstance(item, ImageResult) else ImageResult(upload.name, model.top_k(next(probs), k))
+            item
+            if isinstance(item, ImageResult)
+            else ImageResult.answered(upload.name, model, next(probs), k)
             for upload, item in zip(uploads, prepared)
         ]
         size = min(len(good), self.options.max_batch_size)

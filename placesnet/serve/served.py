@@ -18,13 +18,16 @@ from placesnet.checkpoint import Loaded
 @dataclass(frozen=True)
 class ServedModel:
     """The model of ``checkpoint`` (a checkpoint directory) on ``device``, with what answering
-    needs: the eval transform of its image size, its class names, a short id and its scope note."""
+    needs: the eval transform the checkpoint records (placesnet/data/views.py), its class names,
+    the indoor/outdoor label of each class when they are Places365's (placesnet/environment.py;
+    else None), a short id and its scope note."""
 
     checkpoint: Path
     loaded: Loaded
     transform: Callable
     labels: list[str]
     device: torch.device
+    io_labels: torch.Tensor | None = None
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: torch.device) -> ServedModel:
@@ -33,15 +36,17 @@ class ServedModel:
         wrong when it cannot be served."""
         from placesnet.checkpoint import load_checkpoint
         from placesnet.config import pretty
-        from placesnet.data.transforms import eval_transform
+        from placesnet.data.views import single_view
+        from placesnet.environment import io_labels
 
         loaded = load_checkpoint(checkpoint, device)  # sizes and sha256 first, then the weights
         served = cls(
             checkpoint=loaded.path,
             loaded=loaded,
-            transform=eval_transform(loaded.config.image_size),
+            transform=single_view(loaded.config),
             labels=[pretty(c) for c in loaded.classes],
             device=device,
+            io_labels=io_labels(loaded.classes),
         )
         try:
             served.probe()
@@ -90,6 +95,13 @@ class ServedModel:
             {"label": self.labels[i], "class_index": i, "probability": p}
             for p, i in zip(values.tolist(), indices.tolist())
         ]
+
+    def environment(self, probs: torch.Tensor) -> str | None:
+        """'indoor' or 'outdoor' for one image's ``probs`` by the official rule; None for a model
+        whose classes are not Places365's 365."""
+        from placesnet.environment import environment
+
+        return None if self.io_labels is None else environment(probs, self.io_labels)
 
     def info(self) -> dict[str, Any]:
         """The checkpoint, its training config and validation accuracy."""
