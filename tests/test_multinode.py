@@ -209,6 +209,48 @@ def test_ray_data_decodes_on_a_node_without_workers_and_counts_every_val_image(
     assert "exclude_resources" not in out
 
 
+def test_batch_prediction_decodes_on_both_nodes_and_predicts_every_image_once(
+    two_nodes, tiny_root, tiny_config, tmp_path
+):
+    """rayjobs/batch_predict.py on the two nodes: one model actor of 1 CPU on the head leaves a
+    CPU on each node for the decode tasks (Ray Data spreads them); every image is in the output
+    once, with predict.py's top-k (the one-process answer)."""
+    import pandas as pd
+    from conftest import untrained_checkpoint
+
+    checkpoint = untrained_checkpoint(tmp_path / "ckpt", tiny_config, seed=5)
+    photos = tmp_path / "photos"  # on a directory both nodes see
+    for copy in range(4):
+        shutil.copytree(tiny_root / "val_256", photos / f"c{copy}")
+    out = tmp_path / "out"
+    proc = run_script(
+        "rayjobs/batch_predict.py",
+        "--checkpoint",
+        checkpoint,
+        "--input",
+        photos,
+        "--out",
+        out,
+        "--num-workers",
+        1,
+        "--cpus-per-worker",
+        1,
+        "--top-k",
+        2,
+        env=two_nodes.env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "predicted 192 images" in proc.stdout and "decoded on 2 node(s)" in proc.stdout, proc.stdout
+    table = pd.concat(pd.read_parquet(f) for f in sorted(out.glob("part-*.parquet")))
+    assert sorted(table["index"]) == list(range(192)) and table["error"].isna().all()
+    images = sorted(str(p) for p in photos.rglob("*.jpg"))[::16]  # a sample of 12, all folders
+    reference = run_script("rayjobs/predict.py", "--checkpoint", checkpoint, "--json", "--top-k", 2, *images)
+    results = json.loads(reference.stdout)["results"]
+    expected = {r["image"]: [p["label"] for p in r["predictions"]] for r in results}
+    got = {row.path: list(row.labels) for row in table.itertuples() if row.path in expected}
+    assert got == expected
+
+
 def test_paths_and_layouts_the_cluster_cannot_serve_are_refused_before_training(
     two_nodes, tiny_root, tmp_path
 ):
