@@ -387,3 +387,77 @@ def lr_find_png(lrs: list[float], losses: list[float], smoothed: list[float], su
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     return _png(fig)
+
+
+CAM_COLORMAP, CAM_ALPHA = "jet", 0.5  # the usual Grad-CAM look: blue = no evidence, red = the most
+
+
+def _rgb(image):
+    """``image`` (a PIL image, a uint8 (3, H, W) tensor such as eval_transform's, or an
+    (H, W, 3) uint8 array) as an (H, W, 3) uint8 array."""
+    import numpy as np
+
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().permute(1, 2, 0).numpy()
+    return np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8)
+
+
+def overlay(image, heatmap, alpha: float = CAM_ALPHA):
+    """``image`` blended with ``heatmap`` (H x W, values in [0, 1], as cam.explain gives) in the
+    'jet' colormap at ``alpha``: an (H, W, 3) uint8 array of the image's size. The map is resized
+    bilinearly when the image is larger (the same view at another resolution); ValueError when the
+    two differ in aspect ratio, i.e. do not show the same view."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    rgb = _rgb(image)
+    heat = torch.as_tensor(heatmap, dtype=torch.float32).detach().cpu()
+    (h, w), (mh, mw) = rgb.shape[:2], heat.shape
+    if abs(h / w - mh / mw) > 0.02 * h / w:
+        raise ValueError(f"a {mh}x{mw} heatmap does not fit a {h}x{w} image (another view or aspect ratio)")
+    if (mh, mw) != (h, w):
+        heat = F.interpolate(heat[None, None], size=(h, w), mode="bilinear")[0, 0]
+    colours = matplotlib.colormaps[CAM_COLORMAP](heat.clamp(0, 1).numpy())[..., :3]  # (H, W, 3) in [0, 1]
+    return np.round((1 - alpha) * rgb + alpha * 255 * colours).astype(np.uint8)
+
+
+def overlay_png(image, heatmap, alpha: float = CAM_ALPHA) -> bytes:
+    """The :func:`overlay` of ``image`` and ``heatmap`` as PNG bytes of the image's own size (no
+    axes or margins: what an endpoint returns)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(overlay(image, heatmap, alpha)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def cam_png(items: list[tuple], columns: int = 2) -> bytes:
+    """The picture of :func:`cam_figure` as PNG bytes."""
+    return _png(cam_figure(items, columns))
+
+
+def cam_figure(items: list[tuple], columns: int = 2):
+    """Where the model looks: for each item, the image beside its heatmap overlay, titled with the
+    class the map explains and its probability, ``columns`` items per row. ``items``: (image,
+    heatmap, class name, probability), the image as :func:`overlay` takes it and the heatmap one
+    of cam.explain's."""
+    n = len(items)
+    cols = max(min(columns, n), 1)
+    rows = max(-(-n // cols), 1)
+    fig = plt.figure(figsize=(5.0 * cols, 2.9 * rows + 0.5), layout="constrained")
+    panels = fig.subfigures(rows, cols, squeeze=False)
+    for panel, (image, heatmap, label, probability) in zip(panels.flat, items):
+        ax_img, ax_cam = panel.subplots(1, 2)
+        ax_img.imshow(_rgb(image))
+        ax_img.set_title("image", fontsize=8)
+        ax_cam.imshow(overlay(image, heatmap))
+        ax_cam.set_title("where the model looks", fontsize=8)
+        for ax in (ax_img, ax_cam):
+            ax.set_axis_off()
+        panel.suptitle(f"{pretty(label)}  {probability:.1%}", fontsize=10)
+    if not n:
+        panels[0, 0].text(0.5, 0.5, "no images", ha="center", va="center")
+    fig.suptitle(
+        f"Grad-CAM: evidence for the class named ({CAM_COLORMAP}: blue none, red the most)", fontsize=9
+    )
+    return fig

@@ -331,3 +331,14 @@ def test_data_check_benchmark_times_the_check_against_a_sequential_loop(tmp_path
     assert rows["baseline: sequential parse + stat"][2] == "1.00x"
     assert all(_number(c[2]) > 0 for c in rows.values())
     assert not list(tmp_path.iterdir())  # the generated dataset is removed
+
+
+def test_explain_benchmark_prints_ratios_against_the_forward_pass():
+    rows = ["deepcnn 64 px, batch 1", "deepcnn 224 px, batch 1", "resnet18 224 px, batch 1"]
+    out = _table(run_script("benchmarks/explain.py", "--batches", 1, "--repeats", 1, "--threads", 1), *rows)
+    header = _cells(out, "model, size, batch")
+    for row in rows:
+        cells = dict(zip(header, _cells(out, row)))
+        expected = _number(cells["explain ms/image"]) / _number(cells["forward ms/image"])
+        assert _number(cells["explain vs forward"]) == pytest.approx(expected, rel=0.02, abs=0.011), cells
+        assert _number(cells["overlay PNG ms/image"]) > 0
