@@ -240,6 +240,27 @@ class RayHead:
         shutil.rmtree(self.ray_dir, ignore_errors=True)
 
 
+def worker_node_command(head: RayHead, temp_dir: Path | str, num_cpus: int = 1) -> list[str]:
+    """`ray start --address --block` for a worker node of ``num_cpus`` CPUs (no GPUs) joining
+    ``head``, its sockets under ``temp_dir`` (keep it short: Unix socket paths are limited)."""
+    return [
+        str(BIN / "ray"),
+        "start",
+        "--address",
+        head.address,
+        "--block",
+        "--num-cpus",
+        str(num_cpus),
+        "--num-gpus",
+        "0",
+        "--disable-usage-stats",
+        "--temp-dir",
+        str(temp_dir),
+        "--dashboard-agent-listen-port",
+        "0",
+    ]
+
+
 def start_head(tmp_path_factory, **kwargs) -> RayHead:
     """A RayHead(**kwargs), ready. Its ports come from the OS and are free when picked, but another
     process may take one before Ray binds it: a head that fails to start is retried on new ports

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, TINY_ARGS, RayHead, assert_user_error, ray_driver, run_script
+from conftest import BIN, TINY_ARGS, RayHead, assert_user_error, ray_driver, run_script, worker_node_command
 
 pytestmark = pytest.mark.slow
 
@@ -33,22 +33,7 @@ def two_nodes(tmp_path_factory):
     head = RayHead(tmp_path_factory.mktemp("mnhead"), num_cpus=2)
     worker_dir = Path(tempfile.mkdtemp(prefix="rw", dir="/tmp"))
     private = Path(tempfile.mkdtemp(prefix="rp", dir="/tmp"))
-    node = [
-        str(BIN / "ray"),
-        "start",
-        "--address",
-        head.address,
-        "--block",
-        "--num-cpus",
-        "1",
-        "--num-gpus",
-        "0",
-        "--disable-usage-stats",
-        "--temp-dir",
-        str(worker_dir),
-        "--dashboard-agent-listen-port",
-        "0",
-    ]
+    node = worker_node_command(head, worker_dir)
     if _can_unshare():  # the worker node gets an empty tmpfs over PRIVATE
         node = [
             "unshare",

@@ -26,7 +26,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, REPO, TINY_ARGS, ray_driver, run_script, start_head, write_ray_snapshot
+from conftest import (
+    REPO,
+    TINY_ARGS,
+    ray_driver,
+    run_script,
+    start_head,
+    worker_node_command,
+    write_ray_snapshot,
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +52,7 @@ class Node:
     def __init__(self, head, num_cpus: int = 1):
         self.temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # Ray's sockets: a short path
         self.proc = subprocess.Popen(
-            [
-                str(BIN / "ray"),
-                "start",
-                "--address",
-                head.address,
-                "--block",
-                "--num-cpus",
-                str(num_cpus),
-                "--num-gpus",
-                "0",
-                "--disable-usage-stats",
-                "--temp-dir",
-                self.temp_dir,
-                "--dashboard-agent-listen-port",
-                "0",
-            ],
+            worker_node_command(head, self.temp_dir, num_cpus),
             env=head.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
