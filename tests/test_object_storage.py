@@ -22,7 +22,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_ARGS, Running, _free_port, flip_bytes, run_script, start_head
+from conftest import (
+    REPO,
+    TINY_ARGS,
+    Running,
+    _free_port,
+    flip_bytes,
+    run_script,
+    start_head,
+    untrained_checkpoint,
+)
 
 MOTO_VENV = Path(os.environ.get("MOTO_VENV") or Path(sys.executable).parents[2] / "moto-venv")
 MOTO_SERVER = MOTO_VENV / "bin" / "moto_server"
@@ -462,6 +471,30 @@ def test_predict_and_evaluate_load_the_best_checkpoint_from_s3(s3, s3_head, s3_r
     report = json.loads((out / "evaluation.json").read_text())
     assert report["checkpoint"] == summary["best_checkpoint"] and report["val_images"] == 48
     assert list(s3_head.cache.glob("checkpoints/*/r/checkpoint_*/model.pt"))  # the workers' own copy
+
+
+@pytest.mark.slow
+def test_batch_prediction_reads_and_writes_s3(s3, s3_head, tiny_root, tiny_config, tmp_path):
+    """rayjobs/batch_predict.py with the checkpoint, the photos and the output all on S3: the decode
+    tasks read the objects, the parts are written there, and the same command then finds the
+    output complete."""
+    import io
+
+    import pandas as pd
+
+    checkpoint = _upload(s3, untrained_checkpoint(tmp_path / "ckpt", tiny_config), "batch/ckpt")
+    photos = _upload(s3, tiny_root / "val_256", "photos")
+    args = ["--checkpoint", checkpoint, "--input", photos, "--out", f"s3://{BUCKET}/scenes"]
+    proc = run_script("rayjobs/batch_predict.py", *args, "--shard-size", 20, env=s3_head.env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "predicted 48 images" in proc.stdout, proc.stdout
+    parts = [n for n in _names(s3.filesystem(), f"{BUCKET}/scenes") if n.startswith("part-")]
+    assert parts == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
+    table = pd.concat(pd.read_parquet(io.BytesIO(_read_object(s3, f"{BUCKET}/scenes/{n}"))) for n in parts)
+    assert sorted(table["index"]) == list(range(48)) and table["error"].isna().all()
+    assert all(path.startswith(f"s3://{BUCKET}/photos/") for path in table["path"])
+    again = run_script("rayjobs/batch_predict.py", *args, "--shard-size", 20, env=s3_head.env, timeout=300)
+    assert again.returncode == 0 and "is complete: 48 images" in again.stdout, again.stdout
 
 
 @pytest.mark.slow
