@@ -37,6 +37,7 @@ def make_images(root: Path, count: int, size: int) -> list[Path]:
     from placesnet.data.places import resolve_data_root
 
     src = resolve_data_root(TrainConfig(sample_classes=4, sample_train_per_class=40, sample_val_per_class=12))
+    root.mkdir(parents=True)
     bases = []
     for i, image in enumerate(sorted((src / "val_256").glob("*.jpg"))):
         path = root / f"base{i:02d}.jpg"
@@ -53,26 +54,36 @@ def make_images(root: Path, count: int, size: int) -> list[Path]:
 
 
 class PeakRss:
-    """Samples, every 0.2 s while running: the RSS of process ``pid`` (the driver), and the
-    largest RSS of any Ray worker process (``ray::`` in its name) on the machine."""
+    """Samples, every 0.2 s while running, the private memory (RSS less shared pages: Ray's object
+    store is shared memory, counted in the RSS of every process that touched it) of process
+    ``pid`` (the driver) and the largest of any Ray worker process (``ray::`` in its name)."""
 
     def __init__(self, pid: int) -> None:
-        self.pid, self.driver, self.worker, self._stop = pid, 0, 0, threading.Event()
+        self.pid, self.driver, self.worker = pid, 0, 0
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _private(info) -> int:
+        return info.rss - getattr(info, "shared", 0)
 
     def _run(self) -> None:
         import psutil
 
         while not self._stop.is_set():
             try:
-                self.driver = max(self.driver, psutil.Process(self.pid).memory_info().rss)
+                self.driver = max(self.driver, self._private(psutil.Process(self.pid).memory_info()))
             except psutil.NoSuchProcess:
                 pass
             for p in psutil.process_iter(["name", "cmdline", "memory_info"]):
                 text = (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])[:200]
-                if "ray::" in text and p.info["memory_info"]:
-                    self.worker = max(self.worker, p.info["memory_info"].rss)
+                if (
+                    "ray::" in text
+                    and p.info["memory_info"]
+                    and self._private(p.info["memory_info"]) > self.worker
+                ):
+                    self.worker, self.largest = self._private(p.info["memory_info"]), text.split()[0][:60]
             time.sleep(0.2)
 
     def stop(self) -> tuple[float, float]:
@@ -82,7 +93,7 @@ class PeakRss:
 
 
 def run(cmd: list[str], env: dict) -> tuple[float, float, float]:
-    """(seconds, driver peak MB, largest Ray worker peak MB) of one command."""
+    """(seconds, driver peak private MB, largest Ray worker peak private MB) of one command."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = PeakRss(proc.pid)
@@ -101,7 +112,6 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256, help="the JPEGs' side in pixels")
     p.add_argument("--image-size", type=int, default=128, help="the model's input size")
     args = p.parse_args()
-
 
     from placesnet.checkpoint import save_checkpoint
     from placesnet.config import TrainConfig
@@ -135,8 +145,8 @@ def main() -> None:
                 "seconds": seconds,
                 "images/s": base,
                 "vs predict.py": "1.00x",
-                "driver peak MB": driver,
-                "largest worker MB": "",
+                "driver peak private MB": driver,
+                "largest worker private MB": "",
             }
         )
         for actors in (1, 2):
@@ -151,8 +161,8 @@ def main() -> None:
                     "seconds": seconds,
                     "images/s": args.images / seconds,
                     "vs predict.py": ratio(args.images / seconds, base),
-                    "driver peak MB": driver,
-                    "largest worker MB": worker,
+                    "driver peak private MB": driver,
+                    "largest worker private MB": worker,
                 }
             )
         note = (
@@ -176,14 +186,18 @@ def main() -> None:
                 [
                     {
                         "images": args.images,
-                        "driver peak MB": small["driver peak MB"],
-                        "largest worker MB": small["largest worker MB"],
+                        "driver peak private MB": small["driver peak private MB"],
+                        "largest worker private MB": small["largest worker private MB"],
                     },
-                    {"images": args.large, "driver peak MB": driver, "largest worker MB": worker},
+                    {
+                        "images": args.large,
+                        "driver peak private MB": driver,
+                        "largest worker private MB": worker,
+                    },
                     {
                         "images": "ratio",
-                        "driver peak MB": ratio(driver, small["driver peak MB"]),
-                        "largest worker MB": ratio(worker, small["largest worker MB"]),
+                        "driver peak private MB": ratio(driver, small["driver peak private MB"]),
+                        "largest worker private MB": ratio(worker, small["largest worker private MB"]),
                     },
                 ],
                 f"{args.large:,} images in {seconds:.0f} s ({args.large / seconds:.0f} images/s)",

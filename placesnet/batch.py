@@ -15,6 +15,11 @@ either complete or absent. ``_batch_predict.json`` in the output records what th
 (the checkpoint's weights, the inputs, top-k, the format); a rerun with other settings is refused.
 (Ray Data 2.60's own resumable writes, ``DataContext.checkpoint_config``, are beta and hold the
 finished ids in actors of 1 GiB each; the shards need neither.)
+
+With overlays (``--cam DIR``), the model actors also draw each predicted image's class activation
+map for its top-1 class over the view they predicted from (placesnet/cam.py), and the driver writes
+each as a PNG into DIR as its batch comes in, before its shard's part: a part in place means its
+overlays are too.
 """
 
 from __future__ import annotations
@@ -164,9 +169,10 @@ class Predictor:
     """Ray Data actor: the checkpoint loaded once (verified, weights only), then the top-k of
     each decoded image, as flat columns ``label_1..k``, ``class_1..k``, ``probability_1..k``
     (and ``environment`` for Places365's classes); a row with an ``error`` passes through with
-    empty ones."""
+    empty ones. With the ``cam`` setting, ``overlay`` holds each predicted image's view blended
+    with the Grad-CAM heatmap of its top-1 class, as PNG bytes (empty for an error row)."""
 
-    settings: dict = {}  # checkpoint, top_k, use_gpu, threads: set on a subclass (predict_shards)
+    settings: dict = {}  # checkpoint, top_k, use_gpu, threads, cam: set on a subclass (predict_shards)
 
     def __init__(self) -> None:
         import torch
@@ -182,6 +188,7 @@ class Predictor:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.loaded = load_checkpoint(checkpoint, self.device)
         self.top_k = top_k
+        self.cam = self.settings.get("cam", False)
         self.labels = io_labels(self.loaded.classes)
 
     def __call__(self, batch: dict) -> dict:
@@ -197,10 +204,17 @@ class Predictor:
         labels = np.full((n, k), "", dtype=object)
         classes, values = np.full((n, k), -1, dtype=np.int64), np.full((n, k), np.nan)
         env = np.full(n, "", dtype=object)
+        overlays = np.full(n, b"", dtype=object)
         if ok.any():
-            probs = batch_probabilities(
-                self.loaded, torch.from_numpy(np.ascontiguousarray(batch["image"][ok])), self.device
-            )
+            views = torch.from_numpy(np.ascontiguousarray(batch["image"][ok]))
+            probs = batch_probabilities(self.loaded, views, self.device)
+            if self.cam:
+                from placesnet.evaluation import batch_heatmaps
+                from placesnet.plots import overlay_png
+
+                heatmaps = batch_heatmaps(self.loaded, views, probs.argmax(1).tolist(), self.device)
+                for row, view, heatmap in zip(np.flatnonzero(ok), views, heatmaps):
+                    overlays[row] = overlay_png(view, heatmap)
             for row, p in zip(np.flatnonzero(ok), probs):
                 for j, top in enumerate(ranked(p, self.loaded.classes, k)):
                     labels[row, j], classes[row, j], values[row, j] = (
@@ -217,12 +231,15 @@ class Predictor:
                 values[:, j],
             )
         out["environment"] = env
+        if self.cam:
+            out["overlay"] = overlays
         return out
 
 
 @dataclass(frozen=True)
 class Output:
-    """The output directory (local or a URI) and what its parts hold (the manifest)."""
+    """The output directory (local or a URI) and what its parts hold (the manifest); or the
+    directory of ``--cam``'s overlays (no manifest)."""
 
     fs: pafs.FileSystem
     path: str
@@ -262,10 +279,9 @@ class Output:
                 f.write(data)
 
 
-def open_output(spec: str, fmt: str, manifest: dict, overwrite: bool) -> tuple[Output, bool]:
-    """The output directory, checked writable before any work: created if missing; a directory
-    of another run's parts (another checkpoint, inputs, top-k or format) is refused unless
-    ``overwrite``, which removes this tool's files there first. Returns (output, resuming)."""
+def _writable(spec: str, flag: str, fmt: str, manifest: dict) -> Output:
+    """The directory ``spec`` (local or a URI) as an Output, created if missing and checked
+    writable; UserError naming ``flag`` if it is a file or cannot be written."""
     fs, path = (
         _open(spec) if "://" in spec else (pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(spec)))
     )
@@ -273,12 +289,33 @@ def open_output(spec: str, fmt: str, manifest: dict, overwrite: bool) -> tuple[O
     try:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
-            raise UserError(f"--out {spec} is a file; give a directory (new or this tool's)")
+            raise UserError(f"{flag} {spec} is a file; give a directory (new or this tool's)")
         fs.create_dir(path, recursive=True)
         out.write(".write-test", b"")
         fs.delete_file(posixpath.join(path, ".write-test"))
     except OSError as e:
-        raise UserError(f"cannot write to --out {spec}: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"cannot write to {flag} {spec}: {str(e).splitlines()[0][:200]}") from None
+    return out
+
+
+def open_overlays(spec: str) -> Output:
+    """The directory of ``--cam``'s overlay PNGs (local or a URI), created if missing and checked
+    writable before any work. Overlays already there are kept; a rerun writes the same names."""
+    return _writable(spec, "--cam", "png", {})
+
+
+def overlay_name(index: int, name: str) -> str:
+    """The overlay PNG's name for input ``index`` named ``name``: ``000123-photo.jpg.png``."""
+    return f"{index:06d}-{posixpath.basename(name)}.png"
+
+
+def open_output(spec: str, fmt: str, manifest: dict, overwrite: bool) -> tuple[Output, bool]:
+    """The output directory, checked writable before any work: created if missing; a directory
+    of another run's parts (another checkpoint, inputs, top-k, format or overlay directory) is
+    refused unless ``overwrite``, which removes this tool's files there first. Returns (output,
+    resuming)."""
+    out = _writable(spec, "--out", fmt, manifest)
+    fs, path = out.fs, out.path
     infos = fs.get_file_info(pafs.FileSelector(path))
     ours = [
         i
@@ -295,7 +332,7 @@ def open_output(spec: str, fmt: str, manifest: dict, overwrite: bool) -> tuple[O
             fs.delete_file(i.path)
     previous = _read_manifest(fs, posixpath.join(path, MANIFEST))
     if previous is not None and previous != manifest and not overwrite:
-        changed = [k for k in manifest if previous.get(k) != manifest[k]]
+        changed = [k for k in {**manifest, **previous} if previous.get(k) != manifest.get(k)]
         raise UserError(
             f"--out {spec} holds predictions of another run (its {', '.join(changed)} differ); "
             "pass --overwrite to replace them, or give another --out"
@@ -460,9 +497,14 @@ def predict_shards(
     use_gpu: bool,
     batch_size: int,
     progress: Progress,
+    overlays: Output | None = None,
 ) -> set[str]:
     """Predict the shards missing from ``out`` with Ray Data on the connected cluster, writing
-    each part as soon as all its rows are in. Returns the ids of the nodes that decoded."""
+    each part as soon as all its rows are in; with ``overlays``, each predicted image's top-1
+    class activation map over its view too (:func:`overlay_name`), written before its shard's
+    part. Returns the ids of the nodes that decoded."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import pandas as pd
     import ray.data
 
@@ -475,7 +517,13 @@ def predict_shards(
     quiet_context()  # Progress says it, one line every few seconds
     # The settings ride on the class, not as constructor arguments: Ray warns about restartable
     # actors whose arguments sit in the object store.
-    settings = {"checkpoint": checkpoint, "top_k": top_k, "use_gpu": use_gpu, "threads": int(cpus_per_actor)}
+    settings = {
+        "checkpoint": checkpoint,
+        "top_k": top_k,
+        "use_gpu": use_gpu,
+        "threads": int(cpus_per_actor),
+        "cam": overlays is not None,
+    }
     predictor = type("Predictor", (Predictor,), {"settings": settings})
     ds = ray.data.from_items(plan_chunks(inputs, missing, out.manifest["shard_size"]))
     # Decode tasks go to every node (Ray Data spreads tasks by default). Each reserves the memory
@@ -493,15 +541,33 @@ def predict_shards(
     )
     pending: dict[int, list] = {}
     nodes: set[str] = set()
-    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
-        nodes.update(batch["node"].unique())
-        for shard, rows in batch.groupby("shard"):
-            pending.setdefault(int(shard), []).append(rows)
-            have = sum(len(r) for r in pending[int(shard)])
-            if have == sizes[int(shard)]:
-                df = frame(pd.concat(pending.pop(int(shard))), top_k, checkpoint, environment)
-                out.write(posixpath.basename(out.part(int(shard))), encode(df, out.fmt))
-        progress.add(len(batch))
+    # Overlays are written by a few threads (on object storage each is a PUT of tens of ms);
+    # a shard's part waits for its overlays, so a part in place means they are too.
+    writers = ThreadPoolExecutor(8, thread_name_prefix="overlay") if overlays else None
+    written: dict[int, list] = {}  # shard -> its overlays' writes
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+            nodes.update(batch["node"].unique())
+            if writers is not None:
+                for shard, index, name, png in zip(
+                    batch["shard"], batch["index"], batch["name"], batch.pop("overlay")
+                ):
+                    if len(png):  # an error row has none
+                        written.setdefault(int(shard), []).append(
+                            writers.submit(overlays.write, overlay_name(int(index), name), png)
+                        )
+            for shard, rows in batch.groupby("shard"):
+                pending.setdefault(int(shard), []).append(rows)
+                have = sum(len(r) for r in pending[int(shard)])
+                if have == sizes[int(shard)]:
+                    for write in written.pop(int(shard), []):
+                        write.result()  # raises the write's error, if any
+                    df = frame(pd.concat(pending.pop(int(shard))), top_k, checkpoint, environment)
+                    out.write(posixpath.basename(out.part(int(shard))), encode(df, out.fmt))
+            progress.add(len(batch))
+    finally:
+        if writers is not None:
+            writers.shutdown(cancel_futures=True)
     if pending:  # cannot happen unless Ray Data lost rows: say so instead of a silent gap
         raise RuntimeError(f"shards {sorted(pending)} came back incomplete")
     return nodes

@@ -1,5 +1,6 @@
-"""Ray-free evaluation of a checkpoint and top-k prediction for images, both through the eval
-transform the checkpoint records (placesnet/data/views.py).
+"""Ray-free evaluation of a checkpoint, top-k prediction for images and their class activation
+maps (where the model looks, placesnet/cam.py), all through the eval transform the checkpoint
+records (placesnet/data/views.py).
 
 ``evaluate_checkpoint`` runs the same exact, shard-without-padding evaluation as training, on one
 process or (with torch.distributed initialised, e.g. under Ray Train) on several, on one view of
@@ -159,6 +160,99 @@ def batch_probabilities(
     already through the checkpoint's eval transform (a Ray Data decode task's output)."""
     model = loaded.model.to(device).eval()
     return torch.softmax(model(normalize(batch.to(device))).float(), dim=1).cpu()
+
+
+def batch_heatmaps(
+    loaded: Loaded,
+    batch: torch.Tensor,
+    classes: list[int],
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """(B, S, S) float32 Grad-CAM heatmaps in [0, 1] on the CPU (:func:`placesnet.cam.explain`)
+    of a uint8 (B, 3, S, S) ``batch`` already through the checkpoint's eval transform, each for
+    its class in ``classes`` (B class indices): the input normalised on ``device`` as in
+    :func:`batch_probabilities`, so a map explains exactly what the prediction saw."""
+    from placesnet.cam import explain
+
+    model = loaded.model.to(device)
+    out = [torch.empty(0, *batch.shape[-2:])]
+    for start in range(0, len(batch), batch_size):
+        part = normalize(batch[start : start + batch_size].to(device))
+        out.append(explain(model, part, list(classes[start : start + batch_size])).heatmaps.cpu())
+    return torch.cat(out)
+
+
+def class_index(classes: list[str], name: str) -> int:
+    """The index of the class ``name``, as ``classes`` list it ('/b/beach') or as answers print
+    it ('beach'). ValueError for any other name, naming a few of the model's classes (the closest
+    to ``name`` first)."""
+    import difflib
+
+    for i, c in enumerate(classes):
+        if name in (c, pretty(c)):
+            return i
+    names = [pretty(c) for c in classes]
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    shown = close + [n for n in names if n not in close][: 5 - len(close)]
+    more = ", ..." if len(classes) > len(shown) else ""
+    raise ValueError(
+        f"unknown class {name!r}: the model's {len(classes)} classes include {', '.join(shown)}{more}"
+    )
+
+
+def explain_images(
+    loaded: Loaded,
+    images: list[Image.Image],
+    target: int | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+) -> list[tuple[torch.Tensor, torch.Tensor, str, float]]:
+    """Where the model looks in each RGB image: (its view, a uint8 (3, S, S) tensor through the
+    checkpoint's eval transform; the (S, S) heatmap of class index ``target``, or of its top-1
+    class when None; that class's name; its probability, as predict gives it), the items
+    :func:`placesnet.plots.cam_figure` draws."""
+    transform = single_view(loaded.config)
+    items = []
+    for start in range(0, len(images), batch_size):
+        views = torch.stack([transform(img) for img in images[start : start + batch_size]])
+        probs = batch_probabilities(loaded, views, device)
+        chosen = probs.argmax(1).tolist() if target is None else [target] * len(views)
+        heatmaps = batch_heatmaps(loaded, views, chosen, device, batch_size)
+        items += [
+            (view, heatmap, loaded.classes[c], float(p[c]))
+            for view, heatmap, c, p in zip(views, heatmaps, chosen, probs)
+        ]
+    return items
+
+
+def explain_mistakes(loaded: Loaded, mistakes: list[dict], device: torch.device | str = "cpu") -> list[dict]:
+    """:func:`evaluate_checkpoint`'s ``mistakes``, each with the view the evaluation saw
+    (``view``, uint8 (3, S, S): its image file through the checkpoint's eval transform, one
+    view), the Grad-CAM heatmaps of its true and of its predicted class (``true_map``,
+    ``predicted_map``), and the view's probabilities of both (``true_probability``,
+    ``predicted_probability``: the mistake's ``probability`` unless it was measured on ten
+    crops): what :func:`placesnet.plots.misclassified_figure` draws side by side."""
+    from placesnet.data.places import read_image_uint8
+
+    if not mistakes:
+        return []
+    transform = single_view(loaded.config)
+    views = torch.stack([transform(read_image_uint8(m["image"])) for m in mistakes])
+    probs = batch_probabilities(loaded, views, device)
+    true = batch_heatmaps(loaded, views, [m["true"] for m in mistakes], device)
+    predicted = batch_heatmaps(loaded, views, [m["predicted"] for m in mistakes], device)
+    return [
+        {
+            **m,
+            "view": view,
+            "true_map": t,
+            "predicted_map": pr,
+            "true_probability": float(p[m["true"]]),
+            "predicted_probability": float(p[m["predicted"]]),
+        }
+        for m, view, t, pr, p in zip(mistakes, views, true, predicted, probs)
+    ]
 
 
 def ranked(probs: torch.Tensor, classes: list[str], top_k: int) -> list[dict]:

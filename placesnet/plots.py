@@ -187,29 +187,46 @@ def _thumbnail(path: str, size: int = 160):
 
 def misclassified_figure(mistakes: list[dict], classes: list[str], columns: int = 6):
     """A gallery of wrong predictions (evaluate's ``mistakes``: most confident first), each image
-    titled with its true and predicted class and the predicted probability."""
+    titled with its true and predicted class and the predicted probability. Mistakes with maps
+    (:func:`placesnet.evaluation.explain_mistakes`) take three panels side by side: the view the
+    model saw, its Grad-CAM overlay for the true class and for the predicted class, each titled
+    with the class and the view's probability of it; ``columns`` panels per row either way."""
     n = len(mistakes)
     if not n:
         fig, ax = plt.subplots(figsize=(5, 1.5))
         ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
         ax.set_axis_off()
         return fig
-    rows = -(-n // columns)
-    cols = min(columns, n)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.6 * rows), squeeze=False)
-    for ax, m in zip(axes.flat, mistakes):
-        ax.imshow(_thumbnail(m["image"]))
-        ax.set_title(
-            f"true: {pretty(classes[m['true']])}\npred: {pretty(classes[m['predicted']])} "
-            f"{m['probability']:.0%}",
-            fontsize=8,
-            color="tab:red",
-        )
+    maps = all("true_map" in m for m in mistakes)
+    panels = 3 if maps else 1
+    per_row = max(1, columns // panels)  # mistakes per row
+    rows, cols = -(-n // per_row), min(per_row, n) * panels
+    height = 2.6 * rows if not maps else 2.9 * rows + 0.5  # two-line titles, a two-line heading
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, height), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for j, m in enumerate(mistakes):
+        row, first = divmod(j, per_row)
+        ax = axes[row, first * panels]
+        true, predicted = pretty(classes[m["true"]]), pretty(classes[m["predicted"]])
+        ax.imshow(_rgb(m["view"]) if maps else _thumbnail(m["image"]))
+        ax.set_title(f"true: {true}\npred: {predicted} {m['probability']:.0%}", fontsize=8, color="tab:red")
         ax.set_gid(f"mistake:{m['index']}")
-        ax.set_axis_off()
-    for ax in list(axes.flat)[n:]:
-        ax.set_axis_off()
-    fig.suptitle(f"the {n} most confident mistakes", fontsize=11)
+        if maps:
+            for ax, which, label, colour in (
+                (axes[row, first * panels + 1], "true", f"true: {true}", "tab:green"),
+                (axes[row, first * panels + 2], "predicted", f"pred: {predicted}", "tab:red"),
+            ):
+                ax.imshow(overlay(m["view"], m[f"{which}_map"]))
+                ax.set_title(f"{label}\n{m[f'{which}_probability']:.1%}", fontsize=8, color=colour)
+                ax.set_gid(f"mistake:{m['index']}:{which}")
+    heading = f"the {n} most confident mistakes"
+    if maps:
+        heading += (
+            "\neach: the image, where the model sees the true class, where it sees the predicted "
+            f"class (Grad-CAM, {CAM_COLORMAP}: blue none, red the most)"
+        )
+    fig.suptitle(heading, fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -431,25 +448,27 @@ def overlay_png(image, heatmap, alpha: float = CAM_ALPHA) -> bytes:
     return buf.getvalue()
 
 
-def cam_png(items: list[tuple], columns: int = 2) -> bytes:
+def cam_png(items: list[tuple], columns: int = 2, note: str | None = None) -> bytes:
     """The picture of :func:`cam_figure` as PNG bytes."""
-    return _png(cam_figure(items, columns))
+    return _png(cam_figure(items, columns, note))
 
 
-def cam_figure(items: list[tuple], columns: int = 2):
+def cam_figure(items: list[tuple], columns: int = 2, note: str | None = None):
     """Where the model looks: for each item, the image beside its heatmap overlay, titled with the
     class the map explains and its probability, ``columns`` items per row. ``items``: (image,
-    heatmap, class name, probability), the image as :func:`overlay` takes it and the heatmap one
-    of cam.explain's."""
+    heatmap, class name, probability[, the image's name, shown over it]), the image as
+    :func:`overlay` takes it and the heatmap one of cam.explain's (as
+    :func:`placesnet.evaluation.explain_images` gives them); ``note``: what the model cannot
+    know, under the title."""
     n = len(items)
     cols = max(min(columns, n), 1)
     rows = max(-(-n // cols), 1)
     fig = plt.figure(figsize=(5.0 * cols, 2.9 * rows + 0.5), layout="constrained")
     panels = fig.subfigures(rows, cols, squeeze=False)
-    for panel, (image, heatmap, label, probability) in zip(panels.flat, items):
+    for panel, (image, heatmap, label, probability, *name) in zip(panels.flat, items):
         ax_img, ax_cam = panel.subplots(1, 2)
         ax_img.imshow(_rgb(image))
-        ax_img.set_title("image", fontsize=8)
+        ax_img.set_title(name[0] if name else "image", fontsize=8)
         ax_cam.imshow(overlay(image, heatmap))
         ax_cam.set_title("where the model looks", fontsize=8)
         for ax in (ax_img, ax_cam):
@@ -457,7 +476,6 @@ def cam_figure(items: list[tuple], columns: int = 2):
         panel.suptitle(f"{pretty(label)}  {probability:.1%}", fontsize=10)
     if not n:
         panels[0, 0].text(0.5, 0.5, "no images", ha="center", va="center")
-    fig.suptitle(
-        f"Grad-CAM: evidence for the class named ({CAM_COLORMAP}: blue none, red the most)", fontsize=9
-    )
+    title = f"Grad-CAM: evidence for the class named ({CAM_COLORMAP}: blue none, red the most)"
+    fig.suptitle(title + (f"\nnote: {note}" if note else ""), fontsize=9, wrap=True)
     return fig

@@ -11,6 +11,9 @@ crash predicts only what is missing).
     # on a cluster, as a Ray job (inputs and --out on shared storage or s3://):
     ray job submit --working-dir . -- python rayjobs/batch_predict.py --checkpoint s3://b/run \
         --input s3://b/photos --out s3://b/photos-scenes
+    # and where the model looks: one overlay PNG per image (its top-1 class's Grad-CAM map)
+    python rayjobs/batch_predict.py --checkpoint latest --input ~/photos --out ~/photos-scenes \
+        --cam ~/photos-cams
 
 --input: a directory, a text file of paths (one per line, or Places365's `path label` lines,
 relative to --root, default the file's directory), or a URI (s3://, gs://) of either. The output
@@ -21,11 +24,17 @@ read or decoded: no prediction in its row; the run goes on and counts them). Eac
 through the checkpoint's eval transform and the decoding rules of predict.py and Serve, so the
 top-k are predict.py's. Running the same command again resumes; a finished output is reported as
 complete; --overwrite starts again.
+
+--cam DIR (a directory, local or a URI): for each predicted image, NNNNNN-<file name>.png, its
+view (as the model saw it) blended with the class activation map of its top-1 class (Grad-CAM:
+where the evidence for the class is), NNNNNN its index in the input list; computed by the model
+actors, written by the driver before its shard's part. An image that could not be read has none.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from placesnet.cli import positive_float, positive_int, ray_init, run_cli
@@ -78,13 +87,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="inputs per output file: the unit a killed run predicts again (default: %(default)s)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace the predictions already in --out")
+    p.add_argument(
+        "--cam",
+        metavar="DIR",
+        help="also write each predicted image's top-1 class activation map over it, one PNG "
+        "each, into DIR (a directory or a URI)",
+    )
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from placesnet.batch import MANIFEST, SUBMISSION, Progress, list_inputs, open_output
+    from placesnet.batch import MANIFEST, SUBMISSION, Progress, list_inputs, open_output, open_overlays
     from placesnet.checkpoint import load_checkpoint, locate_checkpoint
     from placesnet.checkpoint_files import model_fingerprint
     from placesnet.environment import io_labels
@@ -105,6 +120,9 @@ def main(argv=None) -> int:
         "format": args.format,
         "shard_size": args.shard_size,
     }
+    if args.cam:  # only then: an output written without overlays keeps its manifest
+        manifest["cam"] = args.cam if "://" in args.cam else os.path.abspath(os.path.expanduser(args.cam))
+    overlays = open_overlays(args.cam) if args.cam else None
     out, resuming = open_output(args.out, args.format, manifest, args.overwrite)
     total, environment = len(inputs.paths), io_labels(loaded.classes) is not None
     done = _done_images(out, total)
@@ -121,7 +139,7 @@ def main(argv=None) -> int:
         f"batch predict: {total:,} images from {args.input} with {loaded.config.model} "
         f"({len(loaded.classes)} classes), {actors} model actor(s) x "
         f"{'1 GPU' if args.gpu else f'{cpus_per_actor:g} CPU'}, batch {args.batch_size}, "
-        f"top-{top_k} -> {args.out}"
+        f"top-{top_k} -> {args.out}" + (f", overlays -> {args.cam}" if args.cam else "")
     )
     from placesnet.batch import predict_shards
 
@@ -138,6 +156,7 @@ def main(argv=None) -> int:
         use_gpu=args.gpu,
         batch_size=args.batch_size,
         progress=Progress(total, done),
+        overlays=overlays,
     )
     if args.format == "places365":
         from placesnet.batch import submission
@@ -183,6 +202,7 @@ def _finish(out, loaded, args, seconds: float, nodes: set[str], *, complete: boo
     errors = int((rows["error"].fillna("") != "").sum())
     where = f"{args.out} ({len(out.done())} {out.suffix} file(s)"
     where += f", {SUBMISSION})" if args.format == "places365" else ")"
+    cams = f"; {len(rows) - errors:,} overlays in {args.cam}" if args.cam else ""
     if complete:
         if args.format == "places365" and not out.fs.get_file_info(f"{out.path}/{SUBMISSION}").size:
             from placesnet.batch import submission
@@ -190,14 +210,14 @@ def _finish(out, loaded, args, seconds: float, nodes: set[str], *, complete: boo
             out.write(SUBMISSION, submission(out))
         print(
             f"{where} is complete: {len(rows):,} images ({errors:,} could not be read) from "
-            f"{args.checkpoint}; nothing to do (--overwrite predicts them again)"
+            f"{args.checkpoint}{cams}; nothing to do (--overwrite predicts them again)"
         )
         return 0
     rate = new / seconds if seconds else 0.0
     print(
         f"predicted {new:,} images in {seconds:.0f} s ({rate:.0f} images/s), decoded on "
         f"{len(nodes)} node(s); {len(rows):,} in all, {errors:,} could not be read "
-        f"(their rows say why): {where}"
+        f"(their rows say why): {where}{cams}"
     )
     return 0
 

@@ -22,8 +22,9 @@ Writes to --out (default: RUN_DIR/eval_<checkpoint name>/):
   are more), with correct/images on each bar;
 - confused_pairs.png: the most confused pairs as image counts ("3 of 40"), and for up to 20
   classes the confusion matrix with the count in each cell;
-- misclassified.png: the --gallery most confident mistakes, each image with its true and
-  predicted class;
+- misclassified.png: the --gallery most confident mistakes, each image (as the model saw it)
+  with its true and predicted class, beside where the model sees each of the two (their
+  Grad-CAM class activation maps, computed here from the checkpoint) and their probabilities;
 - evaluation.json: every number above, the protocol (single view or ten-crop, and the transform),
   the mistakes' paths, and the model's note (a model of the sample data says it knows only those
   classes).
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
     from placesnet.config import pretty
     from placesnet.data.places import SPLITS, resolve_data_root
     from placesnet.data.views import ten_crops
-    from placesnet.evaluation import evaluate_checkpoint, per_class_table
+    from placesnet.evaluation import evaluate_checkpoint, explain_mistakes, per_class_table
     from placesnet.plots import (
         confused_pairs,
         confusion_figure,
@@ -150,6 +151,7 @@ def main(argv=None) -> int:
             ten_crop=args.ten_crop,
         )
     else:
+        device = torch.device("cpu")  # for the gallery's maps, here: a handful of images
         ray_init(args.address)
         from placesnet.launch.resources import plan_resources
         from placesnet.launch.trainer import distributed_evaluate
@@ -179,7 +181,8 @@ def main(argv=None) -> int:
     table.to_csv(out / "per_class.csv", index=False)
     save_png(per_class_figure(table), out / "per_class.png")
     save_png(confusion_figure(confusion, loaded.classes, args.top_pairs), out / "confused_pairs.png")
-    mistakes = result.pop("mistakes", [])
+    # the gallery's maps on this process, from the checkpoint: its images are read here anyway
+    mistakes = explain_mistakes(loaded, result.pop("mistakes", []), device)
     if args.gallery:
         save_png(misclassified_figure(mistakes, loaded.classes), out / "misclassified.png")
     report = {
@@ -192,9 +195,12 @@ def main(argv=None) -> int:
         "confused_pairs": confused_pairs(confusion, loaded.classes, args.top_pairs),
         "mistakes": [
             {
-                **m,
+                "index": m["index"],
+                "image": m["image"],
                 "true": pretty(loaded.classes[m["true"]]),
                 "predicted": pretty(loaded.classes[m["predicted"]]),
+                "probability": m["probability"],
+                "true_probability": m["true_probability"],  # the view's, as the map's title
             }
             for m in mistakes
         ],

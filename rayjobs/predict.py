@@ -3,6 +3,8 @@
     python rayjobs/predict.py --checkpoint ~/ray_results/deepcnn-sample-20261127-120000 photo.jpg
     python rayjobs/predict.py --checkpoint RUN_DIR/summary.json --json --top-k 3 a.png b.jpg
     python rayjobs/predict.py --checkpoint RUN_DIR photo.jpg other.png --plot predictions.png
+    python rayjobs/predict.py --checkpoint RUN_DIR photo.jpg --cam --plot where.png
+    python rayjobs/predict.py --checkpoint RUN_DIR photo.jpg --cam --cam-class beach --plot beach.png
     python rayjobs/predict.py --checkpoint ~/ray_results/published/resnet18_places365 photo.jpg
 
 Any JPEG/PNG/WebP/BMP/TIFF of any size and mode (grayscale, RGBA, palette, 16-bit, CMYK) is
@@ -11,6 +13,10 @@ the one it was validated with; an imported published model: the official one). A
 Places365's 365 classes also says whether each image is indoor or outdoor (the official rule,
 from its 10 most probable classes). An unreadable image gets an error line (an "error" entry with
 --json); the others are still predicted, and the exit code is 1.
+
+--cam draws, into --plot, each image (as the model sees it: the eval transform's view) beside its
+class activation map (Grad-CAM: where the evidence for the class is) for its top-1 class, or for
+--cam-class NAME; the class and its probability are each picture's title (and "cam" in --json).
 """
 
 from __future__ import annotations
@@ -40,20 +46,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON document for machines")
     p.add_argument("--gpu", action="store_true", help="run the model on the GPU")
     p.add_argument("--plot", metavar="OUT.png", help="also draw each image next to its top-k bars")
+    p.add_argument(
+        "--cam",
+        action="store_true",
+        help="with --plot: draw each image beside where the model looks for its top-1 class "
+        "(a Grad-CAM heatmap) instead of the bars",
+    )
+    p.add_argument(
+        "--cam-class",
+        metavar="NAME",
+        help="--cam for this class instead of the top-1, in every image: a name as the model's "
+        "classes list it (/b/beach) or as printed (beach)",
+    )
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from placesnet.checkpoint import load_checkpoint, locate_checkpoint
-    from placesnet.config import UserError
+    from placesnet.config import UserError, pretty
 
+    args.cam = args.cam or args.cam_class is not None
+    if args.cam and not args.plot:
+        raise UserError("--cam draws into --plot OUT.png: add --plot OUT.png")
     # a wrong path is an error at once; on object storage, its URI (fetched and verified below)
     args.checkpoint = locate_checkpoint(args.checkpoint)
     import torch
 
     from placesnet.environment import environment, io_labels
-    from placesnet.evaluation import image_probabilities, ranked
+    from placesnet.evaluation import class_index, explain_images, image_probabilities, ranked
     from placesnet.images import BadImage, load_image_file
 
     plot = Path(args.plot).expanduser().resolve() if args.plot else None
@@ -67,6 +88,10 @@ def main(argv=None) -> int:
         args.top_k = min(5, len(loaded.classes))
     elif args.top_k > len(loaded.classes):
         raise UserError(f"--top-k {args.top_k} is more than the model's {len(loaded.classes)} classes")
+    try:
+        target = None if args.cam_class is None else class_index(loaded.classes, args.cam_class)
+    except ValueError as e:
+        raise UserError(f"--cam-class: {e}") from None
 
     images, errors = {}, {}
     for path in args.images:
@@ -78,10 +103,18 @@ def main(argv=None) -> int:
     predictions = {path: ranked(p, loaded.classes, args.top_k) for path, p in probs.items()}
     labels = io_labels(loaded.classes)  # None: not Places365's classes, no environment
     environments = {path: environment(p, labels) for path, p in probs.items()} if labels is not None else {}
-    if args.plot:
-        from placesnet.plots import predictions_figure, save_png
+    cams = {}  # path -> the class its map explains: {label, class_index, probability}
+    if args.plot and predictions:
+        from placesnet.plots import cam_figure, predictions_figure, save_png
 
-        if predictions:
+        if args.cam:
+            items = explain_images(loaded, list(images.values()), target, device)
+            index = {name: i for i, name in enumerate(loaded.classes)}
+            for path, (_, _, name, probability) in zip(images, items):
+                cams[path] = {"label": pretty(name), "class_index": index[name], "probability": probability}
+            named = [(*item, Path(path).name) for path, item in zip(images, items)]
+            save_png(cam_figure(named, note=loaded.note), plot)
+        else:
             save_png(
                 predictions_figure(
                     [(Path(p).name, images[p], predictions[p]) for p in predictions], loaded.note
@@ -98,6 +131,7 @@ def main(argv=None) -> int:
                     "image": p,
                     "predictions": predictions[p],
                     **({"environment": environments[p]} if p in environments else {}),
+                    **({"cam": cams[p]} if p in cams else {}),
                 }
                 if p in predictions
                 else {"image": p, "error": errors[p]}
@@ -115,6 +149,8 @@ def main(argv=None) -> int:
                     print(f"  {rank}. {pred['label']:<28} {pred['probability']:7.2%}")
                 if path in environments:
                     print(f"  environment: {environments[path]}")
+                if path in cams:
+                    print(f"  map of: {cams[path]['label']} {cams[path]['probability']:.2%}")
     if args.plot and predictions:
         print(f"plot: {plot}", file=sys.stderr if args.json else sys.stdout)
     for path in args.images:

@@ -1268,6 +1268,105 @@ MUTATIONS = [
         '"explain vs forward": ratio(forward_s, explain_s),',
         ("tests/test_benchmarks.py", "-k", "explain"),
     ),
+    M(
+        "explain: the overlay is of the top-1 class whatever ?class= asks",
+        "placesnet/serve/replica.py",
+        "heatmaps = model.heatmaps(batch, [_explained_class(e, p) for e, p in zip(explain, probs)])",
+        "heatmaps = model.heatmaps(batch, [int(p.argmax()) for p in probs])",
+        ("tests/test_serve_core.py", "-k", "explain"),
+    ),
+    M(
+        "explain: ?class= ignored",
+        "placesnet/serve/replica.py",
+        "return int(probs.argmax()) if explain == TOP_1 else explain",
+        "return int(probs.argmax())",
+        ("tests/test_serve_core.py", "-k", "explain"),
+    ),
+    M(
+        "explain: no key check",
+        "placesnet/serve/http_api.py",
+        '            replica.authorize(request.headers.get("authorization", ""))\n'
+        "            model = replica.current()  # the whole request is answered by this one\n"
+        "            k = replica.check_top_k(top_k, model)\n"
+        "            target = ",
+        "            model = replica.current()  # the whole request is answered by this one\n"
+        "            k = replica.check_top_k(top_k, model)\n"
+        "            target = ",
+        ("tests/test_serve_core.py", "-k", "explain"),
+    ),
+    M(
+        "explain: X-Predictions not the image's top-k",
+        "placesnet/serve/http_api.py",
+        'headers["X-Predictions"] = _compact(result.predictions)',
+        'headers["X-Predictions"] = _compact(result.predictions[:1])',
+        ("tests/test_serve_core.py", "-k", "explain"),
+    ),
+    M(
+        "cam: the map of the unnormalised view",
+        "placesnet/evaluation.py",
+        "part = normalize(batch[start : start + batch_size].to(device))",
+        "part = batch[start : start + batch_size].to(device).float()",
+        ("tests/test_explain.py", "-k", "normalised"),
+    ),
+    M(
+        "predict --cam: --cam-class ignored",
+        "rayjobs/predict.py",
+        "items = explain_images(loaded, list(images.values()), target, device)",
+        "items = explain_images(loaded, list(images.values()), None, device)",
+        ("tests/test_explain.py", "-k", "predict_cam"),
+    ),
+    M(
+        "predict --cam: drawn without --plot",
+        "rayjobs/predict.py",
+        "    if args.cam and not args.plot:\n",
+        "    if False:\n",
+        ("tests/test_explain.py", "-k", "predict_cam"),
+    ),
+    M(
+        "gallery: true and predicted maps swapped",
+        "placesnet/evaluation.py",
+        '            "true_map": t,\n            "predicted_map": pr,\n',
+        '            "true_map": pr,\n            "predicted_map": t,\n',
+        ("tests/test_explain.py", "-k", "mistake or gallery"),
+    ),
+    M(
+        "gallery: each overlay drawn under the other class's title",
+        "placesnet/plots.py",
+        'ax.imshow(overlay(m["view"], m[f"{which}_map"]))',
+        'ax.imshow(overlay(m["view"], m["predicted_map" if which == "true" else "true_map"]))',
+        ("tests/test_explain.py", "-k", "mistake or gallery"),
+    ),
+    M(
+        "gallery: evaluate.py draws no maps",
+        "rayjobs/evaluate.py",
+        'mistakes = explain_mistakes(loaded, result.pop("mistakes", []), device)',
+        'mistakes = result.pop("mistakes", [])',
+        ("tests/test_explain.py", "-k", "evaluate_writes"),
+    ),
+    M(
+        "batch --cam: an overlay for an unreadable image",
+        "placesnet/batch.py",
+        "                    if len(png):  # an error row has none\n",
+        "                    if True:\n",
+        ("tests/test_batch_predict.py", "-k", "top_k_equal"),
+        ray=True,
+    ),
+    M(
+        "batch --cam: the first image of each batch gets none",
+        "placesnet/batch.py",
+        "for row, view, heatmap in zip(np.flatnonzero(ok), views, heatmaps):",
+        "for row, view, heatmap in list(zip(np.flatnonzero(ok), views, heatmaps))[1:]:",
+        ("tests/test_batch_predict.py", "-k", "top_k_equal"),
+        ray=True,
+    ),
+    M(
+        "batch --cam: the map of the least probable class",
+        "placesnet/batch.py",
+        "heatmaps = batch_heatmaps(self.loaded, views, probs.argmax(1).tolist(), self.device)",
+        "heatmaps = batch_heatmaps(self.loaded, views, probs.argmin(1).tolist(), self.device)",
+        ("tests/test_batch_predict.py", "-k", "top_k_equal"),
+        ray=True,
+    ),
     # --- the web page (issue #30) ------------------------------------------------------------
     M(
         "page: a class name inserted as HTML",

@@ -1,6 +1,7 @@
 """rayjobs/batch_predict.py against the session's real Ray head: Ray Data decode tasks and model
 actors over a photo collection, the same top-k as predict.py, Parquet / CSV / Places365 outputs,
-bad input refused before Ray, and a run SIGKILLed mid-way resumed with every input once."""
+--cam's overlay PNG for every predicted image (none for an unreadable one), bad input refused
+before Ray, and a run SIGKILLed mid-way resumed with every input once."""
 
 import json
 import os
@@ -64,6 +65,7 @@ def test_bad_input_is_one_line_before_ray_starts(photos, checkpoint, tmp_path):
         (["--out", tmp_path / "file"], "is a file"),
         (["--out", "/proc/placesnet-out"], "cannot write to --out"),
         (["--out", other], "holds other files (mine.txt"),
+        (["--cam", tmp_path / "file"], f"--cam {tmp_path / 'file'} is a file"),
         (["--checkpoint", corrupt], "corrupt checkpoint"),
         (["--format", "places365"], "needs the top 5 classes; this model has 4"),
     ]:
@@ -78,11 +80,12 @@ def test_bad_input_is_one_line_before_ray_starts(photos, checkpoint, tmp_path):
 def test_top_k_equal_predict_py_in_parquet_and_csv_and_a_finished_output_is_not_redone(
     photos, checkpoint, ray_head, tmp_path
 ):
-    out = tmp_path / "out"
+    out, cams = tmp_path / "out", tmp_path / "cams"
     common = ["--checkpoint", checkpoint, "--input", photos, "--top-k", 3, "--batch-size", 8]
-    proc = batch_predict(*common, "--out", out, "--shard-size", 16, env=ray_head.env)
+    proc = batch_predict(*common, "--out", out, "--shard-size", 16, "--cam", cams, env=ray_head.env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "predicted 49 images" in proc.stdout and "1 could not be read" in proc.stdout, proc.stdout
+    assert f"48 overlays in {cams}" in proc.stdout, proc.stdout
     table = parts(out)
     assert len(list(out.glob("part-*.parquet"))) == 4  # 49 inputs in shards of 16
     assert sorted(table["index"]) == list(range(49))  # every input once
@@ -104,15 +107,18 @@ def test_top_k_equal_predict_py_in_parquet_and_csv_and_a_finished_output_is_not_
         )
         assert row.label == row.labels[0] and row.probability == row.probabilities[0]
         assert row.checkpoint == str(checkpoint)
+    _check_overlays(cams, table, checkpoint)
     # The same command again: complete, nothing rewritten.
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    again = batch_predict(*common, "--out", out, "--shard-size", 16, env=ray_head.env)
+    again = batch_predict(*common, "--out", out, "--shard-size", 16, "--cam", cams, env=ray_head.env)
     assert again.returncode == 0 and "is complete: 49 images (1 could not be read)" in again.stdout, (
         again.stdout
     )
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     # Other settings on the same --out: refused, unless --overwrite.
-    other = batch_predict(*common[:-4], "--top-k", 2, "--out", out, "--shard-size", 16, env=ray_head.env)
+    other = batch_predict(
+        *common[:-4], "--top-k", 2, "--out", out, "--shard-size", 16, "--cam", cams, env=ray_head.env
+    )
     assert_user_error(other, "holds predictions of another run (its top_k differ)")
     # CSV: the same rows, the lists as JSON arrays.
     csv = tmp_path / "csv"
@@ -124,6 +130,36 @@ def test_top_k_equal_predict_py_in_parquet_and_csv_and_a_finished_output_is_not_
     assert [json.loads(v) for v in good["labels"]] == [
         list(v) for v in table.sort_values("index")[table.sort_values("index")["error"].isna()]["labels"]
     ]
+
+
+def _check_overlays(cams: Path, table: pd.DataFrame, checkpoint: Path) -> None:
+    """--cam: one PNG per predicted image and none for the unreadable one, named by its index
+    and file name, of the view's size (the model's input); the first ones are the view blended
+    with its top-1 class's map, as plots.overlay draws it."""
+    import numpy as np
+    from PIL import Image
+
+    from placesnet.batch import overlay_name
+    from placesnet.checkpoint import load_checkpoint
+    from placesnet.data.views import single_view
+    from placesnet.evaluation import batch_heatmaps
+    from placesnet.images import load_image_file
+    from placesnet.plots import overlay
+
+    good = table[table["error"].isna()].sort_values("index")
+    assert sorted(p.name for p in cams.iterdir()) == sorted(
+        overlay_name(i, path) for i, path in zip(good["index"], good["path"])
+    )
+    loaded = load_checkpoint(checkpoint)
+    size = loaded.config.image_size
+    for row in list(good.itertuples())[:3]:
+        with Image.open(cams / overlay_name(row.index, row.path)) as png:
+            assert png.format == "PNG" and png.size == (size, size) and png.mode == "RGB"
+            drawn = np.asarray(png, dtype=np.int16)
+        view = single_view(loaded.config)(load_image_file(row.path))
+        heatmap = batch_heatmaps(loaded, view[None], [int(row.class_indices[0])])[0]
+        assert heatmap.max() == 1  # evidence somewhere: another class's map would look otherwise
+        assert np.abs(drawn - overlay(view, heatmap).astype(np.int16)).max() <= 2
 
 
 def test_places365_submission_follows_the_list_order(tiny_root, tiny_config, ray_head, tmp_path):

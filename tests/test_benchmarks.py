@@ -342,3 +342,16 @@ def test_explain_benchmark_prints_ratios_against_the_forward_pass():
         expected = _number(cells["explain ms/image"]) / _number(cells["forward ms/image"])
         assert _number(cells["explain vs forward"]) == pytest.approx(expected, rel=0.02, abs=0.011), cells
         assert _number(cells["overlay PNG ms/image"]) > 0
+
+
+@pytest.mark.slow
+def test_batch_predict_benchmark_compares_ray_data_with_predict_py():
+    rows = [
+        "predict.py (one process)",
+        "batch_predict.py, 1 CPU actor(s)",
+        "batch_predict.py, 2 CPU actor(s)",
+    ]
+    proc = run_script("benchmarks/batch_predict.py", "--images", 48, "--large", 96, "--image-size", 32)
+    out = _table(proc, *rows)
+    _check_ratios(out, "path", "images/s", "vs predict.py", rows[0], rows[1:])
+    assert "Memory as the input grows" in out and re.search(r"^\| 96 ", out, re.M), out

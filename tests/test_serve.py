@@ -1,7 +1,9 @@
 """The Serve endpoint against a real local Ray + Serve (not local testing mode): predictions,
-parity with rayjobs/predict.py, every bad input's 4xx, concurrency, and `serve run`."""
+parity with rayjobs/predict.py, every bad input's 4xx, concurrency, `serve run`, and /explain's
+class activation maps through the same checks and batch queue."""
 
 import asyncio
+import base64
 import io
 import json
 import os
@@ -421,14 +423,15 @@ def test_bearer_token_lets_in_only_who_should(endpoint, tiny_root, tmp_path):
         jpeg = (tiny_root / "val_256/Places365_val_00000001.jpg").read_bytes()
         assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200  # probes stay open
         for auth in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-token"}):
-            r = httpx.post(
-                f"{url}/predict",
-                content=b"not an image",
-                timeout=30,
-                headers={"Content-Type": "image/jpeg", **auth},
-            )
-            assert r.status_code == 401 and "bearer token" in r.json()["error"], (auth, r.text)
-            assert r.headers["www-authenticate"] == "Bearer"
+            for route in ("predict", "explain"):
+                r = httpx.post(
+                    f"{url}/{route}",
+                    content=b"not an image",
+                    timeout=30,
+                    headers={"Content-Type": "image/jpeg", **auth},
+                )
+                assert r.status_code == 401 and "bearer token" in r.json()["error"], (route, auth, r.text)
+                assert r.headers["www-authenticate"] == "Bearer"
         assert httpx.get(f"{url}/model", timeout=30).status_code == 401
         ok = httpx.post(
             f"{url}/predict",
@@ -437,6 +440,13 @@ def test_bearer_token_lets_in_only_who_should(endpoint, tiny_root, tmp_path):
             headers={"Content-Type": "image/jpeg", "Authorization": "Bearer s3cret-token"},
         )
         assert ok.status_code == 200 and ok.json()["predictions"]
+        explained = httpx.post(
+            f"{url}/explain",
+            content=jpeg,
+            timeout=60,
+            headers={"Content-Type": "image/jpeg", "Authorization": "Bearer s3cret-token"},
+        )
+        assert explained.status_code == 200 and explained.headers["content-type"] == "image/png"
         # gRPC: the same key in the `authorization` metadata
         import grpc
 
@@ -512,3 +522,122 @@ def test_grpc_predict_answers_like_http(endpoint, tiny_root):
         and f"{paths[0]}: " in proc.stdout
         and "broken.jpg: error:" in proc.stderr
     )
+
+
+def _overlay_pixels(png: bytes):
+    import numpy as np
+
+    with Image.open(io.BytesIO(png)) as img:
+        assert img.format == "PNG" and img.size == (32, 32)  # the view: the model's input
+        return np.asarray(img, dtype=np.int16)
+
+
+def test_explain_through_serve(endpoint, tiny_root):
+    """POST /explain through Serve's proxy: one image's overlay PNG of the view's size with
+    /predict's predictions in X-Predictions and its top-1 class (or ?class=) in
+    X-Explained-Class; format=json; several images as JSON in order; 48 requests at once go
+    through the batch queue and share passes, each answered as if alone."""
+    base, *_ = endpoint
+    paths = [tiny_root / f"val_256/Places365_val_{i:08d}.jpg" for i in range(1, 13)]
+    raw = {"Content-Type": "image/jpeg"}
+    predicted = httpx.post(
+        f"{base}/predict?top_k=4", content=paths[0].read_bytes(), headers=raw, timeout=60
+    ).json()["predictions"]
+    r = httpx.post(f"{base}/explain?top_k=4", content=paths[0].read_bytes(), headers=raw, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+    _overlay_pixels(r.content)
+    assert json.loads(r.headers["X-Predictions"]) == predicted  # the same forward pass
+    explained = json.loads(r.headers["X-Explained-Class"])
+    assert explained["class_index"] == predicted[0]["class_index"]
+    assert explained["probability"] == pytest.approx(predicted[0]["probability"], abs=1e-6)
+    last = predicted[-1]
+    other = httpx.post(
+        f"{base}/explain",
+        params={"class": last["label"], "format": "json"},
+        content=paths[0].read_bytes(),
+        headers=raw,
+        timeout=60,
+    ).json()
+    assert (other["class"], other["class_index"]) == (last["label"], last["class_index"])
+    assert other["probability"] == pytest.approx(last["probability"], abs=1e-6)
+    assert (
+        abs(_overlay_pixels(base64.b64decode(other["overlay_png_base64"])) - _overlay_pixels(r.content)).max()
+        > 0
+    )
+    files = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in paths[:3]]
+    files.insert(1, ("file", ("broken.jpg", b"not an image", "image/jpeg")))
+    several = httpx.post(f"{base}/explain", files=files, timeout=60)
+    assert several.status_code == 200, several.text
+    results = several.json()["results"]
+    assert [x["file"] for x in results] == [paths[0].name, "broken.jpg", paths[1].name, paths[2].name]
+    assert results[1]["status"] == 415 and "overlay_png_base64" not in results[1]
+    assert results[0]["class_index"] == predicted[0]["class_index"]
+
+    alone = {}
+    for path in paths:
+        for cls in (None, "beach"):
+            one = httpx.post(
+                f"{base}/explain",
+                params={"class": cls} if cls else {},
+                content=path.read_bytes(),
+                headers=raw,
+                timeout=60,
+            )
+            alone[path, cls] = (one.headers["X-Explained-Class"], _overlay_pixels(one.content))
+
+    async def go():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=48)) as client:
+            return await asyncio.gather(
+                *[
+                    client.post(
+                        f"{base}/explain",
+                        params={"class": cls} if cls else {},
+                        content=path.read_bytes(),
+                        headers=raw,
+                    )
+                    for path in paths
+                    for cls in (None, "beach")
+                    for _ in range(2)
+                ]
+            )
+
+    responses = asyncio.run(go())
+    assert [r.status_code for r in responses] == [200] * 48
+    asked = [(path, cls) for path in paths for cls in (None, "beach") for _ in range(2)]
+    for key, r in zip(asked, responses):
+        assert (
+            json.loads(r.headers["X-Explained-Class"])["class_index"]
+            == json.loads(alone[key][0])["class_index"]
+        )
+        assert abs(_overlay_pixels(r.content) - alone[key][1]).max() <= 2, key
+    sizes = [int(r.headers["X-Batch-Size"]) for r in responses]
+    assert max(sizes) > 1 and max(sizes) <= 8, sizes  # passes shared, up to max_batch_size
+    assert all(r.headers["X-Batch-Queued"] == "yes" for r, n in zip(responses, sizes) if n > 1)
+
+
+def test_explain_refuses_what_predict_refuses(endpoint, tiny_root):
+    """Every bad request /predict answers with a 4xx gets the same status and error from
+    /explain (Serve's proxy in between), a class the model lacks a 400, too many files a 413;
+    the replica keeps serving."""
+    base, *_ = endpoint
+    jpeg = _jpeg(tiny_root / "val_256/Places365_val_00000001.jpg")
+    for (name, kwargs, status), (_, again, _) in zip(_bad_requests(jpeg), _bad_requests(jpeg)):
+        predicted = httpx.post(f"{base}/predict", timeout=60, **kwargs)
+        explained = httpx.post(f"{base}/explain", timeout=60, **again)  # a chunked body is sent once
+        assert predicted.status_code == explained.status_code == status, (name, explained.text)
+        assert explained.json() == predicted.json(), name
+        assert isinstance(explained.json().get("error"), str) and explained.json()["error"], name
+    r = httpx.post(
+        f"{base}/explain?class=lighthouse", content=jpeg, headers={"Content-Type": "image/jpeg"}, timeout=60
+    )
+    assert r.status_code == 400 and r.json()["error"].startswith("unknown class 'lighthouse'")
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), "green").save(buf, "JPEG")
+    too_many = httpx.post(
+        f"{base}/explain",
+        files=[("file", (f"{i}.jpg", buf.getvalue(), "image/jpeg")) for i in range(65)],
+        timeout=60,
+    )
+    assert too_many.status_code == 413 and "max_images_per_request" in too_many.json()["error"]
+    ok = httpx.post(f"{base}/explain", content=jpeg, headers={"Content-Type": "image/jpeg"}, timeout=60)
+    assert ok.status_code == 200 and ok.headers["content-type"] == "image/png"

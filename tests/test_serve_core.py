@@ -1,9 +1,11 @@
 """placesnet/serve without Ray: build_app's options are typed and checked once, every bad one
 refused by name; HTTP and gRPC call one predict core and a ClientError's status reaches both
-through one table (GRPC_CODES); a multipart body's `file` fields. (tests/test_serve.py runs the
-same endpoint under a real Ray Serve.)"""
+through one table (GRPC_CODES); /explain's overlays (the map of the class asked for, over the
+view) through the same checks and refusals as /predict; a multipart body's `file` fields.
+(tests/test_serve.py runs the same endpoint under a real Ray Serve.)"""
 
 import asyncio
+import base64
 import io
 import json
 import math
@@ -171,6 +173,21 @@ def _deployment(replica):
     return SceneClassifier.func_or_class.__mro__[1], SimpleNamespace(replica=replica)
 
 
+def _request(images: list[bytes], authorization: str | None, path: str, content_type: str = "image/jpeg"):
+    """A Starlette POST ``path`` request of ``images``: one as the raw body of ``content_type``,
+    several as multipart `file` fields named image1, image2, ..."""
+    files = [("file", (f"image{i}", data, "image/jpeg")) for i, data in enumerate(images, 1)]
+    built = (
+        httpx.Request("POST", f"http://x{path}", files=files)
+        if len(images) != 1
+        else httpx.Request(
+            "POST", f"http://x{path}", content=images[0], headers={"Content-Type": content_type}
+        )
+    )
+    headers = {**built.headers, **({"authorization": authorization} if authorization else {})}
+    return post_request(headers, built.read(), path)
+
+
 def _http(replica, images: list[bytes], top_k=None, authorization="Bearer s3cret"):
     """POST /predict through the deployment's route method and the app's error handlers:
     (status, JSON body, headers). Several images go as multipart `file` fields."""
@@ -178,16 +195,7 @@ def _http(replica, images: list[bytes], top_k=None, authorization="Bearer s3cret
 
     from placesnet.serve.http_api import app
 
-    files = [("file", (f"image{i}", data, "image/jpeg")) for i, data in enumerate(images, 1)]
-    built = (
-        httpx.Request("POST", "http://x/predict", files=files)
-        if len(images) != 1
-        else httpx.Request(
-            "POST", "http://x/predict", content=images[0], headers={"Content-Type": "image/jpeg"}
-        )
-    )
-    headers = {**built.headers, **({"authorization": authorization} if authorization else {})}
-    request, response = post_request(headers, built.read()), Response()
+    request, response = _request(images, authorization, "/predict"), Response()
     deployment, instance = _deployment(replica)
 
     async def call():
@@ -209,18 +217,43 @@ def _grpc(replica, images: list[bytes], top_k=0, authorization="Bearer s3cret"):
     return reply, context
 
 
+def _explain(
+    replica,
+    images: list[bytes],
+    top_k=None,
+    authorization="Bearer s3cret",
+    cls: str | None = None,
+    fmt: str = "png",
+    content_type: str = "image/jpeg",
+):
+    """POST /explain through the deployment's route method and the app's error handlers:
+    (status, body: PNG bytes or JSON, headers)."""
+    from placesnet.serve.http_api import app
+
+    request = _request(images, authorization, "/explain", content_type)
+    deployment, instance = _deployment(replica)
+
+    async def call():
+        try:
+            answer = await deployment.explain(instance, request, top_k, cls, fmt)
+        except ClientError as e:
+            answer = await app.exception_handlers[ClientError](request, e)
+        png = answer.media_type == "image/png"
+        return answer.status_code, answer.body if png else json.loads(answer.body), dict(answer.headers)
+
+    return asyncio.run(call())
+
+
 def _jpeg(color="green", size=(40, 30)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, "JPEG")
     return buf.getvalue()
 
 
-def test_a_refused_request_gets_the_same_verdict_over_http_and_grpc(replica):
-    """The same bad requests sent both ways: the HTTP status and the gRPC code are the pair in
-    GRPC_CODES (401/UNAUTHENTICATED, 413/RESOURCE_EXHAUSTED, 422/INVALID_ARGUMENT), with the
-    same message; the gRPC reply is then empty."""
+def _refused_requests() -> list[tuple[str, dict, int, grpc.StatusCode]]:
+    """Requests the endpoint refuses whole: (name, _http's arguments, HTTP status, gRPC code)."""
     jpeg = _jpeg()
-    cases = [
+    return [
         ("no token", dict(images=[jpeg], authorization=None), 401, grpc.StatusCode.UNAUTHENTICATED),
         (
             "wrong token",
@@ -238,7 +271,13 @@ def test_a_refused_request_gets_the_same_verdict_over_http_and_grpc(replica):
         ("too many images", dict(images=[jpeg] * 5), 413, grpc.StatusCode.RESOURCE_EXHAUSTED),
         ("too many bytes", dict(images=[b"\xff" * 60_000]), 413, grpc.StatusCode.RESOURCE_EXHAUSTED),
     ]
-    for name, kwargs, status, code in cases:
+
+
+def test_a_refused_request_gets_the_same_verdict_over_http_and_grpc(replica):
+    """The same bad requests sent both ways: the HTTP status and the gRPC code are the pair in
+    GRPC_CODES (401/UNAUTHENTICATED, 413/RESOURCE_EXHAUSTED, 422/INVALID_ARGUMENT), with the
+    same message; the gRPC reply is then empty."""
+    for name, kwargs, status, code in _refused_requests():
         http_status, body, headers = _http(replica, **kwargs)
         reply, context = _grpc(replica, **kwargs)
         assert http_status == status and GRPC_CODES[status] == code == context.code, (
@@ -288,6 +327,143 @@ def test_each_image_gets_the_same_answer_over_http_and_grpc(replica):
             [p.probability for p in grpc_result.predictions], abs=1e-6
         )
     assert body["results"][0]["predictions"][0]["label"] == alone["predictions"][0]["label"]
+
+
+# --- /explain: where the model looks, through the same checks and predict core ------------------
+
+
+@pytest.fixture(scope="module")
+def explaining(tiny_config, tmp_path_factory):
+    """A Replica (no Serve) as ``replica``'s, of a model trained one epoch: its maps show evidence
+    for every class (a random model's map of its top-1 class is often empty)."""
+    from test_explain import one_epoch_checkpoint
+
+    from placesnet.serve.replica import Replica
+
+    tmp = tmp_path_factory.mktemp("explaining")
+    one_epoch_checkpoint(tmp / "ckpt", tiny_config)
+    (tmp / "key").write_text("s3cret\n")
+    options = ServeOptions(
+        num_cpus=1, max_body_bytes=50_000, max_images_per_request=4, api_key_file=str(tmp / "key")
+    )
+    return Replica(str(tmp / "ckpt"), options)
+
+
+def _pixels(png: bytes):
+    import numpy as np
+
+    with Image.open(io.BytesIO(png)) as img:
+        assert img.format == "PNG" and img.mode == "RGB"
+        return np.asarray(img, dtype=np.int16)
+
+
+def _expected_overlay(replica, data: bytes, class_index: int):
+    """The overlay plots.overlay draws of the upload's view and its map of ``class_index``,
+    computed here, outside the endpoint."""
+    import numpy as np
+
+    from placesnet.evaluation import batch_heatmaps
+    from placesnet.images import decode_image
+    from placesnet.plots import overlay
+
+    model = replica.current()
+    view = model.transform(decode_image(data))
+    heatmap = batch_heatmaps(model.loaded, view[None], [class_index])[0]
+    assert heatmap.max() == 1  # a map with evidence somewhere: comparing with it means something
+    return overlay(view, heatmap).astype(np.int16)
+
+
+def test_explain_answers_one_image_with_its_overlay_and_predictions(explaining, tiny_root):
+    """One image: a PNG of the view's size (the model's input, 32 x 32, from a 256 x 256 photo)
+    that is the view blended with the map of its top-1 class (or of ?class=, by either name);
+    X-Predictions are /predict's, X-Explained-Class names the map's class with /predict's
+    probability; format=json holds the same; a class the model lacks is a 400, a format that is
+    neither png nor json a 422."""
+    photo = (tiny_root / "val_256/Places365_val_00000002.jpg").read_bytes()
+    status, predicted, _ = _http(explaining, [photo], top_k=4)
+    assert status == 200
+    top1, other = predicted["predictions"][0], predicted["predictions"][2]
+    status, png, headers = _explain(explaining, [photo], top_k=4)
+    assert status == 200 and headers["content-type"] == "image/png", (status, png)
+    drawn = _pixels(png)
+    assert drawn.shape == (32, 32, 3)
+    assert json.loads(headers["x-predictions"]) == predicted["predictions"]
+    explained = json.loads(headers["x-explained-class"])
+    assert explained == {k: top1[k] for k in ("label", "class_index", "probability")}
+    assert abs(drawn - _expected_overlay(explaining, photo, top1["class_index"])).max() <= 2
+    for name in (other["label"], explaining.current().loaded.classes[other["class_index"]]):  # "x", "/x/x"
+        status, png, headers = _explain(explaining, [photo], top_k=4, cls=name)
+        assert status == 200, (name, png)
+        assert json.loads(headers["x-explained-class"]) == {
+            k: other[k] for k in ("label", "class_index", "probability")
+        }
+        expected = _expected_overlay(explaining, photo, other["class_index"])
+        assert abs(_pixels(png) - expected).max() <= 2
+        assert abs(drawn - expected).max() > 20  # another class, another map
+    status, body, headers = _explain(explaining, [photo], cls=other["label"], fmt="json")
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert (body["file"], body["class"], body["class_index"]) == (
+        "body",
+        other["label"],
+        other["class_index"],
+    )
+    assert body["probability"] == other["probability"] and body["predictions"] == predicted["predictions"]
+    assert abs(_pixels(base64.b64decode(body["overlay_png_base64"])) - _pixels(png)).max() == 0
+    assert body["model"].startswith("deepcnn:") and "knows only its 4 classes" in body["note"]
+    status, body, _ = _explain(explaining, [photo], cls="beech")
+    assert status == 400 and body["error"].startswith("unknown class 'beech'"), body
+    assert "beach" in body["error"] and "desert/sand" in body["error"]
+    status, body, _ = _explain(explaining, [photo], fmt="xml")
+    assert status == 422 and body["error"] == "format must be png or json, got 'xml'"
+
+
+def test_explain_answers_several_images_in_order_each_as_if_alone(explaining, tiny_root):
+    """Several images: JSON results in order, each as that image alone gets it (class,
+    probability, predictions, overlay), one that is no image or empty its own error."""
+    photos = [(tiny_root / f"val_256/Places365_val_{i:08d}.jpg").read_bytes() for i in (3, 1)]
+    images = [photos[0], b"not an image at all", photos[1], b""]
+    status, body, headers = _explain(explaining, images, top_k=2, cls="field/wild")
+    assert status == 200 and headers["x-batch-size"] == "2"
+    results = body["results"]
+    assert [r["file"] for r in results] == ["image1", "image2", "image3", "image4"]
+    assert [r.get("status") for r in results] == [None, 415, None, 400]
+    assert "overlay_png_base64" not in results[1] and results[1]["error"]
+    for photo, result in zip(photos, (results[0], results[2])):
+        _, alone, alone_headers = _explain(explaining, [photo], top_k=2, cls="field/wild")
+        assert result["class"] == "field/wild" and result["predictions"] == json.loads(
+            alone_headers["x-predictions"]
+        )
+        assert result["probability"] == json.loads(alone_headers["x-explained-class"])["probability"]
+        assert abs(_pixels(base64.b64decode(result["overlay_png_base64"])) - _pixels(alone)).max() <= 2
+
+
+_EXPLAIN_ONLY = [  # what /explain refuses beyond /predict's refusals: (name, _explain's arguments, status)
+    ("not an image", dict(images=[b"not an image at all"]), 415),
+    ("truncated image", dict(images=[_jpeg()[:300]]), 400),
+    ("empty body", dict(images=[b""]), 400),
+    ("unsupported content type", dict(images=[b'{"a": 1}'], content_type="application/json"), 415),
+    ("unknown class, no token", dict(images=[_jpeg()], cls="beech", authorization=None), 401),
+]
+
+
+_EXPLAIN_REFUSALS = [
+    (name, kwargs, status) for name, kwargs, status, _ in _refused_requests()
+] + _EXPLAIN_ONLY
+
+
+@pytest.mark.parametrize("name, kwargs, status", _EXPLAIN_REFUSALS, ids=[c[0] for c in _EXPLAIN_REFUSALS])
+def test_explain_refuses_what_predict_refuses_with_the_same_answer(explaining, name, kwargs, status):
+    """Each request /predict refuses (no or a wrong key, a bad top_k, too many images or bytes,
+    no image, a broken one, an empty body, another Content-Type) /explain refuses with the same
+    status and error; the key is checked before the class."""
+    kwargs = dict(kwargs)
+    cls, content_type = kwargs.pop("cls", None), kwargs.pop("content_type", "image/jpeg")
+    explained = _explain(explaining, **kwargs, cls=cls, content_type=content_type)
+    assert explained[0] == status, (name, explained)
+    if cls is None and content_type == "image/jpeg":
+        assert explained[1] == _http(explaining, **kwargs)[1], name
+    if status == 401:
+        assert explained[2]["www-authenticate"] == "Bearer"
 
 
 def test_a_client_error_needs_a_grpc_code_and_bad_images_are_sorted_by_cause_not_message():

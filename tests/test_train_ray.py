@@ -127,6 +127,11 @@ def test_val_metrics_identical_for_one_and_two_workers(run, ray_head, tmp_path):
         assert m["true"] != m["predicted"] and classes[int(labels[Path(m["image"]).name])] == m["true"]
     probs = [m["probability"] for m in a["mistakes"]]
     assert probs == sorted(probs, reverse=True)
+    # the gallery's maps: each mistake's view's probability of its true class, the same on 2 workers
+    assert [m["true_probability"] for m in b["mistakes"]] == pytest.approx(
+        [m["true_probability"] for m in a["mistakes"]], abs=1e-6
+    )
+    assert all(0 <= m["true_probability"] <= m["probability"] + 1e-6 for m in a["mistakes"])
 
 
 def test_predict_cli(run, tiny_root, tmp_path):

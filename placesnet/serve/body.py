@@ -1,7 +1,7 @@
-"""A POST /predict body -> its uploads: the raw body (one image), or every multipart ``file`` field.
-The body is refused (413) as soon as it outgrows ``max_body_bytes``, while it streams in; a
-multipart body's ``file`` fields are counted as they are parsed (python-multipart's parser, fed
-the body in memory), so too many of them is a 413 found where they are counted."""
+"""A POST /predict (or /explain) body -> its uploads: the raw body (one image), or every multipart
+``file`` field. The body is refused (413) as soon as it outgrows ``max_body_bytes``, while it
+streams in; a multipart body's ``file`` fields are counted as they are parsed (python-multipart's
+parser, fed the body in memory), so too many of them is a 413 found where they are counted."""
 
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ REASONS: dict[str, int] = {
     "empty_field": 400,  # a multipart `file` field (or gRPC image) of no bytes
     "bad_image": 400,  # an image format, but truncated, corrupt or over max_pixels
     "no_images": 400,  # a gRPC request with no images
+    "unknown_class": 400,  # /explain's `class`: not one of the model's classes
     "unauthorized": 401,  # no or a wrong bearer token
     "too_large": 413,  # the default 413
     "body_too_large": 413,  # over max_body_bytes
@@ -39,6 +40,7 @@ REASONS: dict[str, int] = {
     "invalid_request": 422,  # the default 422
     "no_file_field": 422,  # a multipart form without a `file` field
     "bad_top_k": 422,  # top_k outside 1..the model's classes
+    "bad_format": 422,  # /explain's `format`: neither png nor json
 }
 DEFAULT_REASONS: dict[int, str] = {
     status: next(r for r, s in REASONS.items() if s == status) for status in GRPC_CODES

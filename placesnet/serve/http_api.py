@@ -1,12 +1,15 @@
 """The Serve deployment, :class:`SceneClassifier`: its FastAPI ``app`` (routes and error handlers,
 so that every error, 404 and 500 included, is ``{"error": "..."}`` JSON, a ClientError's status as
-raised; the web page at ``/``, see page.py; the security headers on every answer) and the gRPC
-method (grpc_api), both answered by one Replica, whose checkpoint comes in the deployment's
+raised; /predict, and /explain with a class activation map over each image; the web page at
+``/``, see page.py; the security headers on every answer) and the gRPC method (grpc_api, predict
+only), both answered by one Replica, whose checkpoint comes in the deployment's
 ``user_config`` (``{"checkpoint": PATH}``): a new one is swapped in place by ``reconfigure``,
 without restarting the replica."""
 
 # No `from __future__ import annotations`: FastAPI reads the routes' parameter types at runtime.
 import asyncio
+import base64
+import json
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -24,7 +27,10 @@ from placesnet.serve.replica import Answer, ImageResult, Replica
 
 app = FastAPI(
     title="placesnet scene classifier",
-    description="Places365 scene classification with DeepCNN. POST an image to /predict.",
+    description=(
+        "Places365 scene classification with DeepCNN. POST an image to /predict; to /explain for "
+        "where the model looks (a class activation map over it)."
+    ),
 )
 app.add_middleware(SecurityHeaders, exempt=(app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url))
 
@@ -98,6 +104,43 @@ def _result_json(result: ImageResult) -> dict:
 
 
 CHECKPOINT_HEADER = "X-Checkpoint"  # on every /predict answer: the checkpoint that produced it
+EXPLAIN_FORMATS = ("png", "json")  # /explain's `format`: one image's overlay itself, or JSON
+EXPLAIN_RESPONSES = {
+    200: {
+        "description": (
+            "One image, format=png: the overlay (the image as the model saw it, blended with the "
+            "map), its predictions in the X-Predictions header and the class the map is of in "
+            "X-Explained-Class (compact JSON each). format=json, or several images: JSON."
+        ),
+        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}, "application/json": {}},
+    }
+}
+
+
+def _explained_json(result: ImageResult) -> dict:
+    """One image of an /explain answer, as JSON: the map's class and its probability, the
+    predictions, the overlay PNG in base64; or its error."""
+    if result.error is not None:
+        return _result_json(result)
+    return {
+        "file": result.name,
+        "class": result.explained["label"],
+        "class_index": result.explained["class_index"],
+        "probability": result.explained["probability"],
+        **result.answer(),
+        "overlay_png_base64": base64.b64encode(result.overlay).decode(),
+    }
+
+
+def _compact(value: object) -> str:
+    """``value`` as one line of ASCII JSON: a header's value."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _check_format(value: str) -> str:
+    if value not in EXPLAIN_FORMATS:
+        raise ClientError(422, f"format must be png or json, got {value!r}", reason="bad_format")
+    return value
 
 
 def _checkpoint_of(config: object) -> str:
@@ -177,6 +220,70 @@ class SceneClassifier(GrpcServicer):
         response.headers["X-Batch-Size"] = str(answer.batch_size)
         response.headers["X-Batch-Queued"] = "yes" if answer.queued else "no"
         return {**body, "model": model.model_id, "checkpoint": str(model.checkpoint), "note": model.note}
+
+    @app.post(
+        "/explain",
+        summary="Where the model looks: a class activation map over one image, or over several",
+        openapi_extra=PREDICT_BODY,
+        responses=EXPLAIN_RESPONSES,
+        response_class=Response,
+    )
+    async def explain(
+        self,
+        request: Request,
+        top_k: int | None = Query(None, description="classes in the predictions (default 5)"),
+        class_name: str | None = Query(
+            None,
+            alias="class",
+            description="the class whose map to draw, as /classes names it (default: each image's top-1)",
+        ),
+        fmt: str = Query("png", alias="format", description="png (one image: the overlay itself) or json"),
+    ) -> Response:
+        """The same body, limits, key and errors as /predict. One image: the overlay as
+        ``image/png`` (the image as the model saw it, through the checkpoint's eval transform,
+        blended with the Grad-CAM heatmap of ``class``, default its top-1 class; red where the
+        evidence for the class is), its predictions in the ``X-Predictions`` header and the
+        class the map is of in ``X-Explained-Class`` (compact JSON each); with ``format=json``,
+        ``{"file", "class", "class_index", "probability", "predictions", "overlay_png_base64"}``.
+        Several images: ``results`` in JSON, one per file in order, each as that image alone or
+        its own ``error``. A class the model does not have: 400."""
+        replica = self.replica
+        try:
+            replica.authorize(request.headers.get("authorization", ""))
+            model = replica.current()  # the whole request is answered by this one
+            k = replica.check_top_k(top_k, model)
+            target = replica.check_class(class_name, model)
+            _check_format(fmt)
+            uploads = await read_uploads(request, replica.options)
+        except ClientError as e:
+            replica.metrics.refused(e.status, e.reason)
+            raise
+        answer: Answer = await replica.predict(uploads, k, model, explain=target)
+        headers = {
+            CHECKPOINT_HEADER: str(model.checkpoint),
+            "X-Batch-Size": str(answer.batch_size),
+            "X-Batch-Queued": "yes" if answer.queued else "no",
+        }
+        if len(uploads) == 1:  # one image: its refusal is the request's
+            (result,) = answer.results
+            if result.error is not None:
+                raise ClientError(
+                    result.status,
+                    result.error,
+                    headers={CHECKPOINT_HEADER: str(model.checkpoint)},
+                    reason=result.reason,
+                )
+            if fmt == "png":
+                headers["X-Predictions"] = _compact(result.predictions)
+                headers["X-Explained-Class"] = _compact(result.explained)
+                return Response(result.overlay, media_type="image/png", headers=headers)
+            body = _explained_json(result)
+        else:
+            body = {"results": [_explained_json(r) for r in answer.results]}
+        return JSONResponse(
+            {**body, "model": model.model_id, "checkpoint": str(model.checkpoint), "note": model.note},
+            headers=headers,
+        )
 
     @app.get("/healthz", summary="200 when this replica can predict")
     async def healthz(self) -> dict:

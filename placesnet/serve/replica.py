@@ -1,7 +1,8 @@
 """One Serve replica's work, with no HTTP or gRPC in it: the checkpoint's model on the replica's
 device and its swap for another (:meth:`Replica.use_checkpoint`), decoding uploads (CPU threads,
 or nvJPEG on a GPU replica), batching, and :meth:`Replica.predict`, the one predict for a list of
-uploads that HTTP and gRPC both call.
+uploads that HTTP and gRPC both call (with ``explain``, also each image's class activation map:
+POST /explain).
 
 Ray-free but for Serve's batch queue (``@serve.batch``), which also runs outside a replica, so
 tests build a Replica directly."""
@@ -28,6 +29,7 @@ from placesnet.serve.served import ServedModel
 
 logger = logging.getLogger("ray.serve")  # a replica's log file and the driver's console
 EMPTY_FIELD = "empty 'file' field"
+TOP_1 = -1  # Replica.predict's ``explain``: each image's map is of its own most probable class
 
 
 class Upload(NamedTuple):
@@ -41,8 +43,10 @@ class Upload(NamedTuple):
 @dataclass(frozen=True)
 class ImageResult:
     """One upload's answer: its top-k ``predictions`` (best first) and, for a model of Places365's
-    classes, its ``environment`` ('indoor' or 'outdoor'); or the ``status`` and ``error`` message
-    of why it has none (what a ClientError for it would carry)."""
+    classes, its ``environment`` ('indoor' or 'outdoor'); when a map was asked for, the class it
+    explains (``explained``: ``{label, class_index, probability}``) and the ``overlay``, the
+    image as the model saw it blended with the map, as PNG bytes; or the ``status`` and ``error``
+    message of why it has none (what a ClientError for it would carry)."""
 
     name: str
     predictions: list[dict] | None = None
@@ -50,11 +54,37 @@ class ImageResult:
     error: str | None = None
     reason: str | None = None
     environment: str | None = None
+    explained: dict | None = None
+    overlay: bytes | None = None
 
     @classmethod
-    def answered(cls, name: str, model: ServedModel, probs: torch.Tensor, k: int) -> ImageResult:
-        """The answer of ``model``'s class ``probs`` for the upload ``name``, with ``k`` classes."""
-        return cls(name, model.top_k(probs, k), environment=model.environment(probs))
+    def answered(
+        cls,
+        name: str,
+        model: ServedModel,
+        probs: torch.Tensor,
+        k: int,
+        cam: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    ) -> ImageResult:
+        """The answer of ``model``'s class ``probs`` for the upload ``name``, with ``k`` classes;
+        with ``cam`` (the upload's uint8 view, its heatmap, the class index the map is of), that
+        class and the overlay PNG too (CPU work: call it off the event loop)."""
+        if cam is None:
+            return cls(name, model.top_k(probs, k), environment=model.environment(probs))
+        from placesnet.plots import overlay_png
+
+        view, heatmap, target = cam
+        return cls(
+            name,
+            model.top_k(probs, k),
+            environment=model.environment(probs),
+            explained={
+                "label": model.labels[target],
+                "class_index": target,
+                "probability": probs[target].item(),
+            },
+            overlay=overlay_png(view, heatmap),
+        )
 
     @classmethod
     def refused(cls, name: str, e: ClientError) -> ImageResult:
@@ -162,6 +192,18 @@ class Replica:
         """With a key set: ``authorization`` must be ``Bearer <key>``, else ClientError 401."""
         check_bearer(authorization, self.api_key)
 
+    def check_class(self, name: str | None, model: ServedModel) -> int:
+        """The class a map is asked of: TOP_1 for None, else the index of ``name`` as /classes
+        or the checkpoint name it; ClientError 400 for a class ``model`` does not have."""
+        from placesnet.evaluation import class_index
+
+        if name is None:
+            return TOP_1
+        try:
+            return class_index(model.loaded.classes, name)
+        except ValueError as e:
+            raise ClientError(400, str(e), reason="unknown_class") from None
+
     def check_top_k(self, requested: int | None, model: ServedModel) -> int:
         """The classes to answer with: ``requested``, or the ``top_k`` option (at most the model's
         classes) when None; ClientError 422 outside 1..``model``'s number of classes."""
@@ -173,20 +215,24 @@ class Replica:
 
     # --- predict: the one path for HTTP and gRPC ------------------------------------------------
 
-    async def predict(self, uploads: list[Upload], k: int, model: ServedModel | None = None) -> Answer:
+    async def predict(
+        self, uploads: list[Upload], k: int, model: ServedModel | None = None, explain: int | None = None
+    ) -> Answer:
         """The top ``k`` classes of each upload by ``model`` (default: the current one), in order;
         an upload that is no usable image gets its status and error instead. One upload goes
         through the batch queue, where it shares forward passes with other requests' (or runs at
         once when alone, see ``_infer``); several are decoded together (one nvJPEG batch on a GPU
         replica, else in parallel in the decode threads) and run ``max_batch_size`` per forward
-        pass, without the batch queue's wait."""
+        pass, without the batch queue's wait. ``explain``: also each answered upload's class
+        activation map (ImageResult's ``explained`` and ``overlay``) of this class index, or of
+        its own top-1 class with TOP_1; images explained share passes only with each other."""
         model = model or self.current()
         self.in_flight += 1
         try:
             if len(uploads) == 1:
-                answer = await self._predict_alone(uploads[0], k, model)
+                answer = await self._predict_alone(uploads[0], k, model, explain)
             else:
-                answer = await self._predict_together(uploads, k, model)
+                answer = await self._predict_together(uploads, k, model, explain)
             for result in answer.results:
                 if result.error is None:
                     self.metrics.classified(result.predictions[0]["label"])
@@ -196,15 +242,33 @@ class Replica:
         finally:
             self.in_flight -= 1
 
-    async def _predict_alone(self, upload: Upload, k: int, model: ServedModel) -> Answer:
+    async def _predict_alone(self, upload: Upload, k: int, model: ServedModel, explain: int | None) -> Answer:
         item = await self._in_decode_threads(self._prepare, upload, model)
         if isinstance(item, ImageResult):
             return Answer([item], batch_size=0, queued=False, model=model)
-        probs, size, queued = await self._infer(item, model)
-        results = [ImageResult.answered(upload.name, model, probs, k)]
+        probs, heatmap, size, queued = await self._infer(item, model, explain)
+        results = [await self._answered(upload.name, model, item, probs, heatmap, k, explain)]
         return Answer(results, batch_size=size, queued=queued, model=model)
 
-    async def _predict_together(self, uploads: list[Upload], k: int, model: ServedModel) -> Answer:
+    async def _answered(
+        self,
+        name: str,
+        model: ServedModel,
+        view: torch.Tensor,
+        probs: torch.Tensor,
+        heatmap: torch.Tensor | None,
+        k: int,
+        explain: int | None,
+    ) -> ImageResult:
+        """ImageResult.answered, its overlay (if any) drawn in the decode threads."""
+        if heatmap is None:
+            return ImageResult.answered(name, model, probs, k)
+        cam = (view, heatmap, _explained_class(explain, probs))
+        return await self._in_decode_threads(ImageResult.answered, name, model, probs, k, cam)
+
+    async def _predict_together(
+        self, uploads: list[Upload], k: int, model: ServedModel, explain: int | None
+    ) -> Answer:
         if self.gpu_decode:  # one nvJPEG batch for the request's images (empty ones refused below)
             images = [u.data for u in uploads if u.data]
             decoded = iter(await asyncio.to_thread(self._decode_on_device, images, model))
@@ -216,13 +280,15 @@ class Replica:
                 *(self._in_decode_threads(self._prepare, u, model) for u in uploads)
             )
         good = [item for item in prepared if not isinstance(item, ImageResult)]
-        probs = iter(await asyncio.to_thread(self._run_chunks, good, model) if good else [])
-        results = [
-            item
-            if isinstance(item, ImageResult)
-            else ImageResult.answered(upload.name, model, next(probs), k)
-            for upload, item in zip(uploads, prepared)
-        ]
+        passes = iter(await asyncio.to_thread(self._run_chunks, good, model, explain) if good else [])
+        results = await asyncio.gather(
+            *(
+                _done(item)
+                if isinstance(item, ImageResult)
+                else self._answered(upload.name, model, item, *next(passes), k, explain)
+                for upload, item in zip(uploads, prepared)
+            )
+        )
         size = min(len(good), self.options.max_batch_size)
         return Answer(results, batch_size=size, queued=False, model=model)
 
@@ -273,45 +339,64 @@ class Replica:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict_batch(
-        self, items: list[tuple[ServedModel, torch.Tensor]]
-    ) -> list[tuple[torch.Tensor, int]]:
+        self, items: list[tuple[ServedModel, torch.Tensor, int | None]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None, int]]:
         """Dynamic batching: requests arriving together share one forward pass of the model each
         was started on (during a swap, a batch may hold images for the old and the new one: one
-        pass each). Each answer is (probabilities, the size of the pass it was in)."""
-        passes: dict[int, tuple[ServedModel, list[int]]] = {}
-        for i, (model, _) in enumerate(items):
-            passes.setdefault(id(model), (model, []))[1].append(i)
-        answers: list[tuple[torch.Tensor, int]] = [None] * len(items)  # type: ignore[list-item]
-        for model, indices in passes.values():
-            probs = await asyncio.to_thread(self._forward, model, torch.stack([items[i][1] for i in indices]))
-            for i, p in zip(indices, probs):
-                answers[i] = (p, len(indices))
+        pass each), images to explain (the item's class index or TOP_1, else None) one pass of
+        their own, so that a prediction never waits for a map. Each answer is (probabilities, the
+        heatmap or None, the size of the pass it was in)."""
+        passes: dict[tuple[int, bool], tuple[ServedModel, list[int]]] = {}
+        for i, (model, _, explain) in enumerate(items):
+            passes.setdefault((id(model), explain is not None), (model, []))[1].append(i)
+        answers: list[tuple[torch.Tensor, torch.Tensor | None, int]] = [None] * len(items)  # type: ignore[list-item]
+        for (_, explaining), (model, indices) in passes.items():
+            batch = torch.stack([items[i][1] for i in indices])
+            explain = [items[i][2] for i in indices] if explaining else None
+            outputs = await asyncio.to_thread(self._forward, model, batch, explain)
+            for i, (probs, heatmap) in zip(indices, outputs):
+                answers[i] = (probs, heatmap, len(indices))
         return answers
 
-    async def _infer(self, tensor: torch.Tensor, model: ServedModel) -> tuple[torch.Tensor, int, bool]:
-        """Probabilities for one preprocessed image, the forward pass's batch size, and whether it
-        went through the batch queue. Serve's batching holds the first request of a batch for
-        ``batch_wait_timeout_s`` even when nothing else is coming; with ``adaptive_batching``
-        a request that is the only one in flight on this replica runs at once, and requests that
-        arrive together still share forward passes."""
+    async def _infer(
+        self, tensor: torch.Tensor, model: ServedModel, explain: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int, bool]:
+        """Probabilities and (with ``explain``) the heatmap for one preprocessed image, the
+        forward pass's batch size, and whether it went through the batch queue. Serve's batching
+        holds the first request of a batch for ``batch_wait_timeout_s`` even when nothing else is
+        coming; with ``adaptive_batching`` a request that is the only one in flight on this
+        replica runs at once, and requests that arrive together still share forward passes."""
         if self.options.adaptive_batching and self.in_flight == 1:
-            probs = await asyncio.to_thread(self._forward, model, tensor[None])
-            return probs[0], 1, False
-        probs, size = await self.predict_batch((model, tensor))
-        return probs, size, True
+            explains = None if explain is None else [explain]
+            ((probs, heatmap),) = await asyncio.to_thread(self._forward, model, tensor[None], explains)
+            return probs, heatmap, 1, False
+        probs, heatmap, size = await self.predict_batch((model, tensor, explain))
+        return probs, heatmap, size, True
 
-    def _run_chunks(self, tensors: list[torch.Tensor], model: ServedModel) -> list[torch.Tensor]:
+    def _run_chunks(
+        self, tensors: list[torch.Tensor], model: ServedModel, explain: int | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         size, out = self.options.max_batch_size, []
         for start in range(0, len(tensors), size):
-            out += list(self._forward(model, torch.stack(tensors[start : start + size])))
+            chunk = tensors[start : start + size]
+            explains = None if explain is None else [explain] * len(chunk)
+            out += self._forward(model, torch.stack(chunk), explains)
         return out
 
-    def _forward(self, model: ServedModel, batch: torch.Tensor) -> torch.Tensor:
-        """``model.run(batch)`` for requests (never a probe), counted and timed."""
+    def _forward(
+        self, model: ServedModel, batch: torch.Tensor, explain: list[int] | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``model.run(batch)`` for requests (never a probe), counted and timed: (probabilities,
+        heatmap) per image; the heatmap of each image's class in ``explain`` (TOP_1: its top-1),
+        or None without ``explain``."""
         start = time.perf_counter()
         probs = model.run(batch)
+        if explain is None:
+            heatmaps = [None] * len(batch)
+        else:
+            heatmaps = model.heatmaps(batch, [_explained_class(e, p) for e, p in zip(explain, probs)])
         self.metrics.forward_pass(len(batch), time.perf_counter() - start)
-        return probs
+        return list(zip(probs, heatmaps))
 
     # --- what the info routes show ------------------------------------------------------------
 
@@ -333,6 +418,16 @@ class Replica:
             "decode_threads": self.decode_pool._max_workers,
             "decode": "nvjpeg" if self.gpu_decode else "cpu",
         }
+
+
+def _explained_class(explain: int, probs: torch.Tensor) -> int:
+    """The class index an image's map is of: ``explain``, or its most probable class for TOP_1."""
+    return int(probs.argmax()) if explain == TOP_1 else explain
+
+
+async def _done(result: ImageResult) -> ImageResult:
+    """An image refused before the model ran, as an awaitable next to those being answered."""
+    return result
 
 
 def _usable(item: torch.Tensor | BadImage) -> torch.Tensor:

@@ -6,7 +6,8 @@ the replica moves on to the next (see :meth:`placesnet.serve.replica.Replica.use
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +29,9 @@ class ServedModel:
     labels: list[str]
     device: torch.device
     io_labels: torch.Tensor | None = None
+    # cam.explain flips the parameters' requires_grad while it runs and sets them back after:
+    # one map at a time, or two overlapping calls would put back each other's flags
+    _explaining: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: torch.device) -> ServedModel:
@@ -88,6 +92,14 @@ class ServedModel:
             # uint8 until here: normalised on the replica's device, as in training
             logits = self.loaded.model(normalize(batch.to(self.device, non_blocking=True)))
             return torch.softmax(logits.float(), dim=1).cpu()
+
+    def heatmaps(self, batch: torch.Tensor, classes: list[int]) -> torch.Tensor:
+        """uint8 (B, 3, S, S) images -> (B, S, S) Grad-CAM heatmaps in [0, 1] on the CPU, each
+        for its class in ``classes``: of the normalised input :meth:`run` predicts from."""
+        from placesnet.evaluation import batch_heatmaps
+
+        with self._explaining:
+            return batch_heatmaps(self.loaded, batch, classes, self.device, batch_size=len(batch) or 1)
 
     def top_k(self, probs: torch.Tensor, k: int) -> list[dict]:
         values, indices = probs.topk(min(k, len(self.labels)))
