@@ -583,6 +583,7 @@ def test_explain_through_serve(endpoint, tiny_root):
                 headers=raw,
                 timeout=60,
             )
+            assert one.status_code == 200, (one.status_code, one.text[:300])
             alone[path, cls] = (one.headers["X-Explained-Class"], _overlay_pixels(one.content))
 
     async def go():
