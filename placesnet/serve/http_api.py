@@ -156,6 +156,17 @@ def _checkpoint_of(config: object) -> str:
 # reach the replica only with functions pickled by value; a base class's methods would be pickled
 # by reference and answer 422 "query.self: Field required" there. Pickled by value, they carry only
 # the module's names defined before the class: helpers they call go above it.
+def _refuse_single(result: ImageResult, model) -> None:
+    """The request of one image is refused as its image was (status, message, reason)."""
+    if result.error is not None:
+        raise ClientError(
+            result.status,
+            result.error,
+            headers={CHECKPOINT_HEADER: str(model.checkpoint)},
+            reason=result.reason,
+        )
+
+
 @serve.deployment(name="SceneClassifier", max_ongoing_requests=32, health_check_period_s=10)
 @serve.ingress(app)
 class SceneClassifier(GrpcServicer):
@@ -207,13 +218,7 @@ class SceneClassifier(GrpcServicer):
         response.headers[CHECKPOINT_HEADER] = str(model.checkpoint)
         if len(uploads) == 1:  # one image: its refusal is the request's
             (result,) = answer.results
-            if result.error is not None:
-                raise ClientError(
-                    result.status,
-                    result.error,
-                    headers={CHECKPOINT_HEADER: str(model.checkpoint)},
-                    reason=result.reason,
-                )
+            _refuse_single(result, model)
             body = result.answer()
         else:
             body = {"results": [_result_json(r) for r in answer.results]}
@@ -266,13 +271,7 @@ class SceneClassifier(GrpcServicer):
         }
         if len(uploads) == 1:  # one image: its refusal is the request's
             (result,) = answer.results
-            if result.error is not None:
-                raise ClientError(
-                    result.status,
-                    result.error,
-                    headers={CHECKPOINT_HEADER: str(model.checkpoint)},
-                    reason=result.reason,
-                )
+            _refuse_single(result, model)
             if fmt == "png":
                 headers["X-Predictions"] = _compact(result.predictions)
                 headers["X-Explained-Class"] = _compact(result.explained)
