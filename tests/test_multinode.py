@@ -197,11 +197,13 @@ def test_ray_data_decodes_on_a_node_without_workers_and_counts_every_val_image(
 def test_batch_prediction_decodes_on_both_nodes_and_predicts_every_image_once(
     two_nodes, tiny_root, tiny_config, tmp_path
 ):
-    """rayjobs/batch_predict.py on the two nodes: one model actor of 1 CPU on the head leaves a
-    CPU on each node for the decode tasks (Ray Data spreads them); every image is in the output
-    once, with predict.py's top-k (the one-process answer)."""
+    """rayjobs/batch_predict.py on the two nodes: one model actor of 2 CPUs can only sit on the
+    head and fills it, so the decode tasks can only run on the other node, which holds no model
+    (decoding fused into the actors would run on the head); every image is in the output once,
+    with predict.py's top-k (the one-process answer)."""
     import pandas as pd
     from conftest import untrained_checkpoint
+    from ray.util.state import list_nodes, list_tasks
 
     checkpoint = untrained_checkpoint(tmp_path / "ckpt", tiny_config, seed=5)
     photos = tmp_path / "photos"  # on a directory both nodes see
@@ -219,13 +221,22 @@ def test_batch_prediction_decodes_on_both_nodes_and_predicts_every_image_once(
         "--num-workers",
         1,
         "--cpus-per-worker",
-        1,
+        2,
         "--top-k",
         2,
         env=two_nodes.env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "predicted 192 images" in proc.stdout and "decoded on 2 node(s)" in proc.stdout, proc.stdout
+    assert "predicted 192 images" in proc.stdout and "decoded on 1 node(s)" in proc.stdout, proc.stdout
+    head = {n.node_id for n in list_nodes(address=two_nodes.dashboard, detail=True) if n.is_head_node}
+    tasks = list_tasks(
+        address=two_nodes.dashboard,
+        filters=[("name", "=", "MapBatches(decode_chunk)")],
+        limit=10_000,
+        detail=True,
+    )
+    decoded_on = {t.node_id for t in tasks}
+    assert len(head) == 1 and len(decoded_on) == 1 and not decoded_on & head, (decoded_on, head)
     table = pd.concat(pd.read_parquet(f) for f in sorted(out.glob("part-*.parquet")))
     assert sorted(table["index"]) == list(range(192)) and table["error"].isna().all()
     images = sorted(str(p) for p in photos.rglob("*.jpg"))[::16]  # a sample of 12, all folders
