@@ -16,9 +16,9 @@ reads the body, is Serve's own per-request floor on this machine (proxy + ingres
 change on the model side can make batching beat batching off by more than echo does, and the table
 prints that ceiling. Every server gets the same CPU budget (--cpus: one Serve replica with that
 many CPUs, or that many torch threads in the plain app) and the same JPEG, and runs the project's
-preprocessing (``decode_image`` + ``eval_transform`` + ``normalize``). All servers are started
-first and then loaded one at a time (the others sit idle); the load comes from an asyncio httpx
-client in this process, and needs 4x --cpus free CPUs on the cluster (6x with the rollout's).
+preprocessing (``decode_image`` + the checkpoint's eval transform + ``normalize``). All servers are
+started first and then loaded one at a time (the others sit idle); the load comes from an asyncio
+httpx client in this process, and needs 4x --cpus free CPUs on the cluster (6x with the rollout's).
 Ratios are against batching off, measured in the same invocation.
 
 The rollout table updates a running endpoint from checkpoint a to b (two random-weight models at
@@ -817,17 +817,18 @@ def main(argv=None) -> None:
 
 def stage_costs(checkpoint: str, body: bytes, threads: int, batch: int, repeats: int = 30) -> dict:
     """CPU ms of the replica's own work for one image, measured in this process with the
-    replica's thread budget: decode + resize (decode_image + eval_transform), and the model
-    (normalize + forward + softmax) at batch 1 and per image at ``batch``."""
+    replica's thread budget: decode + resize (decode_image + the checkpoint's single_view), and
+    the model (normalize + forward + softmax) at batch 1 and per image at ``batch``."""
     import torch
 
     from placesnet.checkpoint import load_checkpoint
-    from placesnet.data.transforms import eval_transform, normalize
+    from placesnet.data.transforms import normalize
+    from placesnet.data.views import single_view
     from placesnet.images import decode_image
 
     torch.set_num_threads(threads)
     loaded = load_checkpoint(checkpoint)
-    transform = eval_transform(loaded.config.image_size)
+    transform = single_view(loaded.config)  # the checkpoint's own eval transform, as the replica's
 
     def cpu_ms(fn, n: int) -> float:
         fn()  # warm-up

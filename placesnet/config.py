@@ -96,6 +96,10 @@ def _per_dataset(name: str) -> str:
     return ", ".join(f"{dataset} {defaults[name]}" for dataset, defaults in DATASET_DEFAULTS.items())
 
 
+# What --help says of the defaults that a run started --init-from a checkpoint takes from it.
+_INHERITED = "with --init-from, that checkpoint's"
+
+
 def option(
     default,
     help: str,
@@ -183,7 +187,7 @@ class TrainConfig:
         "side in pixels the images are resized to",
         group=DATA,
         minimum=8,
-        default_help=_per_dataset("image_size"),
+        default_help=f"{_per_dataset('image_size')}; {_INHERITED}",
     )
     augment: bool = option(False, "random resized crop + horizontal flip on the training split", group=DATA)
     bad_images: str = option(
@@ -226,15 +230,20 @@ class TrainConfig:
         "Places365 models' architectures, see docs/published-models.md)",
         group=MODEL,
         choices=MODELS,
+        default_help=f"deepcnn; {_INHERITED}",
     )
     widths: tuple[int, ...] = option(
-        (32, 64, 128, 256), "deepcnn: channels of each conv stage, comma-separated", group=MODEL
+        (32, 64, 128, 256),
+        "deepcnn: channels of each conv stage, comma-separated",
+        group=MODEL,
+        default_help=f"32,64,128,256; {_INHERITED}",
     )
     fc_hidden: int = option(
         1024,
         "deepcnn: units of fc1, the hidden fully connected layer (as in the workshop)",
         group=MODEL,
         minimum=1,
+        default_help=f"1024; {_INHERITED}",
     )
     dropout: float = option(
         0.3, "deepcnn: dropout probability on fc1's output", group=MODEL, minimum=0.0, below=1.0
@@ -344,6 +353,32 @@ class TrainConfig:
     seed: int = option(
         0, "random seed: initial weights, order of the training data, generated sample images", group=MODEL
     )
+    # --- starting point (placesnet/finetune.py) ---
+    init_from: str | None = option(  # the driver stores the checkpoint it found: a path or URI
+        None,
+        "start from the weights of this checkpoint (a checkpoint or run dir, a summary.json, 'latest' "
+        "or a URI, as evaluate.py's --checkpoint takes): its architecture and input transform are "
+        "kept, and its classifier head (the fully connected layers) too when the classes are the "
+        "same; other classes get a new head. A resumed run goes on from its own checkpoint instead",
+        group=MODEL,
+        metavar="CHECKPOINT",
+        default_help="random initial weights",
+    )
+    freeze_backbone: bool = option(
+        False,
+        "with --init-from: train the classifier head (the fully connected layers) alone; the "
+        "other layers keep their weights (their BatchNorm statistics still follow the new data)",
+        group=MODEL,
+        exclusive="backbone",
+    )
+    backbone_lr_mult: float = option(
+        1.0,
+        "with --init-from: every layer but the classifier head trains at --lr times this (e.g. 0.1); "
+        "the head at --lr",
+        group=MODEL,
+        minimum=0.0,
+        exclusive="backbone",
+    )
     # How images become this model's input when it was not trained here (see Preprocess); None:
     # the project's own. Recorded by rayjobs/import_weights.py, read from the checkpoint.
     preprocess: Preprocess | None = None
@@ -400,6 +435,22 @@ class TrainConfig:
                 f"{flag('widths')} must be positive integers, got {list(self.widths)}",
             ),
             (
+                self.backbone_lr_mult > 0,
+                f"{flag('backbone_lr_mult')} must be > 0, got {self.backbone_lr_mult} (to keep the "
+                f"other layers' weights, use {flag('freeze_backbone')})",
+            ),
+            (
+                bool(self.init_from) or not (self.freeze_backbone or self.backbone_lr_mult != 1.0),
+                f"{flag('freeze_backbone')} and {flag('backbone_lr_mult')} are for a run that starts "
+                f"{flag('init_from')} a checkpoint: a new model has no trained layers to keep",
+            ),
+            (
+                self.preprocess is None or (self.input == "loader" and self.decode != "gpu"),
+                f"this model has its own input transform (an imported published model's, kept by "
+                f"{flag('init_from')}): it trains with {flag('input')} loader and {flag('decode')} cpu "
+                f"or auto, since {flag('input')} ray-data and {flag('decode')} gpu apply the project's",
+            ),
+            (
                 self.preprocess is None or self.image_size <= min(self.preprocess.resize),
                 f"{flag('image_size')} {self.image_size} is larger than the images it is cropped from "
                 f"({'x'.join(map(str, self.preprocess.resize)) if self.preprocess else ''})",
@@ -443,6 +494,9 @@ def _dataset_default(name: str):
 # Options whose default depends on other options: left unset (None) on the command line, they are
 # resolved by fill_defaults in this order (lr needs the batch size). Their option() says so in --help.
 DERIVED_DEFAULTS = {
+    # the architecture: the field's default, or (filled in before, placesnet/finetune.py) the
+    # --init-from checkpoint's; given, it must be that checkpoint's
+    **{name: (lambda values, name=name: _FIELDS[name].default) for name in ("model", "widths", "fc_hidden")},
     "image_size": _dataset_default("image_size"),
     "epochs": _dataset_default("epochs"),
     "batch_size": _dataset_default("batch_size"),

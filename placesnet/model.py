@@ -113,5 +113,35 @@ def _network(config: TrainConfig, num_classes: int) -> nn.Module:
     raise ValueError(f"unknown model {config.model!r}")
 
 
+def head_names(model: nn.Module) -> list[str]:
+    """The qualified names of ``model``'s classifier head: its fully connected layers, every
+    ``nn.Linear``, which in each of config.MODELS sit on top of the convolutions (DeepCNN's and
+    the workshop net's ``fc1`` and ``fc2``, ResNet's ``fc``, AlexNet's ``classifier.1``, ``.4``
+    and ``.6``, DenseNet's ``classifier``; under InputStats ``net.`` before each, under DDP
+    ``module.``), the last of them the layer that outputs the classes. A run started from
+    another checkpoint (placesnet/finetune.py) gets a new head when its classes differ: a trained
+    head's hidden layers have learnt to ignore what tells apart classes it was not trained on
+    (docs/recipe.md). Every other parameter is the backbone's."""
+    head = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not head:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer: no classifier head")
+    return head  # in the order named_modules() gives: the order the layers are built in
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(head, backbone)``: the parameters of ``model``'s classifier head (:func:`head_names`),
+    and all the others, each in the model's order."""
+    head = {id(p) for name in head_names(model) for p in model.get_submodule(name).parameters()}
+    params = list(model.parameters())
+    return [p for p in params if id(p) in head], [p for p in params if id(p) not in head]
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    """Stop the backbone's parameters (all but the head's) from requiring gradients, so only the
+    head trains. Before DDP wraps the model: DDP syncs the parameters that require gradients."""
+    for p in split_parameters(model)[1]:
+        p.requires_grad_(False)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -85,6 +85,11 @@ def main(argv=None) -> int:
     if not args.min_lr < args.max_lr:
         raise UserError(f"need --min-lr < --max-lr, got {args.min_lr} >= {args.max_lr}")
     cfg = config_from_args(args)
+    if cfg.init_from:
+        raise UserError(
+            "--init-from: the LR range test starts from random weights; "
+            "for a run from a checkpoint give train.py --lr"
+        )
     import torch
 
     from placesnet.data.places import resolve_data_root

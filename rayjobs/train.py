@@ -22,7 +22,6 @@ from pathlib import Path
 
 from placesnet.cli import (
     add_train_args,
-    config_from_args,
     lr_source,
     positive_float,
     positive_int,
@@ -31,10 +30,22 @@ from placesnet.cli import (
     worker_count,
     worker_range,
 )
-from placesnet.config import DEFAULT_STORAGE, UserError
+from placesnet.config import DEFAULT_STORAGE, TrainConfig, UserError
+from placesnet.finetune import config_from_init
 
-# Fields that decide the shape of the weights: a resumed run must not change them.
-ARCHITECTURE = ("dataset", "model", "widths", "fc_hidden", "sample_difficulty", "sample_classes")
+# Fields that decide the shape of the weights or the images the model takes (an --init-from
+# model's own transform), and those that decide the optimizer's parameter groups whose state a
+# run resumes (--init-from's fine-tuning): a resumed run must not change them.
+ARCHITECTURE = (
+    "dataset",
+    "model",
+    "widths",
+    "fc_hidden",
+    "preprocess",
+    "sample_difficulty",
+    "sample_classes",
+)
+GROUPS = ("freeze_backbone", "backbone_lr_mult")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -123,7 +134,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = config_from_args(args)
+    cfg = config_from_init(args)  # --init-from: that checkpoint's architecture, verified now
     if args.num_workers:  # early: before data or Ray work
         check_batch(cfg.batch_size, worker_range(args.num_workers, cfg.input == "ray-data")[1])
     if cfg.decode == "gpu" and args.gpu is False:
@@ -146,13 +157,20 @@ def main(argv=None) -> int:
     previous = resume.config if resume else None
     source = lr_source(args, cfg)
     if previous:
-        changed = [k for k in ARCHITECTURE if previous.get(k) != cfg.to_dict().get(k)]
+        before = TrainConfig.from_dict(previous)  # a run from before a field: its default
+        changed = [k for k in (*ARCHITECTURE, *GROUPS) if getattr(before, k) != getattr(cfg, k)]
         if changed:
             raise UserError(
                 f"{run_label} holds a run with a different {', '.join(changed)}; "
                 "resume it with the same settings or pick a new --name"
             )
         print(f"resuming run {run_label} from {resume.checkpoint.name} (epoch {resume.epoch})")
+        if cfg.init_from:  # the weights are the run's own; its record keeps where it started
+            print(
+                f"--init-from is not applied again: the run goes on from its own checkpoint "
+                f"(it started from {previous.get('init_from') or 'random weights'})"
+            )
+            cfg = cfg.replace(init_from=previous.get("init_from"))
         if args.lr == "auto":  # the schedule continues: keep the lr the range test found before
             cfg, source = cfg.replace(lr=previous["lr"]), "--lr auto, found when the run started"
 
@@ -188,6 +206,8 @@ def main(argv=None) -> int:
         f"lr {cfg.lr:.4g} ({source}), warmup + {cfg.schedule} per step"
         + (f", gradient norm clipped to {cfg.clip_grad_norm:g}" if cfg.clip_grad_norm else "")
     )
+    if cfg.init_from and not previous:
+        print(f"from {cfg.init_from}: {describe_fine_tuning(cfg)}")
     trainer = make_trainer(
         cfg,
         root,
@@ -302,6 +322,18 @@ def find_lr_on_cluster(cfg, root: Path, res, storage, name: str):
         f"{result.suggestion:.4g} (plot: {storage.label(name, PNG_FILE)})"
     )
     return cfg.replace(lr=result.suggestion)
+
+
+def describe_fine_tuning(cfg) -> str:
+    """What --freeze-backbone / --backbone-lr-mult make of a run started --init-from a checkpoint."""
+    if cfg.freeze_backbone:
+        return "the classifier head trains, the other layers are frozen (--freeze-backbone)"
+    if cfg.backbone_lr_mult != 1.0:
+        return (
+            f"the classifier head trains at lr {cfg.lr:.4g}, the other layers at "
+            f"{cfg.lr * cfg.backbone_lr_mult:.4g} (--backbone-lr-mult {cfg.backbone_lr_mult:g})"
+        )
+    return "every layer trains at the lr"
 
 
 def check_batch(batch_size: int, num_workers: int) -> None:

@@ -64,6 +64,12 @@ CASES = {
     "decode": (["--decode", "cpu"], dict(decode="cpu")),
     "log_every": (["--log-every", "5"], dict(log_every=5)),
     "seed": (["--seed", "7"], dict(seed=7)),
+    "init_from": (["--init-from", "/runs/easy"], dict(init_from="/runs/easy")),
+    "freeze_backbone": (["--freeze-backbone", "--init-from", "x"], dict(freeze_backbone=True, init_from="x")),
+    "backbone_lr_mult": (
+        ["--backbone-lr-mult", "0.1", "--init-from", "x"],
+        dict(backbone_lr_mult=0.1, init_from="x"),
+    ),
 }
 
 

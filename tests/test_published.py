@@ -649,3 +649,68 @@ def test_on_a_gpu_the_imported_model_and_ten_crops_answer_as_on_the_cpu(
     on_cpu, on_gpu = ten.values()
     assert on_cpu["val_images"] == on_gpu["val_images"] == 48
     assert abs(on_cpu["val_top1"] - on_gpu["val_top1"]) <= 2 / 48  # bf16: a near tie may flip
+
+
+@pytest.mark.slow
+def test_ten_crop_evaluation_on_two_ray_workers_is_the_one_in_this_process(
+    cropping_checkpoint, ray_head, tmp_path
+):
+    """evaluate.py --ten-crop on 1 worker (this process, no Ray) and on 2 Ray Train workers, each
+    averaging its shard's crops: the same images, top-1, top-5, loss, protocol and transform, and
+    the same most confident mistakes."""
+    reports = {}
+    for workers in (1, 2):
+        out = tmp_path / f"workers{workers}"
+        proc = run_script(
+            "rayjobs/evaluate.py",
+            *("--checkpoint", cropping_checkpoint, "--ten-crop", "--num-workers", workers),
+            *("--out", out, "--gallery", 8),
+            env=ray_head.env,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        reports[workers] = json.loads((out / "evaluation.json").read_text())
+    one, two = reports[1], reports[2]
+    assert (one["num_workers"], two["num_workers"]) == (1, 2)
+    assert one["protocol"] == two["protocol"] == "ten-crop" and one["transform"] == two["transform"]
+    for key in ("val_images", "val_top1", "val_top5", "confused_pairs"):
+        assert one[key] == two[key], key
+    assert one["val_loss"] == pytest.approx(two["val_loss"], rel=1e-6)
+    assert len(one["mistakes"]) == 8
+
+    def mistakes(report):
+        return [(m["index"], m["image"], m["true"], m["predicted"]) for m in report["mistakes"]]
+
+    assert mistakes(one) == mistakes(two)
+    assert [m["probability"] for m in one["mistakes"]] == pytest.approx(
+        [m["probability"] for m in two["mistakes"]], rel=1e-5
+    )
+
+
+def test_predict_over_http_says_indoor_or_outdoor_per_image_only_for_places365s_classes(
+    replicas, tiny_config, tmp_path
+):
+    """POST /predict (the deployment's route, tests/test_serve_core.py's _http): the imported
+    model's answer has "environment" for one image, and in each of "results" for several, by the
+    official rule; a 4-class model's answers have no such key."""
+    from test_serve_core import _http
+
+    from placesnet.environment import environment, io_labels
+    from placesnet.images import decode_image
+    from placesnet.serve.options import ServeOptions
+    from placesnet.serve.replica import Replica
+
+    cpu, _, net = replicas
+    images = [jpeg(photo(40 + i, (280 + 30 * i, 240))) for i in range(3)]
+    labels = io_labels(official_categories())
+    want = [environment(p, labels) for p in official_probabilities(net, [decode_image(i) for i in images])]
+    status, alone, _ = _http(cpu, images[:1])
+    assert status == 200 and alone["environment"] == want[0]
+    status, together, _ = _http(cpu, images)
+    assert status == 200 and [r["environment"] for r in together["results"]] == want
+    assert "environment" not in together  # per image, not per request
+
+    own = Replica(str(untrained_checkpoint(tmp_path / "own", tiny_config)), ServeOptions(num_cpus=1))
+    status, alone, _ = _http(own, images[:1])
+    assert status == 200 and alone["predictions"] and "environment" not in alone
+    status, together, _ = _http(own, images)
+    assert status == 200 and all(r["predictions"] and "environment" not in r for r in together["results"])

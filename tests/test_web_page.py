@@ -241,6 +241,7 @@ def test_photos_are_answered_in_order_as_predict_answers_them_and_names_are_text
         """return [...document.querySelectorAll('#results .result')].map(item => ({
             file: item.querySelector('.file').textContent,
             status: item.querySelector('.status')?.textContent ?? null,
+            environment: item.querySelector('.environment')?.textContent ?? null,
             rows: [...item.querySelectorAll('.prediction')].map(row => [
                 row.querySelector('.label').textContent,
                 Number(row.dataset.probability),
@@ -256,12 +257,16 @@ def test_photos_are_answered_in_order_as_predict_answers_them_and_names_are_text
             assert item == {
                 "file": path.name,
                 "status": f"Refused ({answer.status_code}): {answer.json()['error']}",
+                "environment": None,
                 "rows": [],
             }
             continue
         assert answer.status_code == 200, answer.text
         expected = answer.json()["predictions"]
         assert item["status"] is None
+        # indoor/outdoor under the bars when /predict says it (a Places365 model); this 4-class one has none
+        environment = answer.json().get("environment")
+        assert item["environment"] == (f"Environment: {environment}" if environment else None)
         assert [row[0] for row in item["rows"]] == [p["label"] for p in expected]
         for (_, probability, percent), p in zip(item["rows"], expected):
             # may share a forward pass with the other photo in the browser, not here: float noise

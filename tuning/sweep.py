@@ -31,7 +31,6 @@ import time
 
 from placesnet.cli import (
     add_train_args,
-    config_from_args,
     positive_int,
     ray_init,
     run_cli,
@@ -39,6 +38,7 @@ from placesnet.cli import (
     worker_range,
 )
 from placesnet.config import DEFAULT_STORAGE, Interrupted, UserError
+from placesnet.finetune import config_from_init
 
 
 def float_list(text: str) -> list[float]:
@@ -212,7 +212,7 @@ def stop_on_signals():
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_space(args)
-    cfg = config_from_args(args)
+    cfg = config_from_init(args)  # --init-from: every trial starts from that checkpoint
 
     from placesnet.launch.driver import setup_driver
     from placesnet.launch.sweep import make_tuner, plan_sweep, search_space

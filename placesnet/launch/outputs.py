@@ -191,6 +191,8 @@ def summarize(result: "ray.train.Result", storage_path: str, name: str) -> tuple
         "curves_png": f"{run_dir}/{CURVES_FILE}",
         "tensorboard_dir": f"{run_dir}/tensorboard",
         "summary_json": f"{run_dir}/{SUMMARY_FILE}",
+        # where the weights came from when the run did not start from random ones (--init-from)
+        **({"source": best_meta["source"]} if best_meta.get("source") else {}),
     }
     fs = result.checkpoint.filesystem
     with fs.open_output_stream(posixpath.join(posixpath.dirname(result.checkpoint.path), SUMMARY_FILE)) as f:

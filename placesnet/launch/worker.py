@@ -31,10 +31,12 @@ from placesnet.checkpoint import (
 from placesnet.config import SCORE, TrainConfig, UserError, checkpoint_score
 from placesnet.data.loaders import LoaderPlan, make_loaders
 from placesnet.data.places import BadImages, class_names, open_split, resolve_data_root
+from placesnet.data.views import single_view
 from placesnet.evaluation import evaluate_checkpoint
+from placesnet.finetune import load_init
 from placesnet.launch.logs import echo
 from placesnet.launch.outputs import set_aside_lost_checkpoints
-from placesnet.model import build_model
+from placesnet.model import build_model, freeze_backbone
 from placesnet.train import engine
 from placesnet.train.step import StepSettings
 
@@ -102,7 +104,11 @@ def train_worker(loop_config: dict) -> dict | None:
 
     # --- data: each worker reads its shard; val is sharded without padding for exact metrics ---
     root = data_root_here(cfg, loop_config["data_root"])
-    train_ds, val_ds = open_split(cfg, "train", root), open_split(cfg, "val", root)
+    # The model's own view of an image (an imported model's resize and crop, placesnet/data/views.py)
+    # for val and, without --augment, for training: val top-1 is then what evaluate.py reports.
+    view = single_view(cfg)
+    train_ds = open_split(cfg, "train", root, transform=None if cfg.augment else view)
+    val_ds = open_split(cfg, "val", root, transform=view)
     classes = class_names(train_ds)
 
     def warn(message: str) -> None:
@@ -117,16 +123,23 @@ def train_worker(loop_config: dict) -> dict | None:
     else:
         train_loader, val_loader, set_epoch = _loaders(cfg, train_ds, val_ds, rank, world, plan, device, log)
 
-    # --- model, optimiser, precision ---
+    # --- model (from --init-from's weights, unless the run resumes), optimiser, precision ---
     settings = StepSettings.from_config(cfg, device)  # AMP, channels_last, label smoothing, clipping
-    model = ray.train.torch.prepare_model(settings.prepare_model(build_model(cfg, len(classes))))
+    checkpoint = ray.train.get_checkpoint()
+    net, source = build_model(cfg, len(classes)), None  # source: where the weights came from
+    if cfg.init_from and not checkpoint:  # a resumed run goes on from its own checkpoint
+        source, line = load_init(net, cfg.init_from, classes)
+        if log:
+            log(line)
+    if cfg.freeze_backbone:  # before DDP, which syncs only what requires gradients
+        freeze_backbone(net)
+    model = ray.train.torch.prepare_model(settings.prepare_model(net))
     if cfg.compile:  # in place, so state_dict keys (and checkpoints) stay those of the plain model
         model.compile()
     optimizer, scheduler, scaler = engine.training_state(model, cfg, settings, len(train_loader), device)
 
     # --- resume: after a worker failure, or when the same run is started again ---
     start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             problem = verify_checkpoint(ckpt_dir)
@@ -145,7 +158,7 @@ def train_worker(loop_config: dict) -> dict | None:
             if scaler and state["scaler"]:
                 scaler.load_state_dict(state["scaler"])
             meta = read_meta(ckpt_dir)
-            start_epoch, history = meta["epoch"] + 1, meta["history"]
+            start_epoch, history, source = meta["epoch"] + 1, meta["history"], meta.get("source")
         if log:
             log(f"resuming from {checkpoint.path} at epoch {start_epoch + 1}/{cfg.epochs}")
     if rank == 0:  # checkpoints newer than Ray's were written by an attempt lost before Ray recorded them
@@ -192,7 +205,9 @@ def train_worker(loop_config: dict) -> dict | None:
         for key in ("first_step_loss", "peak_step_loss"):  # for the rise warning, not metrics.csv
             train.pop(key)
         # The module inside DDP: DDP's forward may broadcast buffers, a collective that would hang
-        # when ranks evaluate different numbers of batches (exact sharding, no padding).
+        # when ranks evaluate different numbers of batches (exact sharding, no padding). So the
+        # checkpoint's buffers (rank 0's) are broadcast once, here.
+        engine.broadcast_buffers(model)
         val = engine.evaluate(
             getattr(model, "module", model),
             val_loader,
@@ -233,6 +248,7 @@ def train_worker(loop_config: dict) -> dict | None:
                     optimizer=optimizer,
                     scheduler=scheduler,
                     scaler=scaler,
+                    source=source,
                 )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, SCORE: checkpoint_score(metrics)}, checkpoint=ckpt)
@@ -240,8 +256,9 @@ def train_worker(loop_config: dict) -> dict | None:
 
 
 def decode_on_gpu(cfg: TrainConfig, device: torch.device, train_ds) -> bool:
-    """--decode: gpu, or auto on a CUDA worker whose training files are JPEGs."""
-    if cfg.decode == "cpu" or device.type != "cuda":
+    """--decode: gpu, or auto on a CUDA worker whose training files are JPEGs, unless the model
+    has its own view of an image (``preprocess``), which only the CPU path applies."""
+    if cfg.decode == "cpu" or device.type != "cuda" or cfg.preprocess is not None:
         return False
     if cfg.decode == "gpu":
         return True

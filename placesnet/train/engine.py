@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from placesnet.config import TrainConfig, UserError
+from placesnet.model import freeze_backbone, split_parameters
 from placesnet.train.optim import build_optimizer, scheduler_for
 from placesnet.train.step import IGNORED, StepSettings, autocast, to_device, train_step
 
@@ -240,6 +241,17 @@ def train_one_epoch(
     }
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank, when ``torch.distributed``
+    is initialised. DDP broadcasts them at the start of each training forward, so after an
+    epoch's last step every rank holds the statistics of its own last batch; rank 0's are the ones
+    its checkpoint keeps. Called before validation, every rank evaluates the checkpoint's model,
+    and the val numbers are those evaluate.py reports for it."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in getattr(model, "module", model).buffers():
+            dist.broadcast(buffer, src=0)
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -328,10 +340,37 @@ def training_state(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, torch.amp.GradScaler | None]:
     """``config``'s recipe for ``model``: the optimizer, the per-step schedule over
     ``steps_per_epoch`` x epochs, and the GradScaler ``settings`` needs (None unless fp16). The one
-    setup of a Ray Train worker and :func:`fit`."""
+    setup of a Ray Train worker and :func:`fit`.
+
+    A fine-tuning run's groups (``--freeze-backbone``: the model's backbone frozen already, see
+    model.freeze_backbone; ``--backbone-lr-mult``): see :func:`fine_tuning_groups`."""
     optimizer = build_optimizer(model, config.lr, config.momentum, config.weight_decay, device)
+    if config.freeze_backbone or config.backbone_lr_mult != 1.0:
+        groups = fine_tuning_groups(optimizer.param_groups, model, config.backbone_lr_mult)
+        optimizer = type(optimizer)(groups, **optimizer.defaults)  # the same SGD, these groups
     scheduler = scheduler_for(optimizer, config, steps_per_epoch)
     return optimizer, scheduler, settings.make_scaler(device)
+
+
+def fine_tuning_groups(groups: list[dict], model: nn.Module, backbone_lr_mult: float) -> list[dict]:
+    """``groups`` (build_optimizer's: weight decay or none) each split in two, the head's
+    parameters (model.head_names) at the group's lr, then the backbone's at ``backbone_lr_mult``
+    times it; parameters that do not require gradients (a frozen backbone) left out, and groups
+    left empty dropped. The head's groups come first: the lr metrics.csv records is the run's."""
+    head, _ = split_parameters(model)
+    ids = {id(p) for p in head}
+    heads, backbones = [], []
+    for group in groups:
+        trained = [p for p in group["params"] if p.requires_grad]
+        heads.append({**group, "params": [p for p in trained if id(p) in ids]})
+        backbones.append(
+            {
+                **group,
+                "params": [p for p in trained if id(p) not in ids],
+                "lr": group["lr"] * backbone_lr_mult,
+            }
+        )
+    return [g for g in heads + backbones if g["params"]]
 
 
 def fit(
@@ -350,6 +389,8 @@ def fit(
     worker. ``model`` moves to ``device`` (in place). Yields one metrics dict per epoch, train and
     val, as it ends."""
     settings = StepSettings.from_config(config, device)
+    if config.freeze_backbone:
+        freeze_backbone(model)
     model = settings.prepare_model(model.to(device))
     optimizer, scheduler, scaler = training_state(model, config, settings, len(train_loader), device)
     for epoch in range(1, config.epochs + 1):

@@ -16,6 +16,15 @@ let apiKey = null;
 // asks /explain and draws over item.querySelector("img").
 const resultExtras = [];
 
+// Indoor or outdoor under the bars, when the model says: /predict's "environment", which a model
+// of Places365's 365 classes adds by the official rule (a model of other classes has none).
+resultExtras.push((item, file, answer) => {
+  if (typeof answer.environment !== "string") return;
+  const line = element("p", "environment", "Environment: ");
+  line.append(element("strong", "", answer.environment));
+  item.querySelector(".body").append(line);
+});
+
 const $ = (selector) => document.querySelector(selector);
 
 function element(tag, className, text) {
