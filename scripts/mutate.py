@@ -1618,6 +1618,38 @@ MUTATIONS = [
         ("tests/test_web_page.py", "-k", "photos"),
         ray=True,
     ),
+    M(
+        "page: the toggle never shows the overlay",
+        "placesnet/serve/static/page.js",
+        "      preview.src = overlay.url;\n",
+        "",
+        ("tests/test_web_page.py", "-k", "toggle"),
+        ray=True,
+    ),
+    M(
+        "page: the toggle never brings the photo back",
+        "placesnet/serve/static/page.js",
+        "if (photo) preview.src = photo;",
+        "if (photo) preview.src = overlay.url;",
+        ("tests/test_web_page.py", "-k", "toggle"),
+        ray=True,
+    ),
+    M(
+        "page: the overlay asked for at every press",
+        "placesnet/serve/static/page.js",
+        "    if (overlay === null) {",
+        "    if (true) {",
+        ("tests/test_web_page.py", "-k", "toggle"),
+        ray=True,
+    ),
+    M(
+        "page: the overlay's class not named",
+        "placesnet/serve/static/page.js",
+        "where the model sees ${explained.label}",
+        "where the model sees class ${explained.class_index}",
+        ("tests/test_web_page.py", "-k", "toggle"),
+        ray=True,
+    ),
 ]
 
 

@@ -2,7 +2,8 @@
 real local Serve (one app for the module, with a key, and a checkpoint whose class list holds a
 ``<script>`` name). The page loads with no console error, asks for the key and says when it is
 wrong, shows the model card, answers two JPEGs exactly as /predict does and a broken file with
-/predict's error in its place, and shows the ``<script>`` class name as text. Its headers are
+/predict's error in its place, and shows the ``<script>`` class name as text; a photo's toggle
+swaps it for /explain's overlay and back. Its headers are
 checked over plain HTTP first (no browser needed): a policy that allows only the endpoint's own
 origin on the page and every answer, the page open, everything it calls locked.
 
@@ -10,6 +11,7 @@ Without chromium, chromium-driver or selenium (scripts/setup.sh installs them), 
 are skipped with the reason. Screenshots: ``/tmp/page_screenshot.png`` (and ``..._phone.png``)."""
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -104,7 +106,12 @@ def test_the_page_is_open_its_answers_carry_the_policy_and_its_calls_keep_the_ke
     answers.update(
         {
             path: httpx.request(method, f"{site}{path}", timeout=30)
-            for method, path in (("GET", "/model"), ("GET", "/classes"), ("POST", "/predict"))
+            for method, path in (
+                ("GET", "/model"),
+                ("GET", "/classes"),
+                ("POST", "/predict"),
+                ("POST", "/explain"),
+            )
         }
     )
     statuses = {path: r.status_code for path, r in answers.items()}
@@ -117,6 +124,7 @@ def test_the_page_is_open_its_answers_carry_the_policy_and_its_calls_keep_the_ke
         "/model": 401,  # what the page calls keeps its key check
         "/classes": 401,
         "/predict": 401,
+        "/explain": 401,
     }
     for path, r in answers.items():
         assert r.headers["content-security-policy"] == page.headers["content-security-policy"], path
@@ -294,3 +302,76 @@ def test_photos_are_answered_in_order_as_predict_answers_them_and_names_are_text
         browser.set_window_size(width["width"], width["height"])
     (refused,) = _console_errors(browser)  # the broken file's 4xx, reported by the browser itself
     assert "status of 4" in refused, refused
+
+
+def test_a_toggle_shows_where_the_model_looks_as_explain_draws_it_and_the_photo_again(
+    browser, site, photos, tmp_path
+):
+    """The toggle under an answer swaps the photo for /explain's overlay (the same pixels as
+    /explain's PNG for that file, and its class in the caption), then back; the overlay is asked
+    for once."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    _console_errors(browser)
+    _open(browser, site)
+    _enter_key(browser, KEY)
+    _wait_for(browser, "!document.querySelector('#upload').hidden", "upload field after the key")
+    photo = photos[0]
+    browser.find_element(By.ID, "files").send_keys(str(photo))
+    _wait_for(browser, "document.querySelector('#results .result:not(.pending) .explain')", "the toggle")
+    original = browser.execute_script("return document.querySelector('#results .preview').src")
+    toggle = browser.find_element(By.CSS_SELECTOR, "#results .explain")
+    assert toggle.text == "Where the model looks" and toggle.get_attribute("aria-pressed") == "false"
+    assert not browser.execute_script("return !document.querySelector('#results .explained').hidden")
+
+    toggle.click()
+    _wait_for(browser, "document.querySelector('#results .explain').ariaPressed === 'true'", "the overlay")
+    _wait_for(browser, "document.querySelector('#results .preview').complete", "the overlay loaded")
+    shown = browser.execute_script(
+        """const img = document.querySelector('#results .preview');
+        const canvas = document.createElement('canvas');
+        canvas.width = img.naturalWidth;
+        canvas.height = img.naturalHeight;
+        const context = canvas.getContext('2d');
+        context.drawImage(img, 0, 0);
+        return {
+            src: img.src,
+            size: [img.naturalWidth, img.naturalHeight],
+            pixels: [...context.getImageData(0, 0, canvas.width, canvas.height).data],
+            caption: document.querySelector('#results .explained').textContent,
+            toggle: document.querySelector('#results .explain').textContent,
+        };"""
+    )
+    answer = httpx.post(
+        f"{site}/explain",
+        files={"file": (photo.name, photo.read_bytes(), "image/jpeg")},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=WAIT_S,
+    )
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png", answer.text
+    expected = np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGBA"))
+    assert shown["src"].startswith("blob:") and shown["src"] != original
+    assert shown["size"] == [expected.shape[1], expected.shape[0]]
+    pixels = np.array(shown["pixels"], dtype=np.int16).reshape(expected.shape)
+    assert np.abs(pixels - expected).max() <= 2  # the same overlay (float noise of batching aside)
+    explained = json.loads(answer.headers["x-explained-class"])
+    percent = f"{explained['probability'] * 100:.1f}%"
+    assert shown["caption"] == f"Red: where the model sees {explained['label']} ({percent})."
+    assert shown["toggle"] == "Show the photo"
+    browser.save_screenshot(str(SCREENSHOT.with_name("page_screenshot_explain.png")))
+
+    toggle.click()  # back to the photo, then the overlay again: from the tab, not asked again
+    assert browser.execute_script("return document.querySelector('#results .preview').src") == original
+    assert browser.execute_script("return document.querySelector('#results .explained').hidden")
+    assert toggle.get_attribute("aria-pressed") == "false" and toggle.text == "Where the model looks"
+    toggle.click()
+    assert browser.execute_script("return document.querySelector('#results .preview').src") == shown["src"]
+    asked = browser.execute_script(
+        "return performance.getEntriesByType('resource').filter(e => e.name.endsWith('/explain')).length"
+    )
+    assert asked == 1
+    assert _console_errors(browser) == []

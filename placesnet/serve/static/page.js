@@ -1,6 +1,8 @@
 // The page at GET / (placesnet/serve/page.py): the model card from /model, and each chosen or
-// dropped photo answered by /predict, shown in the order chosen. It is a client like any other:
-// one request per photo, with the key as a Bearer header when the endpoint has one.
+// dropped photo answered by /predict, shown in the order chosen, with a toggle that swaps the
+// photo for /explain's overlay (where the model looks). It is a client like any other: one
+// request per photo (and one per overlay asked for), with the key as a Bearer header when the
+// endpoint has one.
 //
 // Safe by construction: whatever comes from a response (class names, error messages, the note)
 // is set with textContent, never parsed as HTML; the key lives in this module's memory only.
@@ -25,6 +27,69 @@ resultExtras.push((item, file, answer) => {
   item.querySelector(".body").append(line);
 });
 
+// "Where the model looks": a toggle under the bars that swaps the photo for /explain's overlay
+// (the photo as the model saw it, red where the evidence for its top-1 class is) and back. The
+// overlay is asked for once, on the first press, and kept as a blob: URL for this tab.
+resultExtras.push((item, file) => {
+  const button = element("button", "explain", "Where the model looks");
+  button.type = "button";
+  button.setAttribute("aria-pressed", "false");
+  const caption = element("p", "explained");
+  caption.hidden = true;
+  let overlay = null; // {url, text} once /explain has answered
+  let photo = null; // the preview's own source while the overlay is shown ("" if it had none)
+
+  function show(pressed) {
+    let preview = item.querySelector("img.preview");
+    if (pressed) {
+      if (!preview) {
+        // the browser could not show this file, the model could read it: the overlay alone
+        preview = element("img", "preview");
+        preview.alt = "";
+        item.prepend(preview);
+      }
+      photo = preview.getAttribute("src") || "";
+      preview.src = overlay.url;
+      caption.textContent = overlay.text;
+    } else if (preview) {
+      if (photo) preview.src = photo;
+      else preview.remove();
+    }
+    caption.classList.remove("error");
+    caption.hidden = !pressed;
+    button.setAttribute("aria-pressed", String(pressed));
+    button.textContent = pressed ? "Show the photo" : "Where the model looks";
+  }
+
+  button.addEventListener("click", async () => {
+    if (button.getAttribute("aria-pressed") === "true") return show(false);
+    if (overlay === null) {
+      button.disabled = true;
+      caption.classList.remove("error");
+      caption.textContent = "Asking the model where it looks…";
+      caption.hidden = false;
+      try {
+        const response = await send("explain", upload(file));
+        const explained = JSON.parse(response.headers.get("X-Explained-Class"));
+        const percent = (explained.probability * 100).toFixed(1);
+        overlay = {
+          url: URL.createObjectURL(await response.blob()),
+          text: `Red: where the model sees ${explained.label} (${percent}%).`,
+        };
+      } catch (error) {
+        caption.classList.add("error");
+        caption.textContent = describe(error);
+        if (error.status === 401) refusedKey(error);
+        return;
+      } finally {
+        button.disabled = false;
+      }
+    }
+    show(true);
+  });
+  item.querySelector(".body").append(button, caption);
+});
+
 const $ = (selector) => document.querySelector(selector);
 
 function element(tag, className, text) {
@@ -42,11 +107,12 @@ class Refused extends Error {
   }
 }
 
-async function call(path, init = {}) {
-  // The JSON answer of a request to this endpoint (a relative path), or Refused.
+async function send(path, init = {}) {
+  // The 2xx response to a request to this endpoint (a relative path), or Refused.
   const headers = new Headers(init.headers);
   if (apiKey !== null) headers.set("Authorization", `Bearer ${apiKey}`);
   const response = await fetch(path, { ...init, headers, cache: "no-store", credentials: "omit" });
+  if (response.ok) return response;
   const text = await response.text();
   let body = null;
   try {
@@ -54,11 +120,25 @@ async function call(path, init = {}) {
   } catch {
     // not JSON: e.g. Serve's proxy answers a crashed replica's requests in plain text
   }
-  if (!response.ok) {
-    const message = body && typeof body.error === "string" ? body.error : text.slice(0, 300);
-    throw new Refused(response.status, message || response.statusText);
-  }
-  return body;
+  const message = body && typeof body.error === "string" ? body.error : text.slice(0, 300);
+  throw new Refused(response.status, message || response.statusText);
+}
+
+async function call(path, init = {}) {
+  // The JSON answer of a request to this endpoint, or Refused.
+  return (await send(path, init)).json();
+}
+
+function describe(error) {
+  // One line for a failed request, the endpoint's own message in it.
+  return error instanceof Refused ? `Refused (${error.status}): ${error.message}` : `Failed: ${error.message}`;
+}
+
+function upload(file) {
+  // A photo as /predict and /explain take it: one multipart field "file".
+  const form = new FormData();
+  form.append("file", file, file.name);
+  return { method: "POST", body: form };
 }
 
 // --- the key ----------------------------------------------------------------------------------
@@ -159,15 +239,12 @@ function showError(item, error) {
   item.classList.add("refused");
   const status = item.querySelector(".status");
   status.classList.add("error");
-  status.textContent =
-    error instanceof Refused ? `Refused (${error.status}): ${error.message}` : `Failed: ${error.message}`;
+  status.textContent = describe(error);
 }
 
 async function answer(item, file) {
-  const form = new FormData();
-  form.append("file", file, file.name);
   try {
-    const body = await call("predict", { method: "POST", body: form });
+    const body = await call("predict", upload(file));
     showPredictions(item, body.predictions);
     for (const extra of resultExtras) extra(item, file, body);
   } catch (error) {
