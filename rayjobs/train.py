@@ -351,7 +351,7 @@ def _print_results(summary: dict, history: list[dict], storage, name: str) -> No
     Serve) name local paths when the storage is on this machine (``storage``: a driver.Storage)."""
     import pandas as pd
 
-    from placesnet.launch.driver import serve_command
+    from placesnet.launch.driver import serve_command, tensorboard_command
 
     cols = [
         "epoch",
@@ -379,7 +379,7 @@ def _print_results(summary: dict, history: list[dict], storage, name: str) -> No
     print(f"best checkpoint: {summary['best_checkpoint']}")
     print(f"metrics:         {summary['metrics_csv']}")
     print(f"curves:          {summary['curves_png']}")
-    print(f"tensorboard:     tensorboard --logdir {storage.readable(storage.fs_path(name, 'tensorboard'))}")
+    print(f"tensorboard:     {tensorboard_command(storage, name)}")
     print(f"summary:         {summary['summary_json']}")
     print(f"serve it:        {serve_command(storage, storage.fs_path(name), summary['best_checkpoint'])}")
 

@@ -394,7 +394,7 @@ def s3_run(s3, s3_head, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_training_on_s3_is_interrupted_killed_and_resumed(s3, s3_run):
+def test_training_on_s3_is_interrupted_killed_and_resumed(s3, s3_run, tmp_path):
     import pandas as pd
 
     from placesnet.checkpoint import verify_checkpoint
@@ -414,7 +414,17 @@ def test_training_on_s3_is_interrupted_killed_and_resumed(s3, s3_run):
     epochs = [json.loads(_read_object(s3, f"{d}/meta.json"))["epoch"] for d in checkpoints]
     assert len(epochs) == len(set(epochs)) and EPOCHS - 1 in epochs  # one per epoch, the last among them
     assert all(verify_checkpoint(d, fs) is None for d in checkpoints)
-    assert f"serve run serving.app:build_app checkpoint=s3://{run}" in second
+    assert f"serve run --name placesnet serving.app:build_app checkpoint=s3://{run}" in second
+    # TensorBoard cannot read s3://: the printed command copies the event files here first
+    (command,) = re.findall(r"^tensorboard: +(.+)$", second, re.M)
+    *copy, view = command.split(" && ")
+    assert view == "tensorboard --logdir r-tensorboard", command
+    local = tmp_path / "tb"
+    local.mkdir()
+    env = {**os.environ, **s3.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(" && ".join(copy), shell=True, cwd=local, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list((local / "r-tensorboard").glob("events.out.tfevents.*")), proc.stdout
 
 
 @pytest.mark.slow

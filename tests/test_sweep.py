@@ -142,7 +142,7 @@ def test_printed_paths_are_local_ones_serve_can_read(sweep):
         "plot": str(exp / "sweep.png"),
     }
     command = lines["serve it"].strip()
-    assert command == f"serve run serving.app:build_app checkpoint={exp / 'best.json'}"
+    assert command == f"serve run --name placesnet serving.app:build_app checkpoint={exp / 'best.json'}"
     assert resolve_checkpoint(command.split("checkpoint=", 1)[1]) == Path(best["best_checkpoint"])
 
 

@@ -30,7 +30,7 @@ from placesnet.config import TrainConfig, UserError
 if TYPE_CHECKING:
     from placesnet.launch.resume import ResumePlan
 
-SERVE = "serve run serving.app:build_app"
+SERVE = "serve run --name placesnet serving.app:build_app"  # the name and prefix of serving/config.yaml
 
 
 def _join(root: str, *parts: str) -> str:
@@ -156,6 +156,7 @@ def tensorboard_command(storage: Storage, name: str) -> str:
         return f"tensorboard --logdir {logdir}"
     local = f"{name}-tensorboard"
     return (
+        f"mkdir -p {local} && "
         f"python -c \"import pyarrow.fs as f; f.copy_files('{storage.readable(logdir)}', '{local}')\" "
         f"&& tensorboard --logdir {local}"
     )
