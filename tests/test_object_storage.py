@@ -422,7 +422,9 @@ def test_training_on_s3_is_interrupted_killed_and_resumed(s3, s3_run, tmp_path):
     local = tmp_path / "tb"
     local.mkdir()
     env = {**os.environ, **s3.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(" && ".join(copy), shell=True, cwd=local, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        " && ".join(copy), shell=True, cwd=local, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list((local / "r-tensorboard").glob("events.out.tfevents.*")), proc.stdout
 

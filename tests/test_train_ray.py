@@ -230,7 +230,8 @@ def test_lr_auto_then_crash_recovery_then_resume(ray_head, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     config = json.loads((Path(summary["best_checkpoint"]) / "config.json").read_text())
     assert config["lr"] == pytest.approx(suggestion, rel=1e-3)  # trained with the suggestion
-    assert f"serve it:        serve run --name placesnet serving.app:build_app checkpoint={run_dir}\n" in proc.stdout
+    serve = f"serve run --name placesnet serving.app:build_app checkpoint={run_dir}"
+    assert f"serve it:        {serve}\n" in proc.stdout
     assert f"tensorboard --logdir {run_dir / 'tensorboard'}\n" in proc.stdout
     # Re-running the same --storage-path/--name continues instead of starting over, keeps the lr
     # found when the run started (the schedule continues) and does not run the test again.
