@@ -311,10 +311,17 @@ def test_elastic_run_goes_on_with_fewer_after_a_node_loss_and_grows_when_one_joi
     node joins and the run grows back to 3 after the next epoch. Each resize is one line;
     metrics.csv records each epoch once, with the workers that trained it."""
     import pandas as pd
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        _AutoscalingCoordinatorActor,
+    )
 
     epochs, run_dir = 30, tmp_path / "elastic"
     with ray_driver(head.address):
         node = Node(head)
+        # Ray's count of the workers that fit comes from the cluster's autoscaling coordinator (an
+        # actor an earlier run started), which looks at the nodes once a tick: a run started
+        # before it has seen the new node starts on 2 (and grows to 3 after epoch 1).
+        time.sleep(_AutoscalingCoordinatorActor.TICK_INTERVAL_S + 5)
         run = _train(
             head,
             tmp_path,
