@@ -82,6 +82,14 @@ def two_nodes(tmp_path_factory):
         shutil.rmtree(worker_dir, ignore_errors=True)
 
 
+def _nodes_that_ran(head: RayHead, task: str) -> set[str]:
+    """The ids of the nodes where the cluster ran tasks named ``task`` (Ray's state API)."""
+    from ray.util.state import list_tasks
+
+    tasks = list_tasks(address=head.dashboard, filters=[("name", "=", task)], limit=10_000, detail=True)
+    return {t.node_id for t in tasks}
+
+
 def test_one_worker_per_node_with_shared_storage(two_nodes, tmp_path):
     shared = tmp_path / "shared"  # the same directory on both "nodes", like NFS
     env = two_nodes.env
@@ -123,7 +131,6 @@ def test_ray_data_decodes_on_a_node_without_workers_and_counts_every_val_image(
     run on the other node, a CPU-only node that trains nothing. The data (a copy of the sample
     with one undecodable train and one undecodable val image) is on a directory both nodes see."""
     import pandas as pd
-    from ray.util.state import list_tasks
 
     root, bad = broken_copy
     proc = run_script(
@@ -153,13 +160,7 @@ def test_ray_data_decodes_on_a_node_without_workers_and_counts_every_val_image(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     worker_nodes = set(re.findall(r"rank \d/2 on node (\w+)", proc.stdout))
     assert len(worker_nodes) == 1, proc.stdout[-3000:]  # PACK: both ranks on the head
-    tasks = list_tasks(
-        address=two_nodes.dashboard,
-        filters=[("name", "=", "MapBatches(decode_batch)")],
-        limit=10_000,
-        detail=True,
-    )
-    decoded_on = {t.node_id for t in tasks}
+    decoded_on = _nodes_that_ran(two_nodes, "MapBatches(decode_batch)")
     assert decoded_on and not decoded_on & worker_nodes, (decoded_on, worker_nodes)
     # The same promises as the DataLoader path (test_faults::test_skipped_images_are_logged_and_counted):
     # the bad images named and skipped, every val image counted once (47 - 1 bad, on shards of
@@ -203,7 +204,7 @@ def test_batch_prediction_decodes_on_both_nodes_and_predicts_every_image_once(
     with predict.py's top-k (the one-process answer)."""
     import pandas as pd
     from conftest import untrained_checkpoint
-    from ray.util.state import list_nodes, list_tasks
+    from ray.util.state import list_nodes
 
     checkpoint = untrained_checkpoint(tmp_path / "ckpt", tiny_config, seed=5)
     photos = tmp_path / "photos"  # on a directory both nodes see
@@ -229,13 +230,7 @@ def test_batch_prediction_decodes_on_both_nodes_and_predicts_every_image_once(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "predicted 192 images" in proc.stdout and "decoded on 1 node(s)" in proc.stdout, proc.stdout
     head = {n.node_id for n in list_nodes(address=two_nodes.dashboard, detail=True) if n.is_head_node}
-    tasks = list_tasks(
-        address=two_nodes.dashboard,
-        filters=[("name", "=", "MapBatches(decode_chunk)")],
-        limit=10_000,
-        detail=True,
-    )
-    decoded_on = {t.node_id for t in tasks}
+    decoded_on = _nodes_that_ran(two_nodes, "MapBatches(decode_chunk)")
     assert len(head) == 1 and len(decoded_on) == 1 and not decoded_on & head, (decoded_on, head)
     table = pd.concat(pd.read_parquet(f) for f in sorted(out.glob("part-*.parquet")))
     assert sorted(table["index"]) == list(range(192)) and table["error"].isna().all()
