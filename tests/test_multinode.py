@@ -195,7 +195,7 @@ def test_ray_data_decodes_on_a_node_without_workers_and_counts_every_val_image(
     assert "exclude_resources" not in out
 
 
-def test_batch_prediction_decodes_on_both_nodes_and_predicts_every_image_once(
+def test_batch_prediction_decodes_on_the_node_without_the_model_and_predicts_every_image_once(
     two_nodes, tiny_root, tiny_config, tmp_path
 ):
     """rayjobs/batch_predict.py on the two nodes: one model actor of 2 CPUs can only sit on the
