@@ -491,12 +491,15 @@ def _dataset_default(name: str):
     return lambda values: DATASET_DEFAULTS.get(values["dataset"], DATASET_DEFAULTS["sample"])[name]
 
 
+# The fields that decide the shape of a model's weights (with its number of classes).
+ARCHITECTURE = ("model", "widths", "fc_hidden")
+
 # Options whose default depends on other options: left unset (None) on the command line, they are
 # resolved by fill_defaults in this order (lr needs the batch size). Their option() says so in --help.
 DERIVED_DEFAULTS = {
     # the architecture: the field's default, or (filled in before, placesnet/finetune.py) the
     # --init-from checkpoint's; given, it must be that checkpoint's
-    **{name: (lambda values, name=name: _FIELDS[name].default) for name in ("model", "widths", "fc_hidden")},
+    **{name: (lambda values, name=name: _FIELDS[name].default) for name in ARCHITECTURE},
     "image_size": _dataset_default("image_size"),
     "epochs": _dataset_default("epochs"),
     "batch_size": _dataset_default("batch_size"),

@@ -17,14 +17,13 @@ import argparse
 from typing import TYPE_CHECKING
 
 from placesnet.checkpoint import MODEL_FILE, Loaded, load_checkpoint, locate_checkpoint
-from placesnet.config import TrainConfig, UserError, flag
+from placesnet.config import ARCHITECTURE, TrainConfig, UserError, flag
 
 if TYPE_CHECKING:
     from torch import nn
 
 # Fields a run started from a checkpoint takes from it unless they are given: the architecture
 # (given, it must be the checkpoint's: it decides the shape of the weights) and the image size.
-ARCHITECTURE = ("model", "widths", "fc_hidden")
 INHERITED = (*ARCHITECTURE, "image_size")
 # What meta.json's ``source`` keeps of the init checkpoint's own source (an imported model's).
 ATTRIBUTION = ("licence", "citation")

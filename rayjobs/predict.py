@@ -109,9 +109,12 @@ def main(argv=None) -> int:
 
         if args.cam:
             items = explain_images(loaded, list(images.values()), target, device)
-            index = {name: i for i, name in enumerate(loaded.classes)}
             for path, (_, _, name, probability) in zip(images, items):
-                cams[path] = {"label": pretty(name), "class_index": index[name], "probability": probability}
+                cams[path] = {
+                    "label": pretty(name),
+                    "class_index": loaded.classes.index(name),
+                    "probability": probability,
+                }
             named = [(*item, Path(path).name) for path, item in zip(images, items)]
             save_png(cam_figure(named, note=loaded.note), plot)
         else:

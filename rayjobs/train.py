@@ -30,21 +30,14 @@ from placesnet.cli import (
     worker_count,
     worker_range,
 )
+from placesnet.config import ARCHITECTURE as WEIGHT_SHAPE
 from placesnet.config import DEFAULT_STORAGE, TrainConfig, UserError
 from placesnet.finetune import config_from_init
 
 # Fields that decide the shape of the weights or the images the model takes (an --init-from
 # model's own transform), and those that decide the optimizer's parameter groups whose state a
 # run resumes (--init-from's fine-tuning): a resumed run must not change them.
-ARCHITECTURE = (
-    "dataset",
-    "model",
-    "widths",
-    "fc_hidden",
-    "preprocess",
-    "sample_difficulty",
-    "sample_classes",
-)
+ARCHITECTURE = ("dataset", *WEIGHT_SHAPE, "preprocess", "sample_difficulty", "sample_classes")
 GROUPS = ("freeze_backbone", "backbone_lr_mult")
 
 

@@ -135,10 +135,15 @@ def test_build_app_refuses_bad_options_before_looking_at_the_checkpoint(tmp_path
 @pytest.fixture(scope="module")
 def replica(tiny_config, tmp_path_factory):
     """A Replica (no Serve) of a random-weight 4-class checkpoint, with a bearer token."""
+    return _keyed_replica(tmp_path_factory.mktemp("replica"), lambda d: untrained_checkpoint(d, tiny_config))
+
+
+def _keyed_replica(tmp, write_checkpoint):
+    """A Replica of the checkpoint ``write_checkpoint(DIR)`` writes under ``tmp``, with the limits
+    and the bearer token ("s3cret") the tests expect."""
     from placesnet.serve.replica import Replica
 
-    tmp = tmp_path_factory.mktemp("replica")
-    untrained_checkpoint(tmp / "ckpt", tiny_config)
+    write_checkpoint(tmp / "ckpt")
     (tmp / "key").write_text("s3cret\n")
     options = ServeOptions(
         num_cpus=1, max_body_bytes=50_000, max_images_per_request=4, api_key_file=str(tmp / "key")
@@ -338,15 +343,9 @@ def explaining(tiny_config, tmp_path_factory):
     for every class (a random model's map of its top-1 class is often empty)."""
     from test_explain import one_epoch_checkpoint
 
-    from placesnet.serve.replica import Replica
-
-    tmp = tmp_path_factory.mktemp("explaining")
-    one_epoch_checkpoint(tmp / "ckpt", tiny_config)
-    (tmp / "key").write_text("s3cret\n")
-    options = ServeOptions(
-        num_cpus=1, max_body_bytes=50_000, max_images_per_request=4, api_key_file=str(tmp / "key")
+    return _keyed_replica(
+        tmp_path_factory.mktemp("explaining"), lambda d: one_epoch_checkpoint(d, tiny_config)
     )
-    return Replica(str(tmp / "ckpt"), options)
 
 
 def _pixels(png: bytes):
