@@ -1619,6 +1619,22 @@ MUTATIONS = [
         ray=True,
     ),
     M(
+        "tensorboard: the remote copy command without its folder",
+        "placesnet/launch/driver.py",
+        '        f"mkdir -p {local} && "\n',
+        "",
+        ("tests/test_object_storage.py", "-k", "interrupted_killed"),
+        ray=True,
+    ),
+    M(
+        "serve it: the printed command without the app's name",
+        "placesnet/launch/driver.py",
+        'SERVE = "serve run --name placesnet serving.app:build_app"',
+        'SERVE = "serve run serving.app:build_app"',
+        ("tests/test_sweep.py", "-k", "printed_paths"),
+        ray=True,
+    ),
+    M(
         "page: the toggle never shows the overlay",
         "placesnet/serve/static/page.js",
         "      preview.src = overlay.url;\n",
